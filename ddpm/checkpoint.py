@@ -1,0 +1,111 @@
+"""Checkpoints on disk: written atomically, verified by checksum, loaded without pickle.
+
+A checkpoint is `step-XXXXXXX.pt` (a torch file of tensors and plain Python values, loadable with
+`torch.load(weights_only=True)`) next to `step-XXXXXXX.pt.sha256`. Writing goes to a temporary
+file that is renamed into place, so a crash mid-write never leaves a half file under the real
+name; the checksum catches files damaged later.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+
+import torch
+
+CHECKPOINT_PATTERN = re.compile(r"^step-(\d+)\.pt$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, damaged, or does not fit the model it is loaded into."""
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def checkpoint_path(directory: Path, step: int) -> Path:
+    return Path(directory) / f"step-{step:07d}.pt"
+
+
+def save_checkpoint(state: dict, directory: Path, step: int, keep_last: int | None = None) -> Path:
+    """Write `state` as the checkpoint of `step`; then keep only the newest `keep_last`."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = checkpoint_path(directory, step)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        torch.save(state, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        checksum = file_sha256(tmp)
+        # the checksum first: a checkpoint without a valid checksum file is never trusted
+        _atomic_write_bytes(path.with_name(path.name + ".sha256"), f"{checksum}  {path.name}\n".encode())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    if keep_last:
+        for old in list_checkpoints(directory)[:-keep_last]:
+            old.unlink(missing_ok=True)
+            old.with_name(old.name + ".sha256").unlink(missing_ok=True)
+    return path
+
+
+def list_checkpoints(directory: Path) -> list[Path]:
+    """Checkpoint files in `directory`, oldest step first."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Raise CheckpointError unless `path` exists and matches its recorded sha256."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    sidecar = path.with_name(path.name + ".sha256")
+    if not sidecar.is_file():
+        raise CheckpointError(f"checkpoint {path} has no checksum file {sidecar.name}; refusing to trust it")
+    expected = sidecar.read_text().split()[0]
+    actual = file_sha256(path)
+    if actual != expected:
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt: sha256 {actual[:12]}... does not match the recorded {expected[:12]}..."
+        )
+
+
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:
+    """Verify and load one checkpoint (tensors and plain values only: weights_only=True)."""
+    verify_checkpoint(path)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # a file that passes the checksum but still does not load
+        raise CheckpointError(f"checkpoint {path} could not be loaded: {error}") from error
+
+
+def latest_valid_checkpoint(directory: Path, warn=print) -> Path | None:
+    """The newest checkpoint in `directory` whose checksum holds; damaged ones are reported and skipped."""
+    for path in reversed(list_checkpoints(directory)):
+        try:
+            verify_checkpoint(path)
+            return path
+        except CheckpointError as error:
+            warn(f"skipping {error}")
+    return None

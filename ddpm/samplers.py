@@ -1,0 +1,245 @@
+"""Reverse-process samplers: DDPM ancestral sampling (Algorithm 2) and DDIM.
+
+Both walk a decreasing sequence of timesteps t_k > t_{k-1} > ... > 0. At each step the network's
+output gives x_0 and eps (optionally with x_0 clipped to [-1, 1]), and
+
+    DDPM:  x_prev = posterior_mean(x_0, x_t) + sigma z,     sigma^2 = beta ("fixed large", the paper's
+           CIFAR-10 choice) or beta-tilde ("fixed small")
+    DDIM:  x_prev = sqrt(abar_prev) x_0 + sqrt(1 - abar_prev - sigma^2) eps + sigma z,
+           sigma = eta * sqrt(beta-tilde)   (eta = 0: deterministic; eta = 1: DDPM with beta-tilde)
+
+where beta and beta-tilde are those of the (possibly respaced) pair (t, t_prev):
+beta = 1 - abar_t / abar_prev. With all T steps that is exactly the trained schedule.
+
+Noise is drawn per image from its own generator seeded by (seed, image index), so image i is
+the same whatever the batch size or the number of images asked for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Callable, Iterable, Literal
+
+import torch
+
+from ddpm.diffusion import PredictionType, predict_x0_and_epsilon, q_sample
+from ddpm.schedules import NoiseSchedule
+
+Tensor = torch.Tensor
+Spacing = Literal["leading", "trailing", "linspace"]
+
+
+def timestep_sequence(num_train_timesteps: int, num_steps: int, spacing: Spacing = "leading") -> list[int]:
+    """`num_steps` of the 0-based training timesteps, in decreasing order.
+
+    leading (DDIM paper, diffusers default): 0, k, 2k, ...;  trailing: T-1, T-1-k, ... (always
+    starts from the last, noisiest step);  linspace: rounded evenly spaced from 0 to T-1.
+    """
+    if not 1 <= num_steps <= num_train_timesteps:
+        raise ValueError(f"num_steps must be in [1, {num_train_timesteps}], got {num_steps}")
+    if spacing == "leading":
+        stride = num_train_timesteps // num_steps
+        steps = [i * stride for i in range(num_steps)]
+    elif spacing == "trailing":
+        stride = num_train_timesteps / num_steps
+        steps = sorted({round(num_train_timesteps - 1 - i * stride) for i in range(num_steps)})
+    elif spacing == "linspace":
+        steps = torch.linspace(0, num_train_timesteps - 1, num_steps).round().long().unique().tolist()
+    else:
+        raise ValueError(f"unknown timestep spacing '{spacing}'; choose leading, trailing or linspace")
+    return sorted(steps, reverse=True)
+
+
+@dataclass
+class DDPMSampler:
+    """Ancestral sampling (Algorithm 2), with all T steps or respaced to `num_steps`."""
+
+    schedule: NoiseSchedule
+    variance: Literal["beta", "beta_tilde"] = "beta"
+    clip_x0: bool = True
+    prediction_type: PredictionType = "epsilon"
+    num_steps: int | None = None
+    spacing: Spacing = "linspace"
+
+    def __post_init__(self):
+        if self.variance not in ("beta", "beta_tilde"):
+            raise ValueError(f"DDPM variance must be 'beta' or 'beta_tilde', got '{self.variance}'")
+
+    def timesteps(self) -> list[int]:
+        T = self.schedule.num_timesteps
+        return list(range(T - 1, -1, -1)) if self.num_steps in (None, T) else timestep_sequence(T, self.num_steps, self.spacing)
+
+    def step(self, model_output: Tensor, t: int, t_prev: int, x_t: Tensor, noise: Tensor) -> Tensor:
+        abar_t, abar_prev = _alphas_cumprod_pair(self.schedule, t, t_prev)
+        beta = 1 - abar_t / abar_prev
+        tt = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
+        x0, _ = predict_x0_and_epsilon(self.schedule, x_t, tt, model_output, self.prediction_type, self.clip_x0)
+        # posterior q(x_prev | x_t, x_0) of the pair (t, t_prev), eqs. 6-7
+        coef_x0 = abar_prev**0.5 * beta / (1 - abar_t)
+        coef_xt = (1 - beta) ** 0.5 * (1 - abar_prev) / (1 - abar_t)
+        mean = coef_x0 * x0 + coef_xt * x_t
+        if t_prev < 0:  # the last step returns the mean (z = 0 in Algorithm 2)
+            return mean
+        variance = beta if self.variance == "beta" else beta * (1 - abar_prev) / (1 - abar_t)
+        return mean + variance**0.5 * noise
+
+
+@dataclass
+class DDIMSampler:
+    """DDIM (Song et al. 2021) over `num_steps` timesteps; eta scales the injected noise."""
+
+    schedule: NoiseSchedule
+    num_steps: int = 50
+    eta: float = 0.0
+    clip_x0: bool = True
+    prediction_type: PredictionType = "epsilon"
+    spacing: Spacing = "leading"
+
+    def __post_init__(self):
+        if self.eta < 0:
+            raise ValueError(f"DDIM eta must be >= 0, got {self.eta}")
+
+    def timesteps(self) -> list[int]:
+        return timestep_sequence(self.schedule.num_timesteps, self.num_steps, self.spacing)
+
+    def step(self, model_output: Tensor, t: int, t_prev: int, x_t: Tensor, noise: Tensor) -> Tensor:
+        abar_t, abar_prev = _alphas_cumprod_pair(self.schedule, t, t_prev)
+        tt = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
+        # eps is recomputed from the clipped x_0 so the two stay consistent with x_t
+        x0, eps = predict_x0_and_epsilon(self.schedule, x_t, tt, model_output, self.prediction_type, self.clip_x0)
+        sigma = self.eta * ((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)) ** 0.5
+        x_prev = abar_prev**0.5 * x0 + max(1 - abar_prev - sigma**2, 0.0) ** 0.5 * eps
+        return x_prev + sigma * noise if sigma > 0 else x_prev
+
+
+Sampler = DDPMSampler | DDIMSampler
+
+
+def _alphas_cumprod_pair(schedule: NoiseSchedule, t: int, t_prev: int) -> tuple[float, float]:
+    abar_t = float(schedule.alphas_cumprod[t])
+    abar_prev = float(schedule.alphas_cumprod[t_prev]) if t_prev >= 0 else 1.0
+    return abar_t, abar_prev
+
+
+def make_sampler(name: str, schedule: NoiseSchedule, **options) -> Sampler:
+    """'ddpm' or 'ddim' with its options (num_steps, eta, variance, clip_x0, spacing, ...)."""
+    if name == "ddpm":
+        return DDPMSampler(schedule, **options)
+    if name == "ddim":
+        return DDIMSampler(schedule, **options)
+    raise ValueError(f"unknown sampler '{name}'; choose 'ddpm' or 'ddim'")
+
+
+def image_generators(seed: int, indices: Iterable[int]) -> list[torch.Generator]:
+    """One CPU generator per image, seeded from (seed, image index)."""
+    generators = []
+    for index in indices:
+        # a hash rather than seed + index, so (seed, i) and (seed + 1, i - 1) stay unrelated
+        digest = hashlib.sha256(f"{int(seed)}:{int(index)}".encode()).digest()
+        generators.append(torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1))
+    return generators
+
+
+def per_image_noise(generators: list[torch.Generator], shape: tuple[int, ...], device, dtype) -> Tensor:
+    """A (len(generators), *shape) batch of N(0, I), each image from its own generator."""
+    noise = torch.stack([torch.randn(shape, generator=g) for g in generators])
+    return noise.to(device=device, dtype=dtype)
+
+
+@torch.no_grad()
+def reverse_process(
+    model: torch.nn.Module,
+    sampler: Sampler,
+    x_t: Tensor,
+    generators: list[torch.Generator],
+    start_t: int | None = None,
+    progress: Callable[[Iterable], Iterable] | None = None,
+) -> Tensor:
+    """Run the sampler from x_t at timestep `start_t` (default: the noisiest) down to x_0."""
+    timesteps = sampler.timesteps()
+    if start_t is not None:  # begin at start_t, then follow the sampler's own steps below it
+        timesteps = [start_t, *(t for t in timesteps if t < start_t)]
+    pairs = list(zip(timesteps, [*timesteps[1:], -1]))
+    for t, t_prev in progress(pairs) if progress else pairs:
+        batch_t = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
+        model_output = model(x_t, batch_t)
+        noise = per_image_noise(generators, x_t.shape[1:], x_t.device, x_t.dtype) if t_prev >= 0 else None
+        x_t = sampler.step(model_output, t, t_prev, x_t, noise)
+    return x_t
+
+
+@torch.no_grad()
+def generate(
+    model: torch.nn.Module,
+    sampler: Sampler,
+    num_images: int,
+    seed: int = 0,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    progress: Callable[[Iterable], Iterable] | None = None,
+) -> Tensor:
+    """Draw `num_images` samples in [-1, 1] (float32, on the CPU), in batches that fit memory.
+
+    Image i depends only on (seed, i): the same seed gives the same images for any batch size.
+    """
+    if num_images < 1:
+        raise ValueError(f"num_images must be >= 1, got {num_images}")
+    config = model.config
+    shape = (config.in_channels, config.image_size, config.image_size)
+    param = next(model.parameters())
+    images = []
+    for start in range(0, num_images, batch_size):
+        indices = range(start, min(start + batch_size, num_images))
+        generators = image_generators(seed, indices)
+        x_T = per_image_noise(generators, shape, device, param.dtype)
+        images.append(reverse_process(model, sampler, x_T, generators, progress=progress).float().cpu())
+    return torch.cat(images)
+
+
+@torch.no_grad()
+def denoise(
+    model: torch.nn.Module, sampler: Sampler, x0: Tensor, t: int, seed: int = 0
+) -> tuple[Tensor, Tensor]:
+    """Noise real images to x_t ~ q(x_t | x_0), then run the reverse process back from t.
+
+    Returns (x_t, reconstruction). Small t keeps the content; large t keeps only coarse layout.
+    """
+    schedule = sampler.schedule
+    if not 0 <= t < schedule.num_timesteps:
+        raise ValueError(f"t must be in [0, {schedule.num_timesteps}), got {t}")
+    generators = image_generators(seed, range(x0.shape[0]))
+    noise = per_image_noise(generators, x0.shape[1:], x0.device, x0.dtype)
+    x_t = q_sample(schedule, x0, torch.full((x0.shape[0],), t, device=x0.device, dtype=torch.long), noise)
+    return x_t, reverse_process(model, sampler, x_t, generators, start_t=t)
+
+
+@torch.no_grad()
+def interpolate(
+    model: torch.nn.Module,
+    sampler: Sampler,
+    x0_a: Tensor,
+    x0_b: Tensor,
+    lambdas: Iterable[float],
+    t: int,
+    seed: int = 0,
+) -> Tensor:
+    """Interpolation in the diffused latent (section 4.3 / the article's 3.2).
+
+    Both images are encoded with the same noise to x_t and x'_t ~ q(x_t | x_0); the mixtures
+    (1 - lambda) x_t + lambda x'_t are decoded by the reverse process, one per lambda, with the
+    same sampling noise. Returns (len(lambdas), C, H, W).
+    """
+    schedule = sampler.schedule
+    if not 0 <= t < schedule.num_timesteps:
+        raise ValueError(f"t must be in [0, {schedule.num_timesteps}), got {t}")
+    lambdas = [float(lam) for lam in lambdas]
+    generator = image_generators(seed, [0])[0]
+    noise = torch.randn(x0_a.shape[-3:], generator=generator).to(x0_a)
+    tt = torch.full((1,), t, device=x0_a.device, dtype=torch.long)
+    x_t_a = q_sample(schedule, x0_a.reshape(1, *x0_a.shape[-3:]), tt, noise)
+    x_t_b = q_sample(schedule, x0_b.reshape(1, *x0_b.shape[-3:]), tt, noise)
+    mixed = torch.cat([(1 - lam) * x_t_a + lam * x_t_b for lam in lambdas])
+    # the same sampling noise for every lambda, so only the latent changes along the row
+    generators = image_generators(seed + 1, [0] * len(lambdas))
+    return reverse_process(model, sampler, mixed, generators, start_t=t)

@@ -1,0 +1,296 @@
+"""The training engine: the DDPM paper's recipe, checkpointed and exactly resumable.
+
+Each optimizer step:  loss = MSE(target, model(x_t, t)) (Algorithm 1) -> backward -> clip the
+gradient norm -> Adam with linear warm-up -> EMA of the weights.
+
+All randomness of step k (the batch, t, the noise, dropout) is seeded from (seed, k), so a run
+resumed from the checkpoint of step k draws exactly what an uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch.optim.swa_utils import AveragedModel
+from tqdm.auto import tqdm
+
+from ddpm.checkpoint import CheckpointError, latest_valid_checkpoint, load_checkpoint, save_checkpoint
+from ddpm.diffusion import DiffusionConfig, training_loss
+from ddpm.unet import UNet, UNetConfig
+
+Tensor = torch.Tensor
+
+
+class TrainConfig(BaseModel):
+    """Optimisation settings. Defaults are the paper's CIFAR-10 recipe."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    steps: int = Field(800_000, ge=1, description="optimizer steps in total")
+    batch_size: int = Field(128, ge=1, description="images per optimizer step (all accumulation micro-batches)")
+    grad_accum_steps: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    learning_rate: float = Field(2e-4, gt=0, le=1)
+    warmup_steps: int = Field(5000, ge=0, description="linear learning-rate warm-up")
+    grad_clip: float | None = Field(1.0, gt=0, description="max gradient norm; None disables clipping")
+    ema_decay: float = Field(0.9999, ge=0, lt=1)
+    ema_warmup: bool = Field(True, description="decay = min(ema_decay, (1+n)/(10+n)) so short runs are not stuck at init")
+    hflip: bool = Field(False, description="random horizontal flips (the paper's CIFAR-10 setting)")
+    seed: int = 0
+    log_every: int = Field(50, ge=1)
+    checkpoint_every: int = Field(1000, ge=1)
+    keep_last: int = Field(3, ge=1, description="checkpoints kept on disk")
+    device: str = Field("auto", description="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1', ...")
+    mixed_precision: Literal["auto", "bf16", "no"] = Field("auto", description="auto: bf16 autocast on CUDA only")
+    compile: bool = Field(False, description="torch.compile the model (CUDA)")
+
+    @property
+    def micro_batch_size(self) -> int:
+        if self.batch_size % self.grad_accum_steps:
+            raise ValueError(
+                f"batch_size {self.batch_size} is not divisible by grad_accum_steps {self.grad_accum_steps}"
+            )
+        return self.batch_size // self.grad_accum_steps
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or Inf; the run stops and its checkpoints stay as they were."""
+
+
+@dataclass
+class TrainResult:
+    step: int
+    final_loss: float
+    images_per_second: float
+    checkpoints: list[Path] = field(default_factory=list)
+    loss_history: list[tuple[int, float]] = field(default_factory=list)
+    resumed_from: int | None = None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def step_seed(seed: int, step: int) -> int:
+    """A distinct 63-bit seed for every (run seed, step)."""
+    return (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + 1) % (2**63 - 1)
+
+
+def ema_multi_avg_fn(decay: float, warmup: bool):
+    """EMA update for torch's AveragedModel: ema <- ema + (1 - d) (param - ema), all tensors at once."""
+
+    def update(ema_params, current_params, num_averaged):
+        d = current_decay(decay, warmup, int(num_averaged))
+        torch._foreach_lerp_(ema_params, current_params, 1.0 - d)
+
+    return update
+
+
+def current_decay(decay: float, warmup: bool, num_averaged: int) -> float:
+    return min(decay, (1 + num_averaged) / (10 + num_averaged)) if warmup else decay
+
+
+class Trainer:
+    """Trains a UNet on batches given by `batch_fn(index) -> float images in [-1, 1]`.
+
+    `batch_fn` must be a pure function of its index (micro-batch number); the data loader
+    provides exactly that. With `checkpoint_dir`, the trainer resumes from the newest valid
+    checkpoint there and writes new ones every `checkpoint_every` steps and at the end.
+    """
+
+    def __init__(
+        self,
+        model_config: UNetConfig,
+        diffusion_config: DiffusionConfig,
+        train_config: TrainConfig,
+        batch_fn: Callable[[int], Tensor],
+        checkpoint_dir: Path | str | None = None,
+    ):
+        self.model_config = model_config
+        self.diffusion_config = diffusion_config
+        self.config = train_config
+        self.batch_fn = batch_fn
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+        self.device = resolve_device(train_config.device)
+        self.schedule = diffusion_config.make_schedule()
+
+        torch.manual_seed(train_config.seed)  # initial weights
+        self.model = UNet(model_config).to(self.device)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.ema = AveragedModel(
+            self.model, multi_avg_fn=ema_multi_avg_fn(train_config.ema_decay, train_config.ema_warmup), use_buffers=True
+        )
+        self.optimizer = torch.optim.Adam(
+            self.model.parameters(), lr=train_config.learning_rate, fused=self.device.type == "cuda" or None
+        )
+        warmup = train_config.warmup_steps
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0
+        )
+        self.forward_model = torch.compile(self.model) if train_config.compile else self.model
+        self.step = 0
+        self.generator = torch.Generator(device=self.device)
+
+    # --- state ---------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "model_config": self.model_config.model_dump(mode="json"),
+            "diffusion_config": self.diffusion_config.model_dump(mode="json"),
+            "train_config": self.config.model_dump(mode="json"),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        stored = UNetConfig(**state["model_config"])
+        if stored != self.model_config:
+            raise CheckpointError(
+                f"checkpoint was trained with model config {stored.model_dump()} "
+                f"but this run asks for {self.model_config.model_dump()}"
+            )
+        if DiffusionConfig(**state["diffusion_config"]) != self.diffusion_config:
+            raise CheckpointError(
+                f"checkpoint was trained with diffusion {state['diffusion_config']} "
+                f"but this run asks for {self.diffusion_config.model_dump()}"
+            )
+        self.model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self.step = int(state["step"])
+
+    def save(self) -> Path:
+        return save_checkpoint(self.state_dict(), self.checkpoint_dir, self.step, self.config.keep_last)
+
+    def resume(self, warn=print) -> int | None:
+        """Load the newest valid checkpoint, if any; returns its step."""
+        if self.checkpoint_dir is None:
+            return None
+        path = latest_valid_checkpoint(self.checkpoint_dir, warn=warn)
+        if path is None:
+            return None
+        self.load_state_dict(load_checkpoint(path, map_location=self.device))
+        return self.step
+
+    # --- the loop -------------------------------------------------------------------------
+
+    def _autocast(self):
+        mode = self.config.mixed_precision
+        if mode == "bf16" or (mode == "auto" and self.device.type == "cuda"):
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    def train_step(self) -> tuple[float, float]:
+        """One optimizer step; returns (loss, gradient norm before clipping)."""
+        cfg = self.config
+        seed = step_seed(cfg.seed, self.step)
+        torch.manual_seed(seed)  # dropout
+        self.generator.manual_seed(seed)  # t and the noise
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for micro in range(cfg.grad_accum_steps):
+            x0 = self.batch_fn(self.step * cfg.grad_accum_steps + micro).to(self.device, non_blocking=True)
+            if self.device.type == "cuda":
+                x0 = x0.contiguous(memory_format=torch.channels_last)
+            with self._autocast():
+                loss = training_loss(
+                    self.forward_model, self.schedule, x0, self.diffusion_config.prediction_type, self.generator
+                )
+            (loss / cfg.grad_accum_steps).backward()
+            total += loss.item()
+        loss_value = total / cfg.grad_accum_steps
+        if not math.isfinite(loss_value):
+            raise NonFiniteLossError(
+                f"loss is {loss_value} at step {self.step + 1}; stopping. The last good checkpoint "
+                f"is kept; lower the learning rate or check the data."
+            )
+        max_norm = cfg.grad_clip if cfg.grad_clip is not None else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.ema.update_parameters(self.model)
+        self.step += 1
+        return loss_value, grad_norm
+
+    def train(
+        self,
+        on_log: Callable[[int, dict[str, float]], None] | None = None,
+        progress: bool = True,
+        stop_at: int | None = None,
+    ) -> TrainResult:
+        """Train until `config.steps` (or `stop_at`), resuming first if a checkpoint exists."""
+        cfg = self.config
+        resumed_from = self.resume()
+        end = min(stop_at or cfg.steps, cfg.steps)
+        result = TrainResult(step=self.step, final_loss=float("nan"), images_per_second=0.0, resumed_from=resumed_from)
+        window_loss, window_norm, window_steps = 0.0, 0.0, 0
+        window_start = time.perf_counter()
+        total_time, total_images = 0.0, 0
+        bar = tqdm(total=end, initial=self.step, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
+        while self.step < end:
+            loss, grad_norm = self.train_step()
+            window_loss, window_norm, window_steps = window_loss + loss, window_norm + grad_norm, window_steps + 1
+            bar.update(1)
+            if self.step % cfg.log_every == 0 or self.step == end:
+                elapsed = time.perf_counter() - window_start
+                images_per_second = window_steps * cfg.batch_size / max(elapsed, 1e-9)
+                total_time, total_images = total_time + elapsed, total_images + window_steps * cfg.batch_size
+                metrics = {
+                    "loss": window_loss / window_steps,
+                    "lr": self.lr_scheduler.get_last_lr()[0],
+                    "grad_norm": window_norm / window_steps,
+                    "images_per_second": images_per_second,
+                    "ema_decay": current_decay(cfg.ema_decay, cfg.ema_warmup, int(self.ema.n_averaged) - 1),
+                }
+                result.loss_history.append((self.step, metrics["loss"]))
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{images_per_second:.0f}")
+                if on_log:
+                    on_log(self.step, metrics)
+                window_loss, window_norm, window_steps = 0.0, 0.0, 0
+                window_start = time.perf_counter()
+            if self.checkpoint_dir and (self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps):
+                result.checkpoints.append(self.save())
+                window_start = time.perf_counter()  # checkpoint I/O is not training throughput
+        bar.close()
+        result.step = self.step
+        result.final_loss = result.loss_history[-1][1] if result.loss_history else float("nan")
+        result.images_per_second = total_images / total_time if total_time else 0.0
+        return result
+
+
+def load_model(checkpoint: Path | str, use_ema: bool = True, device: str | torch.device = "cpu") -> tuple[UNet, DiffusionConfig, dict]:
+    """A UNet (EMA weights by default) ready for sampling, its diffusion config, and the raw state."""
+    state = load_checkpoint(Path(checkpoint), map_location=device)
+    try:
+        model_config = UNetConfig(**state["model_config"])
+        diffusion_config = DiffusionConfig(**state["diffusion_config"])
+    except (KeyError, ValueError) as error:
+        raise CheckpointError(f"checkpoint {checkpoint} holds no valid configuration: {error}") from error
+    model = UNet(model_config)
+    weights = state["model"]
+    if use_ema:
+        # AveragedModel keys are 'module.<name>' plus its 'n_averaged' counter
+        weights = {k.removeprefix("module."): v for k, v in state["ema"].items() if k.startswith("module.")}
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as error:
+        raise CheckpointError(
+            f"checkpoint {checkpoint} does not match its model config {model_config.model_dump()}: {error}"
+        ) from error
+    return model.to(device).eval(), diffusion_config, state
