@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
 from ddpm.diffusion import PredictionType, predict_x0_and_epsilon, q_sample
 from ddpm.schedules import NoiseSchedule
@@ -243,3 +244,30 @@ def interpolate(
     # the same sampling noise for every lambda, so only the latent changes along the row
     generators = image_generators(seed + 1, [0] * len(lambdas))
     return reverse_process(model, sampler, mixed, generators, start_t=t)
+
+
+class SamplerConfig(BaseModel):
+    """How to draw images from a trained model; `build` turns it into a sampler."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    sampler: Literal["ddpm", "ddim"] = "ddim"
+    num_steps: int | None = Field(100, ge=1, description="None: all T steps (DDPM); DDIM needs a number")
+    eta: float = Field(0.0, ge=0, description="DDIM noise scale (0 deterministic, 1 ancestral-like)")
+    variance: Literal["beta", "beta_tilde"] = "beta"
+    clip_x0: bool = True
+    spacing: Spacing = "leading"
+    num_images: int = Field(64, ge=1)
+    seed: int = 0
+    batch_size: int = Field(64, ge=1)
+
+    def build(self, schedule: NoiseSchedule, prediction_type: PredictionType = "epsilon") -> Sampler:
+        if self.sampler == "ddpm":
+            return DDPMSampler(schedule, self.variance, self.clip_x0, prediction_type, self.num_steps,
+                               "linspace" if self.spacing == "leading" else self.spacing)
+        return DDIMSampler(schedule, self.num_steps or schedule.num_timesteps, self.eta, self.clip_x0,
+                           prediction_type, self.spacing)
+
+    def describe(self) -> str:
+        steps = self.num_steps or "T"
+        return f"ddpm-{steps}-{self.variance}" if self.sampler == "ddpm" else f"ddim-{steps}-eta{self.eta:g}"

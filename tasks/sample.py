@@ -1,0 +1,48 @@
+"""The sampling task: images from a checkpoint's EMA weights, saved as .npz + a PNG grid."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from prefect import task
+from tqdm.auto import tqdm
+
+from ddpm.images import save_grid, to_uint8
+from ddpm.samplers import SamplerConfig, generate
+from ddpm.training import load_model, resolve_device
+from tasks import tracking
+
+
+@task
+def sample_checkpoint(
+    checkpoint: str,
+    sampling: SamplerConfig,
+    out_dir: str,
+    run_id: str | None = None,
+    use_ema: bool = True,
+    device: str = "auto",
+) -> dict:
+    """Draw `sampling.num_images` images; write samples-<step>-<sampler>.npz (uint8) and a grid PNG.
+
+    With `run_id`, the grid and the sampler settings are logged to that MLflow run.
+    """
+    device = resolve_device(device)
+    model, diffusion_config, state = load_model(checkpoint, use_ema=use_ema, device=device)
+    sampler = sampling.build(diffusion_config.make_schedule(), diffusion_config.prediction_type)
+    step = int(state["step"])
+    images = generate(model, sampler, sampling.num_images, seed=sampling.seed, batch_size=sampling.batch_size,
+                      device=device, progress=lambda steps: tqdm(steps, desc=f"sample {sampling.describe()}", leave=False))
+    images_uint8 = to_uint8(images)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    name = f"samples-{step:07d}-{sampling.describe()}"
+    npz_path = out / f"{name}.npz"
+    np.savez(npz_path, images=images_uint8.numpy())
+    grid_path = save_grid(images_uint8[:64], out / f"{name}.png", scale=4 if images_uint8.shape[-1] <= 32 else 1)
+    if run_id:  # settings as a file beside the grid: one run may be sampled many ways
+        tracking.log_file(run_id, grid_path, "samples")
+        tracking.log_dict(run_id, {"checkpoint": checkpoint, "step": step, "use_ema": use_ema,
+                                   **sampling.model_dump()}, f"samples/{name}.json")
+    return {"npz": str(npz_path), "grid": str(grid_path), "step": step, "num_images": int(images_uint8.shape[0])}

@@ -1,0 +1,46 @@
+"""Where the pipeline keeps its files, and the environment every process of it runs with.
+
+    DDPM_HOME (default ./.ddpm)        prepared data, checkpoints, samples, caches
+    MLFLOW_TRACKING_URI (default sqlite:///$DDPM_HOME/mlflow.db, absolute)
+    artifacts of new experiments        $DDPM_HOME/mlartifacts
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# Prefect and MLflow phone home unless told not to; offline that is only noise and delay.
+OFFLINE_ENVIRONMENT = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DO_NOT_TRACK": "true",  # MLflow honours "true" only
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",  # a fresh database needs ~17 s here
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+}
+
+
+def apply_offline_environment() -> None:
+    for key, value in OFFLINE_ENVIRONMENT.items():
+        os.environ.setdefault(key, value)
+
+
+def ddpm_home() -> Path:
+    home = Path(os.environ.get("DDPM_HOME", ".ddpm")).expanduser().resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    return home
+
+
+def tracking_uri() -> str:
+    """The MLflow store: $MLFLOW_TRACKING_URI, else an sqlite file in DDPM_HOME (absolute path)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{ddpm_home() / 'mlflow.db'}"
+
+
+def artifact_root() -> str:
+    return (ddpm_home() / "mlartifacts").as_uri()
+
+
+def run_dir(run_id: str) -> Path:
+    """Checkpoints and samples of one MLflow run."""
+    path = ddpm_home() / "runs" / run_id
+    path.mkdir(parents=True, exist_ok=True)
+    return path

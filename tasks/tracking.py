@@ -1,0 +1,89 @@
+"""MLflow bookkeeping shared by the tasks: the store, experiments, runs, batched metrics, pictures.
+
+Tasks address runs by id through an MlflowClient instead of MLflow's thread-local "active run",
+so they work the same in the flow's thread, in a task-runner thread, or in another process.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+
+from tasks.settings import artifact_root, tracking_uri
+
+
+def client() -> MlflowClient:
+    mlflow.set_tracking_uri(tracking_uri())
+    return MlflowClient(tracking_uri())
+
+
+def experiment_id(name: str) -> str:
+    """The id of experiment `name`, created with an explicit artifact location if it is new."""
+    mlflow_client = client()
+    experiment = mlflow_client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return mlflow_client.create_experiment(name, artifact_location=f"{artifact_root()}/{name}")
+    except mlflow.exceptions.MlflowException:  # created meanwhile by a concurrent run
+        return mlflow_client.get_experiment_by_name(name).experiment_id
+
+
+def flatten_params(params: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """{"train": {"lr": 2e-4}} -> {"train.lr": "0.0002"}: MLflow params are flat strings."""
+    flat = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten_params(value, f"{name}."))
+        else:
+            flat[name] = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
+    return flat
+
+
+class MetricBuffer:
+    """Collects metrics and sends them to MLflow in batches (one call per `flush_every` logs):
+    a log_metric call costs ~14 ms on sqlite, more than a small training step."""
+
+    def __init__(self, run_id: str, flush_every: int = 10):
+        self.run_id, self.flush_every = run_id, flush_every
+        self.pending: list[Metric] = []
+        self.calls = 0
+        self.seconds = 0.0
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        now = int(time.time() * 1000)
+        self.pending.extend(Metric(key, float(value), now, step) for key, value in metrics.items())
+        self.calls += 1
+        if self.calls % self.flush_every == 0:
+            self.flush()
+
+    def flush(self) -> None:
+        start = time.perf_counter()
+        mlflow_client = client()
+        for i in range(0, len(self.pending), 1000):  # MLflow accepts at most 1000 metrics a batch
+            mlflow_client.log_batch(self.run_id, metrics=self.pending[i : i + 1000], synchronous=True)
+        self.pending = []
+        self.seconds += time.perf_counter() - start
+
+
+def log_figure(run_id: str, figure, artifact_file: str) -> None:
+    client().log_figure(run_id, figure, artifact_file)
+
+
+def log_file(run_id: str, path: Path | str, artifact_path: str | None = None) -> None:
+    client().log_artifact(run_id, str(path), artifact_path)
+
+
+def log_dict(run_id: str, data: dict, artifact_file: str) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / Path(artifact_file).name
+        path.write_text(json.dumps(data, indent=2, default=str))
+        client().log_artifact(run_id, str(path), str(Path(artifact_file).parent) if "/" in artifact_file else None)
