@@ -341,7 +341,7 @@ def _decode(path: Path, channels: int) -> np.ndarray:
         with Image.open(path) as img:
             img.load()   # decode now: a truncated file raises here, not later
             img = img.convert("L" if channels == 1 else "RGB")   # alpha is dropped
-            array = np.asarray(img)
+            array = np.array(img)   # a writable copy
     except Exception as exc:
         raise DataError(f"cannot read image {path}: {exc}") from exc
     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
