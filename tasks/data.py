@@ -15,13 +15,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from pathlib import Path
 
 from prefect import task
 from prefect.context import TaskRunContext
 
-from ddpm.data import DataConfig, DataError, PreparedDataset, prepare_dataset, prepared_path, read_manifest
-from ddpm.data.prepare import DATA_FILE
+from ddpm.data import (DataConfig, DataError, PreparedDataset, prepare_dataset, prepared_path, read_manifest,
+                       source_identity)
+from ddpm.data.prepare import DATA_FILE, default_download_dir
 
 RESULTS_DIR = Path(os.environ.get("DDPM_TASK_RESULTS", ".ddpm/task-results")).expanduser().resolve()
 
@@ -45,8 +47,6 @@ def _is_prepared(path: Path) -> bool:
 def prepare_cache_key(context: TaskRunContext, parameters: dict) -> str:
     """Key on (config, source identity, out_dir, download_dir); forget a record whose output is gone."""
     config, out_dir, download_dir = _arguments(parameters)
-    from ddpm.data.prepare import default_download_dir
-    from ddpm.data.sources import source_identity
     identity = source_identity(config.source, download_dir or default_download_dir(out_dir))
     payload = json.dumps({"config": config.model_dump(mode="json"), "identity": identity,
                           "out_dir": str(out_dir), "download_dir": str(download_dir)}, sort_keys=True)
@@ -77,13 +77,15 @@ def log_dataset_input(dataset: PreparedDataset, context: str = "training") -> No
     manifest = dataset.manifest
     name = f"{manifest['source']}-{manifest['image_size']}x{manifest['image_size']}x{manifest['channels']}"
     train_images, train_labels = dataset.split("train")
-    mlflow_dataset = mlflow.data.from_numpy(
-        features=train_images.numpy(),
-        targets=train_labels.numpy() if train_labels is not None else None,
-        source=str(Path(dataset.path).resolve()),
-        name=name,
-        digest=dataset.fingerprint[:32],
-    )
+    with warnings.catch_warnings():   # MLflow registers its local source type twice and says so
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+        mlflow_dataset = mlflow.data.from_numpy(
+            features=train_images.numpy(),
+            targets=train_labels.numpy() if train_labels is not None else None,
+            source=str(Path(dataset.path).resolve()),
+            name=name,
+            digest=dataset.fingerprint[:32],
+        )
     mlflow.log_input(mlflow_dataset, context=context,
                      tags={"fingerprint": dataset.fingerprint, "split": "train"})
     mlflow.set_tags({"dataset.fingerprint": dataset.fingerprint, "dataset.name": name,
