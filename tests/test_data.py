@@ -62,13 +62,13 @@ def fake_mnist(folder: Path, splits=("train", "t10k"), n=(12, 8), gz=True, seed=
     return out
 
 
-def fake_cifar_archive(path: Path, sizes=(10, 6), seed=0) -> tuple[np.ndarray, np.ndarray]:
+def fake_cifar_archive(path: Path, sizes=(10, 6), names=("data_batch_1", "test_batch"),
+                       seed=0) -> tuple[np.ndarray, np.ndarray]:
     """A cifar-10-python.tar.gz in the published layout with small batches."""
     rng = np.random.default_rng(seed)
-    names = ["data_batch_1", "test_batch"]
     all_x, all_y = [], []
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(path, "w:gz") as tar:
+    with tarfile.open(path, "w:gz", compresslevel=1) as tar:
         def add(name, obj):
             blob = pickle.dumps(obj)
             info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
@@ -251,6 +251,28 @@ def test_cifar10_archive_local_and_downloaded(tmp_path, http_dir):
                                                                    "resize": "resize"}),
                                          tmp_path / "out4", checksums=checksums))
     assert gray.images.shape == (16, 1, 16, 16)
+
+
+def test_cifar10_preparation_holds_one_copy_of_the_images(tmp_path):
+    import tracemalloc
+
+    from ddpm.data.sources import CIFAR10_BATCHES
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    x, _ = fake_cifar_archive(archive, sizes=(500,) * 6, names=CIFAR10_BATCHES)
+    config = DataConfig(source=f"cifar10:{archive}", image_size=32, channels=3, resize="none")
+    checksums = {archive.name: md5(archive)}
+    del x
+    tracemalloc.start()
+    try:
+        path = prepare_dataset(config, tmp_path / "out", checksums=checksums)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    one_copy = 3000 * 3 * 32 * 32
+    # the images once, plus one batch (1/6) held ~3 times while it is unpickled (about 1.5x
+    # in all); a second copy of the images would make it >= 2x
+    assert peak < 1.75 * one_copy, f"peak {peak / one_copy:.2f}x the image bytes"
+    assert load_prepared(path).manifest["count"] == 3000
 
 
 def test_folder_with_class_subfolders_sizes_and_policies(tmp_path):
