@@ -1,0 +1,291 @@
+"""Preparation: a source read once into one compact file plus a manifest, split and fingerprinted.
+
+Layout of a prepared dataset (out_dir/<kind>-<S>x<S>x<C>-<hash12>/):
+  data.npz       uncompressed arrays: images uint8 (N, C, S, S), labels int64 (N,) when known,
+                 train_indices and holdout_indices int64 (sorted, disjoint, covering 0..N-1)
+  manifest.json  source, source identity, image size, channels, counts, split sizes, class names,
+                 the config, and the sha256 fingerprint of the content
+The folder is written under a temporary name in out_dir and renamed at the end, so a failure
+leaves nothing behind and a reader never sees a half-written dataset.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, field_validator
+
+from .errors import DataError
+from .sources import parse_source, read_source, source_identity
+
+MANIFEST = "manifest.json"
+DATA_FILE = "data.npz"
+FORMAT_VERSION = 1
+
+
+class DataConfig(BaseModel):
+    """How to prepare a dataset. Invalid values raise pydantic.ValidationError naming the field.
+
+    channels: 1 = gray, 3 = RGB (gray -> RGB repeats the plane, RGB -> gray is ITU-R 601-2 luma).
+    resize: "center_crop" (default) cuts the largest centred square then resizes bilinearly;
+            "resize" stretches to a square; "none" requires images already image_size square.
+    max_images: a seeded random subset (by split_seed) of at most this many images.
+    """
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    source: str = "digits"
+    image_size: int = 16
+    channels: int = 1
+    holdout_fraction: float = 0.2
+    split_seed: int = 0
+    resize: Literal["resize", "center_crop", "none"] = "center_crop"
+    max_images: int | None = None
+
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, value: str) -> str:
+        parse_source(value)   # DataError (a ValueError) -> ValidationError naming `source`
+        return value
+
+    @field_validator("image_size")
+    @classmethod
+    def _positive_size(cls, value: int) -> int:
+        if not 4 <= value <= 1024:
+            raise ValueError(f"image_size must be between 4 and 1024, got {value}")
+        return value
+
+    @field_validator("channels")
+    @classmethod
+    def _gray_or_rgb(cls, value: int) -> int:
+        if value not in (1, 3):
+            raise ValueError(f"channels must be 1 (gray) or 3 (RGB), got {value}")
+        return value
+
+    @field_validator("holdout_fraction")
+    @classmethod
+    def _open_unit_interval(cls, value: float) -> float:
+        if not 0.0 < value < 1.0:
+            raise ValueError(f"holdout_fraction must be in (0, 1) exclusive, got {value}")
+        return value
+
+    @field_validator("max_images")
+    @classmethod
+    def _at_least_two(cls, value: int | None) -> int | None:
+        if value is not None and value < 2:
+            raise ValueError(f"max_images must be at least 2 (one train, one holdout), got {value}")
+        return value
+
+
+@dataclass
+class PreparedDataset:
+    """A prepared dataset in memory: all images plus the train/holdout split."""
+    images: torch.Tensor              # uint8 (N, C, H, W)
+    labels: torch.Tensor | None       # int64 (N,) or None
+    train_indices: torch.Tensor       # int64
+    holdout_indices: torch.Tensor     # int64
+    manifest: dict
+    path: Path
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest["fingerprint"]
+
+    def split(self, name: Literal["train", "holdout"]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(uint8 images, labels or None) of one split."""
+        if name not in ("train", "holdout"):
+            raise DataError(f"split must be 'train' or 'holdout', got {name!r}")
+        index = self.train_indices if name == "train" else self.holdout_indices
+        return self.images[index], (self.labels[index] if self.labels is not None else None)
+
+
+# ---------------------------------------------------------------------------- split and fingerprint
+
+def split_indices(n: int, holdout_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded random split of range(n) -> (train, holdout), each sorted, disjoint, complete.
+
+    A random permutation, never a cut in file order: MNIST's test file, for one, holds two
+    writer populations one after the other.
+    """
+    if n < 2:
+        raise DataError(f"need at least 2 images to split into train and holdout, got {n}")
+    n_holdout = min(max(1, round(n * holdout_fraction)), n - 1)
+    perm = np.random.default_rng(seed).permutation(n)
+    return np.sort(perm[n_holdout:]).astype(np.int64), np.sort(perm[:n_holdout]).astype(np.int64)
+
+
+def fingerprint(images: np.ndarray, labels: np.ndarray | None, train: np.ndarray,
+                holdout: np.ndarray) -> str:
+    """sha256 over images, labels and both index arrays, each preceded by its dtype and shape.
+
+    Any changed pixel, label or split membership changes it. Hashes the arrays' memory in
+    place (no copy for contiguous arrays).
+    """
+    digest = hashlib.sha256()
+    for name, array in (("images", images), ("labels", labels), ("train", train), ("holdout", holdout)):
+        if array is None:
+            digest.update(f"{name}:none;".encode())
+            continue
+        array = np.ascontiguousarray(array)
+        digest.update(f"{name}:{array.dtype.str}:{array.shape};".encode())
+        digest.update(memoryview(array).cast("B"))
+    return digest.hexdigest()
+
+
+def dataset_name(config: DataConfig, identity: dict) -> str:
+    """<kind>-<S>x<S>x<C>-<hash12>: different configs and sources coexist in one out_dir."""
+    key = json.dumps({"config": config.model_dump(mode="json"), "identity": identity}, sort_keys=True)
+    kind = config.source.partition(":")[0]
+    size = config.image_size
+    return f"{kind}-{size}x{size}x{config.channels}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+# ---------------------------------------------------------------------------- prepare
+
+def default_download_dir(out_dir: Path) -> Path:
+    return Path(out_dir) / "downloads"
+
+
+def prepared_path(config: DataConfig, out_dir: Path, download_dir: Path | None = None,
+                  checksums: dict | None = None) -> Path:
+    """Where prepare_dataset writes this config's dataset (cheap: no image is read)."""
+    download_dir = Path(download_dir) if download_dir else default_download_dir(out_dir)
+    return Path(out_dir) / dataset_name(config, source_identity(config.source, download_dir, checksums))
+
+
+def prepare_dataset(config: DataConfig, out_dir: Path, *, download_dir: Path | None = None,
+                    mirrors: list[str] | None = None, checksums: dict | None = None) -> Path:
+    """Read, fit, split and fingerprint the source; write out_dir/<name>/ atomically; return it.
+
+    download_dir: where `mnist`/`cifar10` without a path look for (and download) files,
+    default out_dir/downloads. mirrors: base URLs to download from instead of the standard
+    ones. checksums: {file name: md5} overriding MD5SUMS files and the published sums.
+    An existing folder of the same name is replaced.
+    """
+    out_dir = Path(out_dir)
+    download_dir = Path(download_dir) if download_dir else default_download_dir(out_dir)
+    identity = source_identity(config.source, download_dir, checksums)
+    final = out_dir / dataset_name(config, identity)
+
+    data = read_source(config, download_dir, mirrors, checksums)
+    train, holdout = split_indices(len(data.images), config.holdout_fraction, config.split_seed)
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "source": config.source,
+        "source_identity": identity,
+        "source_details": data.details,
+        "image_size": config.image_size,
+        "channels": config.channels,
+        "count": int(len(data.images)),
+        "splits": {"train": int(len(train)), "holdout": int(len(holdout))},
+        "has_labels": data.labels is not None,
+        "class_names": data.class_names,
+        "config": config.model_dump(mode="json"),
+        "fingerprint": fingerprint(data.images, data.labels, train, holdout),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=out_dir))
+    try:
+        arrays = {"images": data.images, "train_indices": train, "holdout_indices": holdout}
+        if data.labels is not None:
+            arrays["labels"] = data.labels
+        save_npz(tmp / DATA_FILE, arrays)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        _replace_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def save_npz(path: Path, arrays: dict[str, np.ndarray], chunk: int = 1 << 20) -> None:
+    """An uncompressed .npz (what np.load reads), written 1 MiB at a time.
+
+    np.savez serialises each array in 16 MiB pieces via tobytes(); streaming a memoryview
+    keeps preparation to a single copy of the images in memory.
+    """
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for name, array in arrays.items():
+            array = np.ascontiguousarray(array)
+            with zf.open(name + ".npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array_header_2_0(f, np.lib.format.header_data_from_array_1_0(array))
+                data = memoryview(array).cast("B")
+                for start in range(0, len(data), chunk):
+                    f.write(data[start:start + chunk])
+
+
+def _replace_dir(new: Path, final: Path) -> None:
+    """Rename `new` to `final`, replacing an existing `final` (moved aside, then removed)."""
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.rename(final, old)
+        os.rename(new, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(new, final)
+
+
+# ---------------------------------------------------------------------------- load and check
+
+def read_manifest(path: Path) -> dict:
+    """The manifest of a prepared folder; DataError when it is missing or unreadable."""
+    file = Path(path) / MANIFEST
+    try:
+        return json.loads(file.read_text())
+    except FileNotFoundError:
+        raise DataError(f"{path} is not a prepared dataset: {MANIFEST} is missing") from None
+    except (OSError, ValueError) as exc:
+        raise DataError(f"cannot read {file}: {exc}") from exc
+
+
+def load_prepared(path: Path, verify: bool = True) -> PreparedDataset:
+    """Load a prepared folder; with verify, recompute the fingerprint and compare to the manifest."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    try:
+        with np.load(path / DATA_FILE, allow_pickle=False) as npz:
+            arrays = {name: npz[name] for name in npz.files}
+    except Exception as exc:
+        raise DataError(f"cannot read {path / DATA_FILE}: {exc}") from exc
+    images = arrays.get("images")
+    expected = (manifest["count"], manifest["channels"], manifest["image_size"], manifest["image_size"])
+    if images is None or images.shape != expected or images.dtype != np.uint8:
+        got = None if images is None else (images.shape, str(images.dtype))
+        raise DataError(f"{path / DATA_FILE} no longer matches its manifest: images {got}, "
+                        f"manifest says uint8 {expected}")
+    labels = arrays.get("labels")
+    train, holdout = arrays.get("train_indices"), arrays.get("holdout_indices")
+    if train is None or holdout is None:
+        raise DataError(f"{path / DATA_FILE} no longer matches its manifest: split indices missing")
+    if verify:
+        actual = fingerprint(images, labels, train, holdout)
+        if actual != manifest["fingerprint"]:
+            raise DataError(f"content of {path} no longer matches its manifest: fingerprint "
+                            f"{actual[:16]}..., manifest says {manifest['fingerprint'][:16]}...")
+    return PreparedDataset(
+        images=torch.from_numpy(images),
+        labels=torch.from_numpy(labels) if labels is not None else None,
+        train_indices=torch.from_numpy(train),
+        holdout_indices=torch.from_numpy(holdout),
+        manifest=manifest,
+        path=path,
+    )
+
+
+def validate_for_model(data: PreparedDataset | dict, image_size: int, channels: int) -> None:
+    """DataError when prepared data (dataset or manifest) does not have the model's size/channels."""
+    manifest = data.manifest if isinstance(data, PreparedDataset) else data
+    got = (manifest["image_size"], manifest["channels"])
+    if got != (image_size, channels):
+        raise DataError(
+            f"prepared data is {got[0]}x{got[0]} with {got[1]} channel(s) but the model expects "
+            f"{image_size}x{image_size} with {channels}: prepare with image_size={image_size}, "
+            f"channels={channels}")

@@ -1,0 +1,94 @@
+"""Prefect task that prepares a dataset once and caches it across runs; MLflow dataset logging.
+
+Cache key: sha256 of (the config's JSON, the source identity, out_dir, download_dir). The
+source identity (ddpm.data.source_identity) changes when a source file changes (its md5 where
+one is expected, else name + size + mtime; the sklearn version for digits), so a changed file or
+config re-prepares and a repeat does no work. Before a cached result is used, the key function
+checks that the prepared folder it points to is still there (manifest and data file); if not,
+it drops that cache record so the task runs again instead of returning a dangling path.
+
+Results are persisted under DDPM_TASK_RESULTS (default ./.ddpm/task-results, resolved when
+this module is imported); override per call with prepare_data.with_options(result_storage=Path).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from pathlib import Path
+
+from prefect import task
+from prefect.context import TaskRunContext
+
+from ddpm.data import (DataConfig, DataError, PreparedDataset, prepare_dataset, prepared_path, read_manifest,
+                       source_identity)
+from ddpm.data.prepare import DATA_FILE, default_download_dir
+
+RESULTS_DIR = Path(os.environ.get("DDPM_TASK_RESULTS", ".ddpm/task-results")).expanduser().resolve()
+
+
+def _arguments(parameters: dict) -> tuple[DataConfig, Path, Path | None]:
+    config = parameters["config"]
+    if not isinstance(config, DataConfig):
+        config = DataConfig.model_validate(config)
+    download_dir = parameters.get("download_dir")
+    return config, Path(parameters["out_dir"]).resolve(), Path(download_dir).resolve() if download_dir else None
+
+
+def _is_prepared(path: Path) -> bool:
+    """Cheap check that a prepared folder is still complete (the full check is load_prepared)."""
+    try:
+        return "fingerprint" in read_manifest(path) and (path / DATA_FILE).is_file()
+    except DataError:
+        return False
+
+
+def prepare_cache_key(context: TaskRunContext, parameters: dict) -> str:
+    """Key on (config, source identity, out_dir, download_dir); forget a record whose output is gone."""
+    config, out_dir, download_dir = _arguments(parameters)
+    identity = source_identity(config.source, download_dir or default_download_dir(out_dir))
+    payload = json.dumps({"config": config.model_dump(mode="json"), "identity": identity,
+                          "out_dir": str(out_dir), "download_dir": str(download_dir)}, sort_keys=True)
+    key = "prepare-data-" + hashlib.sha256(payload.encode()).hexdigest()
+    if not _is_prepared(prepared_path(config, out_dir, download_dir)):
+        storage = getattr(context.task, "result_storage", None)
+        if isinstance(storage, (str, Path)):   # a record pointing at a deleted folder: drop it
+            (Path(storage).expanduser().resolve() / key).unlink(missing_ok=True)
+    return key
+
+
+@task(cache_key_fn=prepare_cache_key, cache_expiration=None, result_storage=RESULTS_DIR,
+      persist_result=True, retries=0)
+def prepare_data(config: DataConfig, out_dir: str, download_dir: str | None = None) -> str:
+    """Prepare `config`'s dataset under out_dir (see ddpm.data.prepare_dataset); returns its folder."""
+    return str(prepare_dataset(config, Path(out_dir), download_dir=Path(download_dir) if download_dir else None))
+
+
+def log_dataset_input(dataset: PreparedDataset, context: str = "training") -> None:
+    """Log the dataset as an input of the active MLflow run, identified by its fingerprint.
+
+    The MLflow dataset's digest is the first 32 hex digits of the fingerprint (MLflow's digest
+    column is short); the full fingerprint goes in the tag `dataset.fingerprint`.
+    """
+    import mlflow
+    import mlflow.data
+
+    manifest = dataset.manifest
+    name = f"{manifest['source']}-{manifest['image_size']}x{manifest['image_size']}x{manifest['channels']}"
+    train_images, train_labels = dataset.split("train")
+    with warnings.catch_warnings():   # MLflow registers its local source type twice and says so
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+        mlflow_dataset = mlflow.data.from_numpy(
+            features=train_images.numpy(),
+            targets=train_labels.numpy() if train_labels is not None else None,
+            source=str(Path(dataset.path).resolve()),
+            name=name,
+            digest=dataset.fingerprint[:32],
+        )
+    mlflow.log_input(mlflow_dataset, context=context,
+                     tags={"fingerprint": dataset.fingerprint, "split": "train"})
+    mlflow.set_tags({"dataset.fingerprint": dataset.fingerprint, "dataset.name": name,
+                     "dataset.path": str(dataset.path),
+                     "dataset.train_count": str(manifest["splits"]["train"]),
+                     "dataset.holdout_count": str(manifest["splits"]["holdout"])})

@@ -1,0 +1,22 @@
+"""Shared test fixtures. Every test process runs offline and without telemetry."""
+import os
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "true")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(tmp_path_factory):
+    """One temporary Prefect server and database for the whole session (~20 s to start).
+
+    PREFECT_HOME points into a temp dir so nothing touches the user's ~/.prefect.
+    """
+    from prefect.settings import PREFECT_HOME, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    with temporary_settings({PREFECT_HOME: str(tmp_path_factory.mktemp("prefect-home"))}):
+        with prefect_test_harness(server_startup_timeout=90):
+            yield

@@ -1,0 +1,510 @@
+"""Dataset layer: sources, preparation, bad input, cache, loader, MLflow input logging."""
+from __future__ import annotations
+
+import functools
+import gzip
+import hashlib
+import io
+import json
+import os
+import pickle
+import tarfile
+import threading
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ddpm.data import (BatchLoader, DataConfig, DataError, fingerprint, load_prepared, prepare_dataset,
+                       validate_for_model)
+
+
+def _mnist_dir() -> Path | None:
+    for candidate in (os.environ.get("DDPM_MNIST_DIR"),
+                      Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "mnist",
+                      "/work/shared/data/mnist"):
+        if candidate and (Path(candidate) / "t10k-images-idx3-ubyte.gz").is_file():
+            return Path(candidate).resolve()
+    return None
+
+
+MNIST_DIR = _mnist_dir()
+
+
+# ---------------------------------------------------------------------------- fake files
+
+def md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def write_idx(path: Path, array: np.ndarray) -> Path:
+    """An IDX file (gz when the name ends in .gz) holding a uint8 array."""
+    magic = 0x0800 | array.ndim
+    raw = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape) + array.tobytes()
+    path.write_bytes(gzip.compress(raw) if path.suffix == ".gz" else raw)
+    return path
+
+
+def fake_mnist(folder: Path, splits=("train", "t10k"), n=(12, 8), gz=True, seed=0) -> dict:
+    """Small MNIST-format files; returns {split: (images, labels)}."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    out, suffix = {}, ".gz" if gz else ""
+    for split, count in zip(splits, n):
+        x = rng.integers(0, 256, (count, 28, 28), dtype=np.uint8)
+        y = rng.integers(0, 10, count, dtype=np.uint8)
+        write_idx(folder / f"{split}-images-idx3-ubyte{suffix}", x)
+        write_idx(folder / f"{split}-labels-idx1-ubyte{suffix}", y)
+        out[split] = (x, y)
+    return out
+
+
+def fake_cifar_archive(path: Path, sizes=(10, 6), names=("data_batch_1", "test_batch"),
+                       seed=0) -> tuple[np.ndarray, np.ndarray]:
+    """A cifar-10-python.tar.gz in the published layout with small batches."""
+    rng = np.random.default_rng(seed)
+    all_x, all_y = [], []
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w:gz", compresslevel=1) as tar:
+        def add(name, obj):
+            blob = pickle.dumps(obj)
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+        add("batches.meta", {b"label_names": [f"class{i}".encode() for i in range(10)]})
+        for name, count in zip(names, sizes):
+            x = rng.integers(0, 256, (count, 3072), dtype=np.uint8)
+            y = rng.integers(0, 10, count).tolist()
+            add(name, {b"data": x, b"labels": y, b"batch_label": name.encode()})
+            all_x.append(x.reshape(-1, 3, 32, 32))
+            all_y.append(y)
+    return np.concatenate(all_x), np.concatenate(all_y)
+
+
+def write_png(path: Path, size: tuple[int, int], color, mode="RGB") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, color).save(path)   # size is (W, H)
+    return path
+
+
+@pytest.fixture
+def http_dir(tmp_path):
+    """A real HTTP server on 127.0.0.1 serving tmp_path/served; yields (folder, base URL)."""
+    served = tmp_path / "served"
+    served.mkdir()
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(served)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield served, f"http://127.0.0.1:{server.server_address[1]}/"
+    server.shutdown()
+    server.server_close()
+
+
+def no_output(out_dir: Path) -> bool:
+    """True when out_dir holds no prepared or temporary dataset folder (downloads aside)."""
+    return not out_dir.exists() or all(p.name == "downloads" for p in out_dir.iterdir())
+
+
+# ---------------------------------------------------------------------------- sources
+
+def test_digits_default_manifest_and_round_trip(tmp_path):
+    path = prepare_dataset(DataConfig(), tmp_path)
+    data = load_prepared(path)
+    m = data.manifest
+    assert (m["source"], m["image_size"], m["channels"], m["count"]) == ("digits", 16, 1, 1797)
+    assert m["splits"] == {"train": 1438, "holdout": 359}
+    assert m["class_names"] == [str(i) for i in range(10)]
+    assert data.images.dtype == torch.uint8 and data.images.shape == (1797, 1, 16, 16)
+    assert data.labels.dtype == torch.int64 and set(data.labels.tolist()) == set(range(10))
+    assert int(data.images.max()) == 255 and int(data.images.min()) == 0
+    assert m["fingerprint"] == fingerprint(data.images.numpy(), data.labels.numpy(),
+                                           data.train_indices.numpy(), data.holdout_indices.numpy())
+    train_x, train_y = data.split("train")
+    assert train_x.shape == (1438, 1, 16, 16) and train_y.shape == (1438,)
+    assert path.name.startswith("digits-16x16x1-")
+
+
+def test_split_is_deterministic_disjoint_complete_and_in_the_fingerprint(tmp_path):
+    config = DataConfig(max_images=300, holdout_fraction=0.25, split_seed=3)
+    a = load_prepared(prepare_dataset(config, tmp_path / "a"))
+    b = load_prepared(prepare_dataset(config, tmp_path / "b"))
+    assert torch.equal(a.train_indices, b.train_indices) and torch.equal(a.holdout_indices, b.holdout_indices)
+    assert torch.equal(a.images, b.images) and a.fingerprint == b.fingerprint
+    train, holdout = set(a.train_indices.tolist()), set(a.holdout_indices.tolist())
+    assert len(holdout) == 75 and not train & holdout and train | holdout == set(range(300))
+    assert a.holdout_indices.tolist() != list(range(225, 300))   # random, not a cut in order
+
+    c = load_prepared(prepare_dataset(config.model_copy(update={"split_seed": 4}), tmp_path / "c"))
+    assert not torch.equal(c.holdout_indices, a.holdout_indices)
+    assert c.fingerprint != a.fingerprint
+
+
+def test_fingerprint_changes_when_one_pixel_label_or_split_changes():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (20, 1, 8, 8), dtype=np.uint8)
+    y = rng.integers(0, 10, 20).astype(np.int64)
+    train, holdout = np.arange(16), np.arange(16, 20)
+    base = fingerprint(x, y, train, holdout)
+    assert base == fingerprint(x.copy(), y.copy(), train.copy(), holdout.copy())
+    x2 = x.copy()
+    x2[7, 0, 3, 3] ^= 1
+    assert fingerprint(x2, y, train, holdout) != base
+    y2 = y.copy()
+    y2[0] = (y2[0] + 1) % 10
+    assert fingerprint(x, y2, train, holdout) != base
+    assert fingerprint(x, y, np.arange(1, 17), np.r_[0, 17:20]) != base
+    assert fingerprint(x, None, train, holdout) != base
+
+
+@pytest.mark.skipif(MNIST_DIR is None, reason="real MNIST test split (../shared/data/mnist) absent")
+def test_real_mnist_test_split(tmp_path):
+    data = load_prepared(prepare_dataset(DataConfig(source=f"mnist:{MNIST_DIR}"), tmp_path))
+    m = data.manifest
+    assert m["count"] == 10000 and m["splits"] == {"train": 8000, "holdout": 2000}
+    assert m["source_details"]["splits"] == {"t10k": 10000}
+    assert data.images.shape == (10000, 1, 16, 16)
+    # MNIST is white digits on black: most pixels dark, mean around 34 at 16x16
+    assert 25 < data.images.float().mean() < 45
+    assert torch.bincount(data.labels, minlength=10).min() >= 892   # the t10k class counts
+    # both writer pools (first and last 5,000 images) are in the holdout in near-equal parts
+    first_half = int((data.holdout_indices < 5000).sum())
+    assert 900 < first_half < 1100
+
+
+def test_mnist_local_gz_and_raw_with_md5sums(tmp_path):
+    folder = tmp_path / "mnist"
+    fake = fake_mnist(folder, gz=False)
+    (folder / "MD5SUMS").write_text("".join(f"{md5(p)}  {p.name}\n" for p in sorted(folder.iterdir())))
+    config = DataConfig(source=f"mnist:{folder}", image_size=28, resize="none", holdout_fraction=0.25)
+    data = load_prepared(prepare_dataset(config, tmp_path / "out"))
+    expected = np.concatenate([fake["train"][0], fake["t10k"][0]])[:, None]
+    assert np.array_equal(data.images.numpy(), expected)   # train first, pixels untouched
+    assert data.labels.tolist() == np.concatenate([fake["train"][1], fake["t10k"][1]]).tolist()
+    assert data.manifest["source_details"]["splits"] == {"train": 12, "t10k": 8}
+    assert data.manifest["splits"] == {"train": 15, "holdout": 5}
+
+
+def test_mnist_download_over_http_verifies_md5(tmp_path, http_dir):
+    served, url = http_dir
+    fake = fake_mnist(served, gz=True)
+    checksums = {p.name: md5(p) for p in served.iterdir()}
+    down = tmp_path / "downloads"
+    # the first mirror answers 404: the download falls back to the second
+    path = prepare_dataset(DataConfig(source="mnist", image_size=28, resize="none"), tmp_path / "out",
+                           download_dir=down, mirrors=[url + "missing/", url], checksums=checksums)
+    data = load_prepared(path)
+    assert data.manifest["count"] == 20
+    assert np.array_equal(data.images.numpy()[:12, 0], fake["train"][0])
+    assert sorted(p.name for p in (down / "mnist").iterdir()) == sorted(checksums)
+
+
+def test_download_checksum_mismatch_leaves_nothing(tmp_path, http_dir):
+    served, url = http_dir
+    fake_mnist(served, gz=True)
+    down = tmp_path / "downloads"
+    with pytest.raises(DataError, match=r"checksum mismatch for .*train-images-idx3-ubyte\.gz"):
+        # no checksums injected: the published md5s apply, and the fake files do not match them
+        prepare_dataset(DataConfig(source="mnist"), tmp_path / "out", download_dir=down, mirrors=[url])
+    assert list((down / "mnist").iterdir()) == []   # no .part, no unverified file
+    assert not (tmp_path / "out").exists()
+
+
+def test_local_checksum_mismatch(tmp_path):
+    folder = tmp_path / "mnist"
+    fake_mnist(folder, splits=("t10k",), n=(6,))
+    (folder / "MD5SUMS").write_text("0" * 32 + "  t10k-images-idx3-ubyte.gz\n")
+    with pytest.raises(DataError, match=r"checksum mismatch for .*t10k-images-idx3-ubyte\.gz: md5 [0-9a-f]{32}, expected 0{32}"):
+        prepare_dataset(DataConfig(source=f"mnist:{folder}"), tmp_path / "out")
+    assert no_output(tmp_path / "out")
+
+
+def test_cifar10_archive_local_and_downloaded(tmp_path, http_dir):
+    served, url = http_dir
+    archive = served / "cifar-10-python.tar.gz"
+    x, y = fake_cifar_archive(archive)
+    checksums = {archive.name: md5(archive)}
+    config = DataConfig(source=f"cifar10:{archive}", image_size=32, channels=3, resize="none")
+    local = load_prepared(prepare_dataset(config, tmp_path / "out", checksums=checksums))
+    assert np.array_equal(local.images.numpy(), x) and local.labels.tolist() == y.tolist()
+    assert local.manifest["class_names"] == [f"class{i}" for i in range(10)]
+    assert local.manifest["source_details"]["batches"] == {"data_batch_1": 10, "test_batch": 6}
+
+    downloaded = load_prepared(prepare_dataset(config.model_copy(update={"source": "cifar10"}),
+                                               tmp_path / "out2", mirrors=[url], checksums=checksums))
+    assert downloaded.fingerprint == local.fingerprint
+    assert (tmp_path / "out2" / "downloads" / "cifar10" / archive.name).is_file()
+
+    with pytest.raises(DataError, match="checksum mismatch"):   # published md5 vs the fake
+        prepare_dataset(config, tmp_path / "out3")
+    assert no_output(tmp_path / "out3")
+
+    # gray 16x16: luma then antialiased bilinear
+    gray = load_prepared(prepare_dataset(config.model_copy(update={"channels": 1, "image_size": 16,
+                                                                   "resize": "resize"}),
+                                         tmp_path / "out4", checksums=checksums))
+    assert gray.images.shape == (16, 1, 16, 16)
+
+
+def test_cifar10_preparation_holds_one_copy_of_the_images(tmp_path):
+    import tracemalloc
+
+    from ddpm.data.sources import CIFAR10_BATCHES
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    x, _ = fake_cifar_archive(archive, sizes=(500,) * 6, names=CIFAR10_BATCHES)
+    config = DataConfig(source=f"cifar10:{archive}", image_size=32, channels=3, resize="none")
+    checksums = {archive.name: md5(archive)}
+    del x
+    tracemalloc.start()
+    try:
+        path = prepare_dataset(config, tmp_path / "out", checksums=checksums)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    one_copy = 3000 * 3 * 32 * 32
+    # the images once, plus one batch (1/6) held ~3 times while it is unpickled (about 1.5x
+    # in all); a second copy of the images would make it >= 2x
+    assert peak < 1.75 * one_copy, f"peak {peak / one_copy:.2f}x the image bytes"
+    assert load_prepared(path).manifest["count"] == 3000
+
+
+def test_folder_with_class_subfolders_sizes_and_policies(tmp_path):
+    root = tmp_path / "imgs"
+    write_png(root / "cats" / "a.png", (40, 20), (255, 0, 0))          # wide, red
+    write_png(root / "cats" / "b.jpg", (24, 24), (0, 0, 255))          # JPEG, blue
+    write_png(root / "dogs" / "c.png", (10, 30), (0, 255, 0), )        # tall, green
+    img = Image.new("RGB", (20, 10), (0, 0, 0))                        # left black, right white
+    img.paste((255, 255, 255), (10, 0, 20, 10))
+    img.save(root / "dogs" / "d.png")
+    (root / "notes.txt").parent.mkdir(exist_ok=True)
+    config = DataConfig(source=f"folder:{root}", image_size=8, channels=3, resize="center_crop",
+                        holdout_fraction=0.5)
+    data = load_prepared(prepare_dataset(config, tmp_path / "out"))
+    assert data.manifest["class_names"] == ["cats", "dogs"]
+    assert data.labels.tolist() == [0, 0, 1, 1]
+    assert data.images.shape == (4, 3, 8, 8)
+    assert data.images[0, :, 4, 4].tolist() == [255, 0, 0]
+    assert data.images[2, :, 4, 4].tolist() == [0, 255, 0]
+    # centre crop of the 20x10 half-black image keeps its middle 10x10: left half black, right white
+    assert data.images[3, 0, 4, 0] == 0 and data.images[3, 0, 4, 7] == 255
+
+    gray = load_prepared(prepare_dataset(config.model_copy(update={"channels": 1, "resize": "resize"}),
+                                         tmp_path / "out"))
+    assert gray.images[0, 0, 4, 4] == 76   # ITU-R 601-2 luma of pure red
+    assert gray.manifest["fingerprint"] != data.manifest["fingerprint"]
+    assert len(list((tmp_path / "out").iterdir())) == 2   # two configs coexist
+
+
+# ---------------------------------------------------------------------------- bad input
+
+def _truncated_png(folder: Path) -> None:
+    write_png(folder / "ok.png", (8, 8), (1, 2, 3))
+    full = io.BytesIO()
+    Image.effect_noise((64, 64), 50).save(full, format="PNG")
+    (folder / "broken.png").write_bytes(full.getvalue()[: len(full.getvalue()) // 2])
+
+
+def _unreadable(folder: Path) -> None:
+    write_png(folder / "ok.png", (8, 8), (1, 2, 3))
+    (folder / "garbage.jpg").write_bytes(b"not a jpeg at all")
+
+
+def _mixed(folder: Path) -> None:
+    write_png(folder / "a.png", (16, 16), (0, 0, 0))
+    write_png(folder / "b.png", (28, 28), (0, 0, 0))
+
+
+def _no_images(folder: Path) -> None:
+    (folder / "readme.txt").write_text("no pictures here")
+
+
+@pytest.mark.parametrize("make, resize, message", [
+    (None, "center_crop", r"folder .*missing does not exist"),
+    (lambda f: None, "center_crop", r"folder .* is empty"),
+    (_no_images, "center_crop", r"no PNG/JPEG image files in .*\(1 other files, e\.g\. readme\.txt\)"),
+    (_truncated_png, "center_crop", r"cannot read image .*broken\.png"),
+    (_unreadable, "center_crop", r"cannot read image .*garbage\.jpg"),
+    (_mixed, "none", r"mixed sizes 16x16 \(e\.g\. a\.png\), 28x28 \(e\.g\. b\.png\) and resize='none'"),
+], ids=["missing", "empty", "no-images", "truncated", "unreadable", "mixed-sizes"])
+def test_bad_folders_raise_clear_errors_and_leave_nothing(tmp_path, make, resize, message):
+    folder = tmp_path / "missing"
+    if make is not None:
+        folder.mkdir()
+        make(folder)
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match=message):
+        prepare_dataset(DataConfig(source=f"folder:{folder}", resize=resize), out)
+    assert no_output(out)
+
+
+def test_uniform_size_other_than_image_size_with_resize_none(tmp_path):
+    write_png(tmp_path / "f" / "a.png", (28, 28), (0, 0, 0))
+    write_png(tmp_path / "f" / "b.png", (28, 28), (9, 9, 9))
+    with pytest.raises(DataError, match=r"images are 28x28 but image_size=16 and resize='none'"):
+        prepare_dataset(DataConfig(source=f"folder:{tmp_path / 'f'}", resize="none"), tmp_path / "out")
+    assert no_output(tmp_path / "out")
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("source", "imagenet", r"source\n.*unknown source 'imagenet'"),
+    ("holdout_fraction", 0.0, r"holdout_fraction\n.*must be in \(0, 1\) exclusive, got 0\.0"),
+    ("holdout_fraction", 1.0, r"holdout_fraction\n.*must be in \(0, 1\) exclusive, got 1\.0"),
+    ("holdout_fraction", -0.1, r"holdout_fraction\n.*got -0\.1"),
+    ("channels", 2, r"channels\n.*1 \(gray\) or 3 \(RGB\)"),
+    ("resize", "stretch", r"resize\n"),
+    ("colour", 1, r"colour\n.*Extra inputs are not permitted"),
+])
+def test_config_errors_name_the_field(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        DataConfig(**{field: value})
+
+
+def test_image_size_not_supported_by_the_model(tmp_path):
+    data = load_prepared(prepare_dataset(DataConfig(max_images=20), tmp_path))
+    validate_for_model(data, 16, 1)
+    validate_for_model(data.manifest, 16, 1)
+    with pytest.raises(DataError, match=r"prepared data is 16x16 with 1 channel\(s\) but the model expects 32x32 with 3"):
+        validate_for_model(data, 32, 3)
+
+
+def test_tampered_prepared_file_is_detected(tmp_path):
+    path = prepare_dataset(DataConfig(max_images=50), tmp_path)
+    with np.load(path / "data.npz") as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    arrays["images"][3, 0, 5, 5] ^= 0xFF
+    np.savez(path / "data.npz", **arrays)
+    with pytest.raises(DataError, match=r"content of .* no longer matches its manifest"):
+        load_prepared(path)
+    assert load_prepared(path, verify=False).images[3, 0, 5, 5] == arrays["images"][3, 0, 5, 5]
+    (path / "manifest.json").unlink()
+    with pytest.raises(DataError, match=r"manifest\.json is missing"):
+        load_prepared(path)
+
+
+# ---------------------------------------------------------------------------- loader
+
+@pytest.fixture(scope="module")
+def images():
+    return torch.randint(0, 256, (100, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+
+
+def test_loader_range_shape_and_epoch_coverage(images):
+    loader = BatchLoader(images, batch_size=16, seed=1)
+    assert loader.steps_per_epoch == 6
+    batch = loader.batch(0)
+    assert batch.dtype == torch.float32 and batch.shape == (16, 3, 8, 8)
+    assert batch.min() >= -1 and batch.max() <= 1
+    # the values are exactly 2 * pixel / 255 - 1 of the selected images
+    assert torch.allclose(batch, images[loader.indices(0)].float() * 2 / 255 - 1, atol=1e-6)
+    seen = torch.cat([loader.indices(k) for k in range(6)])
+    assert len(set(seen.tolist())) == 96   # no repeats within an epoch
+    assert not torch.equal(loader.indices(0), loader.indices(6))   # a new permutation next epoch
+    extremes = BatchLoader(torch.tensor([0, 255], dtype=torch.uint8).view(2, 1, 1, 1), 2).batch(0)
+    assert sorted(extremes.flatten().tolist()) == [-1.0, 1.0]
+
+
+def test_loader_flip_flips_about_half(images):
+    plain = BatchLoader(images, 64, seed=5)
+    flipped = BatchLoader(images, 64, seed=5, hflip=True)
+    a, b = plain.batch(2), flipped.batch(2)
+    same = (a == b).flatten(1).all(1)
+    mirrored = (a.flip(-1) == b).flatten(1).all(1)
+    assert bool((same | mirrored).all())
+    assert 16 < int(mirrored.sum()) < 48   # random images are never symmetric
+    assert not torch.equal(flipped.batch(2), flipped.batch(3))
+
+
+def test_loader_resume_is_exact(images):
+    first = BatchLoader(images, 16, seed=7, hflip=True)
+    run = [first.batch(k) for k in range(15)]
+    resumed = BatchLoader(images, 16, seed=7, hflip=True)   # a fresh process resuming at step 9
+    for k in range(9, 15):
+        assert torch.equal(resumed.batch(k), run[k])
+    assert not torch.equal(BatchLoader(images, 16, seed=8, hflip=True).batch(9), run[9])
+
+
+def test_loader_rank_slices_partition_the_global_batch(images):
+    single = BatchLoader(images, 24, seed=3, hflip=True)
+    ranks = [BatchLoader(images, 8, seed=3, hflip=True, rank=r, world_size=3) for r in range(3)]
+    assert ranks[0].steps_per_epoch == single.steps_per_epoch == 4
+    for step in (0, 5):
+        parts = [loader.indices(step) for loader in ranks]
+        assert all(len(set(p.tolist()) & set(q.tolist())) == 0 for i, p in enumerate(parts) for q in parts[i + 1:])
+        assert torch.equal(torch.cat(parts), single.indices(step))
+        assert torch.equal(torch.cat([loader.batch(step) for loader in ranks]), single.batch(step))
+
+
+def test_loader_rejects_too_few_images(images):
+    with pytest.raises(ValueError, match="cannot fill one global batch of 128"):
+        BatchLoader(images, 64, world_size=2)
+    assert BatchLoader(images, 64, drop_last=False).steps_per_epoch == 2
+
+
+# ---------------------------------------------------------------------------- prefect task, mlflow
+
+def test_prepare_task_caches_across_runs(tmp_path, prefect_harness):
+    from prefect import flow
+
+    from tasks.data import prepare_data
+
+    task = prepare_data.with_options(result_storage=tmp_path / "results")
+    root = tmp_path / "imgs"
+    for i in range(4):
+        write_png(root / f"{i}.png", (12, 12), (i * 60, 0, 0))
+    config = DataConfig(source=f"folder:{root}", image_size=8)
+
+    @flow
+    def run(config: DataConfig):
+        return task(config, str(tmp_path / "out"), return_state=True)
+
+    def prepare(config):
+        state = run(config)
+        return state.name, Path(state.result())
+
+    name1, path1 = prepare(config)
+    stamp = (path1 / "data.npz").stat().st_mtime_ns
+    name2, path2 = prepare(config)
+    assert (name1, name2) == ("Completed", "Cached") and path2 == path1
+    assert (path1 / "data.npz").stat().st_mtime_ns == stamp   # no work done
+
+    name3, path3 = prepare(config.model_copy(update={"split_seed": 1}))   # changed config
+    assert name3 == "Completed" and path3 != path1
+
+    write_png(root / "2.png", (12, 12), (0, 0, 255))   # changed source file
+    os.utime(root / "2.png", ns=(stamp + 10**9, stamp + 10**9))
+    name4, path4 = prepare(config)
+    assert name4 == "Completed" and path4 != path1
+    assert load_prepared(path4).fingerprint != load_prepared(path1).fingerprint
+
+    import shutil
+    shutil.rmtree(path4)   # output deleted: re-prepare instead of returning a dangling path
+    name5, path5 = prepare(config)
+    assert name5 == "Completed" and path5 == path4 and load_prepared(path5)
+    assert prepare(config)[0] == "Cached"
+
+
+def test_log_dataset_input_records_the_fingerprint(tmp_path, monkeypatch):
+    import mlflow
+
+    from tasks.data import log_dataset_input
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    data = load_prepared(prepare_dataset(DataConfig(max_images=40), tmp_path / "out"))
+    experiment = mlflow.create_experiment("data-test", artifact_location=(tmp_path / "art").as_uri())
+    with mlflow.start_run(experiment_id=experiment) as run:
+        log_dataset_input(data)
+    logged = mlflow.get_run(run.info.run_id)
+    (inp,) = logged.inputs.dataset_inputs
+    assert inp.dataset.digest == data.fingerprint[:32]
+    assert inp.dataset.name == "digits-16x16x1"
+    assert {t.key: t.value for t in inp.tags}["mlflow.data.context"] == "training"
+    assert logged.data.tags["dataset.fingerprint"] == data.fingerprint
+    assert json.loads(inp.dataset.profile)["features_shape"] == [32, 1, 16, 16]
