@@ -7,14 +7,13 @@ config re-prepares and a repeat does no work. Before a cached result is used, th
 checks that the prepared folder it points to is still there (manifest and data file); if not,
 it drops that cache record so the task runs again instead of returning a dangling path.
 
-Results are persisted under DDPM_TASK_RESULTS (default ./.ddpm/task-results, resolved when
-this module is imported); override per call with prepare_data.with_options(result_storage=Path).
+Results are persisted under $DDPM_HOME/task-results (resolved when this module is imported);
+override per call with prepare_data.with_options(result_storage=Path).
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import warnings
 from pathlib import Path
 
@@ -24,8 +23,9 @@ from prefect.context import TaskRunContext
 from ddpm.data import (DataConfig, DataError, PreparedDataset, prepare_dataset, prepared_path, read_manifest,
                        source_identity)
 from ddpm.data.prepare import DATA_FILE, default_download_dir
+from tasks.settings import ddpm_home
 
-RESULTS_DIR = Path(os.environ.get("DDPM_TASK_RESULTS", ".ddpm/task-results")).expanduser().resolve()
+RESULTS_DIR = ddpm_home() / "task-results"
 
 
 def _arguments(parameters: dict) -> tuple[DataConfig, Path, Path | None]:
