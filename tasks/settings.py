@@ -24,15 +24,16 @@ def apply_offline_environment() -> None:
         os.environ.setdefault(key, value)
 
 
-def ddpm_home() -> Path:
+def ddpm_home(create: bool = False) -> Path:
     home = Path(os.environ.get("DDPM_HOME", ".ddpm")).expanduser().resolve()
-    home.mkdir(parents=True, exist_ok=True)
+    if create:
+        home.mkdir(parents=True, exist_ok=True)
     return home
 
 
 def tracking_uri() -> str:
     """The MLflow store: $MLFLOW_TRACKING_URI, else an sqlite file in DDPM_HOME (absolute path)."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{ddpm_home() / 'mlflow.db'}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{ddpm_home(create=True) / 'mlflow.db'}"
 
 
 def artifact_root() -> str:
