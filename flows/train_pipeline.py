@@ -62,7 +62,7 @@ def train_pipeline(
 ) -> dict:
     """Prepare the data (cached), train a UNet, sample a grid; track it all in one MLflow run."""
     home = settings.ddpm_home()
-    dataset_path = prepare_data(data, out_dir=str(home / "data"))
+    dataset_path = prepare_data.with_options(result_storage=home / "task-results")(data, out_dir=str(home / "data"))
     dataset = load_prepared(Path(dataset_path))
     run_id = start_run(
         experiment, run_name,

@@ -1,9 +1,14 @@
 """Shared test fixtures. Every test process runs offline and without telemetry."""
 import os
+import tempfile
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "true")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+# Nothing a test writes may land in the user's ./.ddpm or ~/.prefect: point both at a temp dir
+# before any project module reads them.
+os.environ["DDPM_HOME"] = tempfile.mkdtemp(prefix="ddpm-test-home-")
+os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 import pytest  # noqa: E402
 
