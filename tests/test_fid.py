@@ -83,10 +83,19 @@ def read_idx(path: Path, offset: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------
-# fixtures (session scoped: training is the expensive part)
+# fixtures (module scoped: training is the expensive part)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """One intra-op thread: on 2 cores shared with other jobs, 2 threads trained ~6x slower (measured)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
 def digits():
     """sklearn digits (8x8, 0..16) as uint8 16x16 images, seeded 80/20 split."""
     from sklearn.datasets import load_digits
@@ -99,18 +108,18 @@ def digits():
     return images[train], labels[train], images[val], labels[val]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def digits_model(digits):
     train_x, train_y, val_x, val_y = digits
     return train_classifier(train_x, train_y, val_x, val_y, num_classes=10, seed=0)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def digits_extractor(digits_model):
     return classifier_extractor(digits_model[0])
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def mnist():
     directory = mnist_dir()
     if directory is None:
@@ -124,7 +133,7 @@ def mnist():
     return images[train], labels[train], images[val], labels[val]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def mnist_model(mnist):
     train_x, train_y, val_x, val_y = mnist
     start = time.perf_counter()
