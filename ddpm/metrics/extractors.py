@@ -57,11 +57,16 @@ class FeatureExtractor(nn.Module):
     def _features(self, images_uint8: Tensor) -> Tensor:
         raise NotImplementedError
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.network.parameters()).device
+
     @torch.no_grad()
     def forward(self, images_uint8: Tensor) -> Tensor:
         if images_uint8.dtype != torch.uint8:
             raise TypeError(f"{self.name} extractor expects uint8 images, got {images_uint8.dtype}")
-        return self._features(images_uint8).double()
+        # Callers hold images on the CPU; the network may sit on a GPU.
+        return self._features(images_uint8.to(self.device)).double()
 
 
 class ClassifierFeatures(FeatureExtractor):

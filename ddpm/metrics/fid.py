@@ -89,7 +89,8 @@ def _check_images(images: Tensor, what: str, expected_shape=None, expected_sourc
 def _new_fid_metric(extractor: FeatureExtractor) -> FrechetInceptionDistance:
     # num_features is read from the extractor (no dummy forward); reset_real_features=False keeps the
     # reference half across reset() so one metric can score several sample sets.
-    return FrechetInceptionDistance(feature=extractor, reset_real_features=False, normalize=False)
+    metric = FrechetInceptionDistance(feature=extractor, reset_real_features=False, normalize=False)
+    return metric.to(extractor.device)  # states must live where the features are computed
 
 
 def _update(metric, images: Tensor, real: bool, batch_size: int) -> None:
@@ -103,8 +104,8 @@ def _stats_from_metric(metric: FrechetInceptionDistance, extractor, image_shape)
     mean = metric.real_features_sum / n
     covariance = (metric.real_features_cov_sum - n * torch.outer(mean, mean)) / (n - 1)
     return ReferenceStats(
-        mean=mean.double().clone(),
-        covariance=covariance.double().clone(),
+        mean=mean.double().cpu().clone(),
+        covariance=covariance.double().cpu().clone(),
         count=n,
         extractor=extractor.name,
         extractor_digest=extractor.digest,
@@ -165,7 +166,10 @@ def frechet_distance(
     generated_uint8: Tensor,
     batch_size: int = 256,
 ) -> float:
-    """FID between reference (cached stats or uint8 images) and generated uint8 images, via torchmetrics."""
+    """FID between reference (cached stats or uint8 images) and generated uint8 images, via torchmetrics.
+
+    Returned as computed: for identical sets it can be a tiny negative number (eigenvalue round-off).
+    """
     if isinstance(reference, ReferenceStats):
         _check_stats_match(reference, extractor)
         if reference.count < 2:
@@ -202,6 +206,7 @@ def kernel_inception_distance(
         # torchmetrics warns that KID buffers all features; at our sample counts that is intended.
         warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
         metric = KernelInceptionDistance(feature=extractor, subsets=subsets, subset_size=subset_size)
+    metric = metric.to(extractor.device)
     _update(metric, real_uint8, real=True, batch_size=batch_size)
     _update(metric, generated_uint8, real=False, batch_size=batch_size)
     # torchmetrics draws its subsets from the global RNG: seed it locally so KID is reproducible.
