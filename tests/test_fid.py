@@ -258,7 +258,6 @@ def test_stale_reference_cache_is_recomputed(digits_model, digits_extractor, dig
     stats = reference_statistics(digits_extractor, reference, tmp_path, "abc")
     perturbed = copy.deepcopy(digits_model[0])
     with torch.no_grad():
-        perturbed.head.bias.add_(0.0)  # head is unused by features, the digest still changes below
         perturbed.feature_layer[0].bias.add_(0.5)
     other = classifier_extractor(perturbed)
     assert other.digest != digits_extractor.digest
@@ -266,6 +265,14 @@ def test_stale_reference_cache_is_recomputed(digits_model, digits_extractor, dig
     assert not restats.was_cached and not torch.equal(restats.mean, stats.mean)
     with pytest.raises(FIDInputError, match="reference statistics were computed with extractor"):
         frechet_distance(digits_extractor, restats, reference)
+
+
+def test_unreadable_reference_cache_is_recomputed(digits_extractor, digits, tmp_path):
+    path = tmp_path / "fid-ref-classifier-0000000000000000.pt"
+    path.write_bytes(b"truncated")
+    stats = reference_statistics(digits_extractor, digits[2], tmp_path, "0" * 64)
+    assert not stats.was_cached and stats.count == len(digits[2])
+    assert reference_statistics(digits_extractor, digits[2], tmp_path, "0" * 64).was_cached
 
 
 # ---------------------------------------------------------------------------------------------

@@ -134,22 +134,36 @@ def reference_cache_path(cache_dir: Path, extractor: FeatureExtractor, fingerpri
     return Path(cache_dir) / f"fid-ref-{extractor.name}-{fingerprint[:16]}.pt"
 
 
+def _load_cached_stats(path: Path) -> ReferenceStats | None:
+    """Stats saved by reference_statistics, or None when the file is absent or unreadable."""
+    if not path.exists():
+        return None
+    try:
+        saved = torch.load(path, weights_only=True)
+        saved["image_shape"] = tuple(saved["image_shape"])
+        return ReferenceStats(**saved, was_cached=True)
+    except Exception:  # a truncated or older-format cache is just recomputed
+        return None
+
+
 def reference_statistics(
     extractor: FeatureExtractor, images_uint8: Tensor, cache_dir: Path, fingerprint: str, batch_size: int = 256
 ) -> ReferenceStats:
     """Feature mean/covariance of the reference (holdout) images, cached per (fingerprint, extractor).
 
-    A cache file made with other extractor weights or another image shape is stale: recomputed and replaced.
+    A cache file made with other extractor weights, another image shape or image count is stale:
+    recomputed and replaced.
     The returned stats have was_cached=True when they came from the cache.
     """
     _check_images(images_uint8, "reference", extractor.input_shape, f"the {extractor.name} extractor")
     path = reference_cache_path(cache_dir, extractor, fingerprint)
-    if path.exists():
-        saved = torch.load(path, weights_only=True)
-        saved["image_shape"] = tuple(saved["image_shape"])
-        stats = ReferenceStats(**saved, was_cached=True)
-        if stats.extractor_digest == extractor.digest and stats.image_shape == tuple(images_uint8.shape[1:]):
-            return stats
+    cached = _load_cached_stats(path)
+    if cached is not None and (cached.extractor_digest, cached.image_shape, cached.count) == (
+        extractor.digest,
+        tuple(images_uint8.shape[1:]),
+        len(images_uint8),
+    ):
+        return cached
 
     metric = _new_fid_metric(extractor)
     _update(metric, images_uint8, real=True, batch_size=batch_size)
