@@ -236,7 +236,7 @@ def test_reference_statistics_are_cached_and_reused(digits_extractor, digits, tm
         first = reference_statistics(digits_extractor, reference, tmp_path, fingerprint)
         assert not first.was_cached and sum(calls) == len(reference)
         assert (tmp_path / "fid-ref-classifier-feedfacecafebeef.pt").is_file()
-        assert first.mean.dtype == first.covariance.dtype == torch.float64
+        assert isinstance(first, ReferenceStats) and first.mean.dtype == first.covariance.dtype == torch.float64
         assert first.covariance.shape == (128, 128) and first.count == len(reference)
 
         calls.clear()

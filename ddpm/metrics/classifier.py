@@ -26,7 +26,8 @@ def _conv_block(c_in: int, c_out: int) -> nn.Sequential:
 
 
 class DigitClassifier(nn.Module):
-    """Two conv stages (each: 2 convs + 2x2 max-pool), a feature layer of `feature_dim` units, a linear head.
+    """Small CNN: two stages of 2 conv-BN-ReLU + 2x2 max-pool (16-32, then 32-64 channels),
+    a `feature_dim` ReLU layer, a linear head.
 
     Works for square images of side 8..64. `features()` returns the penultimate (post-ReLU) activations.
     """
