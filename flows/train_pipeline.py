@@ -1,4 +1,4 @@
-"""train_pipeline: prepare data -> train -> sample, all in one MLflow run per flow run.
+"""train_pipeline: prepare data -> train -> sample -> FID, all in one MLflow run per flow run.
 
     python -m flows.train_pipeline            # the built-in defaults: digits at 16x16, a tiny UNet
 """
@@ -21,6 +21,7 @@ from ddpm.training import TrainConfig
 from ddpm.unet import UNetConfig, preset
 from tasks import settings, tracking
 from tasks.data import log_dataset_input, prepare_data
+from tasks.evaluate import ExtractorKind, evaluate_samples
 from tasks.sample import sample_checkpoint
 from tasks.train import train_model
 
@@ -30,7 +31,7 @@ DEFAULT_TRAIN = TrainConfig(
     steps=1500, batch_size=64, learning_rate=1e-3, warmup_steps=100, ema_decay=0.999,
     log_every=25, checkpoint_every=500, keep_last=3,
 )
-DEFAULT_SAMPLING = SamplerConfig(sampler="ddim", num_steps=100, num_images=64)
+DEFAULT_SAMPLING = SamplerConfig(sampler="ddim", num_steps=100, num_images=500, batch_size=250)
 
 
 def start_run(experiment: str, run_name: str | None, params: dict, tags: dict | None = None) -> str:
@@ -57,10 +58,15 @@ def train_pipeline(
     diffusion: DiffusionConfig = DiffusionConfig(),
     train: TrainConfig = DEFAULT_TRAIN,
     sampling: SamplerConfig = DEFAULT_SAMPLING,
+    fid_extractor: ExtractorKind = "auto",
     experiment: str = "ddpm",
     run_name: str | None = None,
 ) -> dict:
-    """Prepare the data (cached), train a UNet, sample a grid; track it all in one MLflow run."""
+    """Prepare the data (cached), train a UNet, sample, measure FID; track it all in one MLflow run.
+
+    The samples (`sampling.num_images` of them, from the EMA weights of the last checkpoint) give
+    both the grid picture and the FID against the holdout split.
+    """
     home = settings.ddpm_home()
     dataset_path = prepare_data.with_options(result_storage=home / "task-results")(data, out_dir=str(home / "data"))
     dataset = load_prepared(Path(dataset_path))
@@ -78,14 +84,17 @@ def train_pipeline(
         out = settings.run_dir(run_id)
         trained = train_model(dataset_path, model, diffusion, train, run_id, str(out / "checkpoints"))
         samples = sample_checkpoint(trained["checkpoints"][-1], sampling, str(out / "samples"), run_id)
+        evaluation = evaluate_samples(samples["npz"], dataset_path, run_id, samples["step"], fid_extractor)
     except BaseException:
         tracking.client().set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
         tracking.client().set_tag(run_id, "error", traceback.format_exc(limit=3)[-4000:])
         raise
     tracking.client().set_terminated(run_id)
     summary = {"run_id": run_id, "dataset": dataset_path, "fingerprint": dataset.fingerprint, **trained,
-               "samples": samples}
-    print(json.dumps({k: summary[k] for k in ("run_id", "final_loss", "images_per_second", "steps")}, indent=1))
+               "samples": samples, "evaluation": evaluation}
+    metric = evaluation["metric"]
+    print(json.dumps({k: summary[k] for k in ("run_id", "final_loss", "images_per_second", "steps")}
+                     | {metric: evaluation[metric], f"{metric}_floor": evaluation[f"{metric}_floor"]}, indent=1))
     print(f"sample grid: {samples['grid']}")
     return summary
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -67,7 +68,8 @@ def train_model(
         "logging_seconds": metrics.seconds,
     }
     mlflow_client.log_batch(run_id, metrics=[
-        tracking.Metric(f"train.{key}", float(value), 0, result.step) for key, value in summary.items()
+        tracking.Metric(f"train.{key}", float(value), int(time.time() * 1000), result.step)
+        for key, value in summary.items()
     ])
     return {**summary, "resumed_from": result.resumed_from,
             "checkpoints": [str(p) for p in list_checkpoints(Path(checkpoint_dir))]}

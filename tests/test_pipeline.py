@@ -55,6 +55,16 @@ def test_pipeline_trains_samples_and_tracks_everything(prefect_harness, mlflow_s
     images = np.load(summary["samples"]["npz"])["images"]
     assert images.shape == (8, 1, 16, 16) and images.dtype == np.uint8
 
+    # FID against the holdout split, with the floor at the same sample count beside it
+    evaluation = summary["evaluation"]
+    assert evaluation["metric"] == "fid_classifier" and evaluation["num_samples"] == 8
+    assert run.data.metrics["fid_classifier"] == pytest.approx(evaluation["fid_classifier"])
+    assert 0 < evaluation["fid_classifier_floor"] < evaluation["fid_classifier"]  # 12 steps of training is bad
+    assert sum(evaluation["class_histogram"]) == 8 and 0.1 <= evaluation["sample_confidence"] <= 1.0
+    assert evaluation["classifier_accuracy"] > 0.8
+    assert [a.path for a in client.list_artifacts(summary["run_id"], "evaluation")] == [
+        "evaluation/class_histogram-0000012.png"]
+
 
 def test_a_failing_pipeline_marks_its_mlflow_run_failed(prefect_harness, mlflow_store):
     from flows.train_pipeline import train_pipeline
