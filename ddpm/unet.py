@@ -136,23 +136,32 @@ class ResidualBlock(nn.Module):
 
 
 class AttentionBlock(nn.Module):
-    """Self-attention over the H*W pixels as tokens: x + proj(softmax(q k^T / sqrt(d)) v)."""
+    """Self-attention over the H*W pixels as tokens: x + proj(softmax(q k^T / sqrt(d)) v).
+
+    q, k and v are one linear map of the normalised tokens (the paper's 1x1 convolutions, as a
+    matmul on (B, H*W, C), which is faster than a 1x1 conv); heads keep their features
+    contiguous so scaled_dot_product_attention can use its fused kernels.
+    """
 
     def __init__(self, channels: int, num_groups: int, num_heads: int = 1):
         super().__init__()
         self.num_heads = num_heads
         self.norm = nn.GroupNorm(num_groups, channels)
-        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
-        self.proj = nn.Conv2d(channels, channels, 1)
+        self.qkv = nn.Linear(channels, 3 * channels)
+        self.proj = nn.Linear(channels, channels)
 
     def forward(self, x: Tensor) -> Tensor:
         batch, channels, height, width = x.shape
-        # (B, 3C, H, W) -> 3 x (B, heads, H*W, C/heads)
-        qkv = self.qkv(self.norm(x)).reshape(batch, 3, self.num_heads, channels // self.num_heads, height * width)
-        q, k, v = qkv.transpose(-1, -2).unbind(dim=1)
+        tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, H*W, C)
+        # (B, H*W, 3C) -> 3 x (B, heads, H*W, C/heads)
+        q, k, v = (
+            self.qkv(tokens)
+            .reshape(batch, height * width, 3, self.num_heads, channels // self.num_heads)
+            .permute(2, 0, 3, 1, 4)
+        )
         h = F.scaled_dot_product_attention(q, k, v)
-        h = h.transpose(-1, -2).reshape(batch, channels, height, width)
-        return x + self.proj(h)
+        h = self.proj(h.transpose(1, 2).reshape(batch, height * width, channels))
+        return x + h.transpose(1, 2).reshape(batch, channels, height, width)
 
 
 class Downsample(nn.Module):
