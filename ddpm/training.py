@@ -363,6 +363,7 @@ class Trainer:
         bar = tqdm(total=end, initial=self.step, desc="train", unit="step", disable=not (progress and main),
                    dynamic_ncols=True)
         while self.step < end:
+            lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler moves on after it)
             loss, grad_norm = self.train_step()
             window_loss, window_norm, window_steps = window_loss + loss, window_norm + grad_norm, window_steps + 1
             bar.update(1)
@@ -372,7 +373,7 @@ class Trainer:
                 total_time, total_images = total_time + elapsed, total_images + window_steps * cfg.batch_size
                 metrics = {
                     "loss": window_loss / window_steps,
-                    "lr": self.lr_scheduler.get_last_lr()[0],
+                    "lr": lr,
                     "grad_norm": window_norm / window_steps,
                     "images_per_second": images_per_second,
                     "ema_decay": last_ema_decay(cfg.ema_decay, cfg.ema_warmup, int(self.ema.n_averaged)),
