@@ -4,6 +4,10 @@ A checkpoint is `step-XXXXXXX.pt` (a torch file of tensors and plain Python valu
 `torch.load(weights_only=True)`) next to `step-XXXXXXX.pt.sha256`. Writing goes to a temporary
 file that is renamed into place, so a crash mid-write never leaves a half file under the real
 name; the checksum catches files damaged later.
+
+A damaged checkpoint found when resuming is never deleted nor overwritten: it is renamed to
+`step-XXXXXXX.pt.corrupt` (with its checksum file), out of the way of the step's next save and
+of keep_last pruning, and kept for inspection.
 """
 
 from __future__ import annotations
@@ -100,12 +104,40 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
         raise CheckpointError(f"checkpoint {path} could not be loaded: {error}") from error
 
 
-def latest_valid_checkpoint(directory: Path, warn=print) -> Path | None:
-    """The newest checkpoint in `directory` whose checksum holds; damaged ones are reported and skipped."""
+def quarantine_checkpoint(path: Path) -> Path:
+    """Rename a damaged checkpoint (and its checksum file) to `<name>.corrupt[-N]`; returns the new path.
+
+    Nothing is deleted: the bytes stay on disk for inspection, under a name that neither
+    list_checkpoints nor a later save of the same step can touch.
+    """
+    path = Path(path)
+    suffix, n = ".corrupt", 0
+    while path.with_name(path.name + suffix).exists():
+        n += 1
+        suffix = f".corrupt-{n}"
+    target = path.with_name(path.name + suffix)
+    if path.exists():
+        os.replace(path, target)
+    sidecar = path.with_name(path.name + ".sha256")
+    if sidecar.exists():
+        os.replace(sidecar, path.with_name(path.name + ".sha256" + suffix))
+    return target
+
+
+def latest_valid_checkpoint(directory: Path, warn=print, quarantine: bool = False) -> Path | None:
+    """The newest checkpoint in `directory` whose checksum holds; damaged ones are reported and skipped.
+
+    With `quarantine`, each damaged checkpoint passed over is also renamed `*.corrupt` (see
+    quarantine_checkpoint), so that resuming and saving that step again cannot overwrite it.
+    """
     for path in reversed(list_checkpoints(directory)):
         try:
             verify_checkpoint(path)
             return path
         except CheckpointError as error:
-            warn(f"skipping {error}")
+            if quarantine:
+                moved = quarantine_checkpoint(path)
+                warn(f"skipping {error}; kept it as {moved.name}")
+            else:
+                warn(f"skipping {error}")
     return None

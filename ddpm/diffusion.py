@@ -138,14 +138,20 @@ def training_loss(
     x0: Tensor,
     prediction_type: PredictionType = "epsilon",
     generator: torch.Generator | None = None,
+    t: Tensor | None = None,
+    noise: Tensor | None = None,
 ) -> Tensor:
     """Algorithm 1: t ~ Uniform{1..T}, eps ~ N(0, I), loss = || target - model(x_t, t) ||^2.
 
     The mean squared error over all pixels and the batch (the paper's 'simple' objective).
-    Randomness comes from `generator` when given, so a training step is reproducible.
+    Randomness comes from `generator` when given, so a training step is reproducible; `t` and
+    `noise`, when given, are used as drawn (the trainer draws them for a whole global batch and
+    hands each micro-batch its slice).
     """
-    t = torch.randint(0, schedule.num_timesteps, (x0.shape[0],), device=x0.device, generator=generator)
-    noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+    if t is None:
+        t = torch.randint(0, schedule.num_timesteps, (x0.shape[0],), device=x0.device, generator=generator)
+    if noise is None:
+        noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
     x_t = q_sample(schedule, x0, t, noise)
     prediction = model(x_t, t)
     return F.mse_loss(prediction.float(), training_target(schedule, x0, t, noise, prediction_type).float())

@@ -3,8 +3,22 @@
 Each optimizer step:  loss = MSE(target, model(x_t, t)) (Algorithm 1) -> backward -> clip the
 gradient norm -> Adam with linear warm-up -> EMA of the weights.
 
-All randomness of step k (the batch, t, the noise, dropout) is seeded from (seed, k), so a run
-resumed from the checkpoint of step k draws exactly what an uninterrupted run would have.
+Randomness. All randomness of step k is seeded from (seed, k) at the start of the step:
+    t and the noise  drawn for the whole global batch from a generator seeded step_seed(seed, k)
+                     (every micro-batch and every DDP rank takes its slice, so the draws do not
+                     depend on how the batch is split: grad accumulation and DDP are equivalent
+                     to one big batch)
+    dropout          the global torch RNG, seeded from (step_seed(seed, k), rank)
+    the batch        batch_fn(micro-batch index), a pure function of the index (BatchLoader)
+So a run resumed from the checkpoint of step k draws exactly what an uninterrupted run would
+have: on CPU the weights end up bit-identical. Saved RNG states are therefore not needed to
+resume; checkpoints still carry them (torch CPU/CUDA and the generator, as uint8 tensors that
+load with weights_only=True) and restore them, so that code outside the step that draws from
+the global RNG continues as it would have.
+
+Distributed (ddpm.distributed): under torchrun, the model is wrapped in DistributedDataParallel,
+batch_size is the global batch (per rank: batch_size / world_size), rank 0 alone writes
+checkpoints, logs and shows progress, and the logged loss is the mean over ranks.
 """
 
 from __future__ import annotations
@@ -17,12 +31,14 @@ from pathlib import Path
 from typing import Callable, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
 from ddpm.checkpoint import CheckpointError, latest_valid_checkpoint, load_checkpoint, save_checkpoint
 from ddpm.diffusion import DiffusionConfig, training_loss
+from ddpm.distributed import DistributedContext, all_reduce_mean, barrier, broadcast_object, current_context
 from ddpm.unet import UNet, UNetConfig
 
 Tensor = torch.Tensor
@@ -50,13 +66,28 @@ class TrainConfig(BaseModel):
     mixed_precision: Literal["auto", "bf16", "no"] = Field("auto", description="auto: bf16 autocast on CUDA only")
     compile: bool = Field(False, description="torch.compile the model (CUDA)")
 
-    @property
-    def micro_batch_size(self) -> int:
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
         if self.batch_size % self.grad_accum_steps:
             raise ValueError(
-                f"batch_size {self.batch_size} is not divisible by grad_accum_steps {self.grad_accum_steps}"
+                f"batch_size {self.batch_size} is not divisible by grad_accum_steps {self.grad_accum_steps}: "
+                "every micro-batch must hold the same number of images"
             )
+        return self
+
+    @property
+    def micro_batch_size(self) -> int:
+        """Images per micro-batch in a single process."""
         return self.batch_size // self.grad_accum_steps
+
+    def rank_micro_batch_size(self, world_size: int) -> int:
+        """Images per micro-batch on each of `world_size` ranks: batch_size / (world_size * grad_accum_steps)."""
+        if self.batch_size % (world_size * self.grad_accum_steps):
+            raise ValueError(
+                f"batch_size {self.batch_size} (the global batch) is not divisible by "
+                f"world_size {world_size} x grad_accum_steps {self.grad_accum_steps}"
+            )
+        return self.batch_size // (world_size * self.grad_accum_steps)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -95,15 +126,28 @@ def ema_multi_avg_fn(decay: float, warmup: bool):
 
 
 def current_decay(decay: float, warmup: bool, num_averaged: int) -> float:
+    """The decay of the EMA update that follows `num_averaged` earlier ones (warm-up: (1+n)/(10+n))."""
     return min(decay, (1 + num_averaged) / (10 + num_averaged)) if warmup else decay
+
+
+def last_ema_decay(decay: float, warmup: bool, n_averaged: int) -> float:
+    """The decay the latest of `n_averaged` EMA updates used: AveragedModel's first update copies (0)."""
+    return 0.0 if n_averaged <= 1 else current_decay(decay, warmup, n_averaged - 1)
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of `rank`'s own randomness (dropout) within a step; rank 0 uses the step seed itself."""
+    return (seed + rank * 0x94D049BB133111EB) % (2**63 - 1)
 
 
 class Trainer:
     """Trains a UNet on batches given by `batch_fn(index) -> float images in [-1, 1]`.
 
-    `batch_fn` must be a pure function of its index (micro-batch number); the data loader
-    provides exactly that. With `checkpoint_dir`, the trainer resumes from the newest valid
-    checkpoint there and writes new ones every `checkpoint_every` steps and at the end.
+    `batch_fn` must be a pure function of its index (micro-batch number: step * grad_accum_steps
+    + micro) returning this rank's micro-batch; BatchLoader(batch_size=config.rank_micro_batch_size
+    (world_size), rank=, world_size=) provides exactly that. With `checkpoint_dir`, the trainer
+    resumes from the newest valid checkpoint there and writes new ones every `checkpoint_every`
+    steps and at the end. `distributed` defaults to the process group torchrun set up, if any.
     """
 
     def __init__(
@@ -113,16 +157,21 @@ class Trainer:
         train_config: TrainConfig,
         batch_fn: Callable[[int], Tensor],
         checkpoint_dir: Path | str | None = None,
+        distributed: DistributedContext | None = None,
     ):
         self.model_config = model_config
         self.diffusion_config = diffusion_config
         self.config = train_config
         self.batch_fn = batch_fn
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+        self.dist = distributed or current_context()
+        self.rank, self.world_size = self.dist.rank, self.dist.world_size
+        self.micro_batch_size = train_config.rank_micro_batch_size(self.world_size)
+        self.image_shape = (model_config.in_channels, model_config.image_size, model_config.image_size)
         self.device = resolve_device(train_config.device)
         self.schedule = diffusion_config.make_schedule()
 
-        torch.manual_seed(train_config.seed)  # initial weights
+        torch.manual_seed(train_config.seed)  # initial weights: the same on every rank
         self.model = UNet(model_config).to(self.device)
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -138,11 +187,27 @@ class Trainer:
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0
         )
-        self.forward_model = torch.compile(self.model) if train_config.compile else self.model
+        # DDP averages the gradients over ranks in backward; self.model stays the unwrapped module
+        # (checkpoints, EMA and sampling use it, so their keys never carry a 'module.' prefix).
+        self.ddp_model = None
+        if self.dist.enabled:
+            device_ids = [self.device.index if self.device.index is not None else torch.cuda.current_device()] \
+                if self.device.type == "cuda" else None
+            self.ddp_model = DistributedDataParallel(self.model, device_ids=device_ids)
+        wrapped = self.ddp_model or self.model
+        self.forward_model = torch.compile(wrapped) if train_config.compile else wrapped
         self.step = 0
         self.generator = torch.Generator(device=self.device)
 
     # --- state ---------------------------------------------------------------------------
+
+    def rng_state(self) -> dict:
+        """RNG states as uint8 tensors (weights_only-loadable). Not needed to resume: see the module doc."""
+        return {
+            "torch": torch.get_rng_state(),
+            "cuda": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else [],
+            "generator": self.generator.get_state(),
+        }
 
     def state_dict(self) -> dict:
         return {
@@ -151,6 +216,8 @@ class Trainer:
             "ema": self.ema.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict(),
+            "rng": self.rng_state(),
+            "world_size": self.world_size,
             "model_config": self.model_config.model_dump(mode="json"),
             "diffusion_config": self.diffusion_config.model_dump(mode="json"),
             "train_config": self.config.model_dump(mode="json"),
@@ -173,18 +240,31 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.step = int(state["step"])
+        rng = state.get("rng")
+        if rng:  # for completeness only: every step reseeds from (seed, step)
+            torch.set_rng_state(rng["torch"])
+            if rng["cuda"] and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+            self.generator.set_state(rng["generator"])
 
     def save(self) -> Path:
         return save_checkpoint(self.state_dict(), self.checkpoint_dir, self.step, self.config.keep_last)
 
     def resume(self, warn=print) -> int | None:
-        """Load the newest valid checkpoint, if any; returns its step."""
+        """Load the newest valid checkpoint, if any; returns its step.
+
+        Rank 0 picks it (renaming damaged newer ones to *.corrupt, with a warning naming them);
+        every rank then loads that same file.
+        """
         if self.checkpoint_dir is None:
             return None
-        path = latest_valid_checkpoint(self.checkpoint_dir, warn=warn)
+        path = None
+        if self.dist.is_main:
+            path = latest_valid_checkpoint(self.checkpoint_dir, warn=warn, quarantine=True)
+        path = broadcast_object(str(path) if path else None)
         if path is None:
             return None
-        self.load_state_dict(load_checkpoint(path, map_location=self.device))
+        self.load_state_dict(load_checkpoint(Path(path), map_location=self.device))
         return self.step
 
     # --- the loop -------------------------------------------------------------------------
@@ -196,32 +276,62 @@ class Trainer:
         return nullcontext()
 
     def train_step(self) -> tuple[float, float]:
-        """One optimizer step; returns (loss, gradient norm before clipping)."""
+        """One optimizer step; returns (loss averaged over the global batch, gradient norm before clipping).
+
+        The global batch is laid out as [micro-batch 0: rank 0, rank 1, ...][micro-batch 1: ...]...,
+        the order in which BatchLoader hands out micro-batch indices and rank slices; t and the
+        noise are drawn for all of it and each (micro, rank) takes its slice.
+        """
         cfg = self.config
+        accum, micro = cfg.grad_accum_steps, self.micro_batch_size
         seed = step_seed(cfg.seed, self.step)
-        torch.manual_seed(seed)  # dropout
-        self.generator.manual_seed(seed)  # t and the noise
+        torch.manual_seed(rank_seed(seed, self.rank))  # dropout: each rank masks its own images
+        self.generator.manual_seed(seed)  # t and the noise: the same global draws on every rank
+        t_global = torch.randint(
+            0, self.schedule.num_timesteps, (cfg.batch_size,), device=self.device, generator=self.generator
+        )
+        noise_global = torch.randn((cfg.batch_size, *self.image_shape), device=self.device, generator=self.generator)
+
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        total = 0.0
-        for micro in range(cfg.grad_accum_steps):
-            x0 = self.batch_fn(self.step * cfg.grad_accum_steps + micro).to(self.device, non_blocking=True)
+        loss_sum = torch.zeros((), device=self.device)
+        for m in range(accum):
+            x0 = self.batch_fn(self.step * accum + m).to(self.device, non_blocking=True)
+            if tuple(x0.shape) != (micro, *self.image_shape):
+                raise ValueError(
+                    f"batch_fn gave a batch of shape {tuple(x0.shape)}; this rank's micro-batches are "
+                    f"{(micro, *self.image_shape)} (batch_size {cfg.batch_size} / (world_size {self.world_size} "
+                    f"x grad_accum_steps {accum}))"
+                )
             if self.device.type == "cuda":
                 x0 = x0.contiguous(memory_format=torch.channels_last)
-            with self._autocast():
-                loss = training_loss(
-                    self.forward_model, self.schedule, x0, self.diffusion_config.prediction_type, self.generator
-                )
-            (loss / cfg.grad_accum_steps).backward()
-            total += loss.item()
-        loss_value = total / cfg.grad_accum_steps
+            start = (m * self.world_size + self.rank) * micro
+            # DDP all-reduces gradients in backward: only once per step, on the last micro-batch
+            sync = self.ddp_model is None or m == accum - 1
+            with nullcontext() if sync else self.ddp_model.no_sync():
+                with self._autocast():
+                    loss = training_loss(
+                        self.forward_model, self.schedule, x0, self.diffusion_config.prediction_type,
+                        t=t_global[start : start + micro], noise=noise_global[start : start + micro],
+                    )
+                (loss / accum).backward()
+            loss_sum += loss.detach().float()
+        # the mean over ranks: every rank sees the same value, so all stop together on NaN
+        loss_value = all_reduce_mean(loss_sum / accum).item()
         if not math.isfinite(loss_value):
+            self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLossError(
-                f"loss is {loss_value} at step {self.step + 1}; stopping. The last good checkpoint "
-                f"is kept; lower the learning rate or check the data."
+                f"loss is {loss_value} at step {self.step + 1}; stopping before the update. The last good "
+                f"checkpoint is kept; lower the learning rate or check the data."
             )
         max_norm = cfg.grad_clip if cfg.grad_clip is not None else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+        if not math.isfinite(grad_norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLossError(
+                f"gradient norm is {grad_norm} at step {self.step + 1} (loss {loss_value:.4g}); stopping before "
+                f"the update. The last good checkpoint is kept."
+            )
         self.optimizer.step()
         self.lr_scheduler.step()
         self.ema.update_parameters(self.model)
@@ -233,17 +343,27 @@ class Trainer:
         on_log: Callable[[int, dict[str, float]], None] | None = None,
         progress: bool = True,
         stop_at: int | None = None,
+        on_checkpoint: Callable[[int, Path], None] | None = None,
     ) -> TrainResult:
-        """Train until `config.steps` (or `stop_at`), resuming first if a checkpoint exists."""
+        """Train until `config.steps` (or `stop_at`), resuming first if a checkpoint exists.
+
+        Every `log_every` steps, `on_log(step, metrics)` gets the window's mean loss and gradient
+        norm, the learning rate, images/s and the EMA decay; after each checkpoint is written,
+        `on_checkpoint(step, path)`. Both run on rank 0 only.
+        """
         cfg = self.config
+        main = self.dist.is_main
         resumed_from = self.resume()
+        barrier()  # every rank has loaded before any trains
         end = min(stop_at or cfg.steps, cfg.steps)
         result = TrainResult(step=self.step, final_loss=float("nan"), images_per_second=0.0, resumed_from=resumed_from)
         window_loss, window_norm, window_steps = 0.0, 0.0, 0
         window_start = time.perf_counter()
         total_time, total_images = 0.0, 0
-        bar = tqdm(total=end, initial=self.step, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
+        bar = tqdm(total=end, initial=self.step, desc="train", unit="step", disable=not (progress and main),
+                   dynamic_ncols=True)
         while self.step < end:
+            lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler moves on after it)
             loss, grad_norm = self.train_step()
             window_loss, window_norm, window_steps = window_loss + loss, window_norm + grad_norm, window_steps + 1
             bar.update(1)
@@ -253,21 +373,25 @@ class Trainer:
                 total_time, total_images = total_time + elapsed, total_images + window_steps * cfg.batch_size
                 metrics = {
                     "loss": window_loss / window_steps,
-                    "lr": self.lr_scheduler.get_last_lr()[0],
+                    "lr": lr,
                     "grad_norm": window_norm / window_steps,
                     "images_per_second": images_per_second,
-                    "ema_decay": current_decay(cfg.ema_decay, cfg.ema_warmup, int(self.ema.n_averaged) - 1),
+                    "ema_decay": last_ema_decay(cfg.ema_decay, cfg.ema_warmup, int(self.ema.n_averaged)),
                 }
                 result.loss_history.append((self.step, metrics["loss"]))
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{images_per_second:.0f}")
-                if on_log:
+                if on_log and main:
                     on_log(self.step, metrics)
                 window_loss, window_norm, window_steps = 0.0, 0.0, 0
                 window_start = time.perf_counter()
-            if self.checkpoint_dir and (self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps):
-                result.checkpoints.append(self.save())
+            if self.checkpoint_dir and main and (self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps):
+                path = self.save()
+                result.checkpoints.append(path)
+                if on_checkpoint:
+                    on_checkpoint(self.step, path)
                 window_start = time.perf_counter()  # checkpoint I/O is not training throughput
         bar.close()
+        barrier()  # the last checkpoint is on disk before any rank returns
         result.step = self.step
         result.final_loss = result.loss_history[-1][1] if result.loss_history else float("nan")
         result.images_per_second = total_images / total_time if total_time else 0.0

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Callable
 
 import matplotlib.pyplot as plt
 from prefect import task
 
 from ddpm.checkpoint import list_checkpoints
-from ddpm.data import BatchLoader, load_prepared, validate_for_model
 from ddpm.diffusion import DiffusionConfig
-from ddpm.training import NonFiniteLossError, Trainer, TrainConfig
+from ddpm.train_ddp import dataset_trainer
+from ddpm.training import NonFiniteLossError, TrainConfig
 from ddpm.unet import UNetConfig, count_parameters
 from tasks import plots, tracking
 
@@ -35,25 +36,27 @@ def train_model(
     train_config: TrainConfig,
     run_id: str,
     checkpoint_dir: str,
+    on_checkpoint: Callable[[int, Path], None] | None = None,
 ) -> dict:
     """Train (or resume) in `checkpoint_dir`; metrics, curves and the schedule go to MLflow run `run_id`.
 
     A retry after a crash resumes from the newest valid checkpoint in `checkpoint_dir`.
+    `on_checkpoint(step, path)` is called after each checkpoint is written (to publish it, or in
+    tests to fail right after one). Returns the summary numbers, `resumed_from` (the step the
+    last attempt started from, None for a fresh start), `checkpoints` (all on disk, oldest
+    first) and `checkpoint` (the final one, for sampling and evaluation).
     """
-    dataset = load_prepared(Path(dataset_path))
-    validate_for_model(dataset, model_config.image_size, model_config.in_channels)
-    train_images, _ = dataset.split("train")
-    loader = BatchLoader(train_images, batch_size=train_config.micro_batch_size, seed=train_config.seed,
-                         hflip=train_config.hflip)
-    trainer = Trainer(model_config, diffusion_config, train_config, loader.batch, checkpoint_dir)
+    trainer = dataset_trainer(dataset_path, model_config, diffusion_config, train_config, checkpoint_dir)
     mlflow_client = tracking.client()
     mlflow_client.log_param(run_id, "model.parameters", count_parameters(trainer.model))
 
     metrics = tracking.MetricBuffer(run_id)
+    start = time.perf_counter()
     try:
-        result = trainer.train(on_log=metrics.log)
+        result = trainer.train(on_log=metrics.log, on_checkpoint=on_checkpoint)
     finally:
         metrics.flush()  # what was measured before a failure stays visible in MLflow
+    train_seconds = time.perf_counter() - start
 
     figure = plots.loss_curve(result.loss_history, f"loss, {diffusion_config.schedule} schedule")
     tracking.log_figure(run_id, figure, "plots/loss_curve.png")
@@ -66,10 +69,13 @@ def train_model(
         "images_per_second": result.images_per_second,
         "steps": result.step,
         "logging_seconds": metrics.seconds,
+        "logging_fraction": metrics.seconds / max(train_seconds, 1e-9),  # share of the train() wall time
     }
     mlflow_client.log_batch(run_id, metrics=[
         tracking.Metric(f"train.{key}", float(value), int(time.time() * 1000), result.step)
         for key, value in summary.items()
     ])
-    return {**summary, "resumed_from": result.resumed_from,
-            "checkpoints": [str(p) for p in list_checkpoints(Path(checkpoint_dir))]}
+    checkpoints = [str(p) for p in list_checkpoints(Path(checkpoint_dir))]
+    return {**summary, "resumed_from": result.resumed_from, "checkpoints": checkpoints,
+            "checkpoint": checkpoints[-1] if checkpoints else None, "log_batches": metrics.batches,
+            "log_calls": metrics.calls}

@@ -1,0 +1,90 @@
+"""Train on a prepared dataset from the command line, in one process or many under torchrun.
+
+    torchrun --nproc_per_node=2 -m ddpm.train_ddp --data DATA_DIR --checkpoint-dir CKPT_DIR \
+        --model tiny-16 --train '{"steps": 1000, "batch_size": 64}' --result result.json
+    python -m ddpm.train_ddp ...             # the same, one process (no torchrun variables)
+
+--model is a preset name, a JSON object, or a JSON file; --diffusion and --train a JSON object
+or file. batch_size is the global batch: each of the world_size ranks trains on its slice
+(batch_size / world_size, in grad_accum_steps micro-batches). Rerunning the same command
+resumes from the newest valid checkpoint in CKPT_DIR. Rank 0 writes the checkpoints and the
+--result JSON (step, resumed_from, loss_history, checkpoints, images_per_second, world_size).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ddpm.data import BatchLoader, load_prepared, validate_for_model
+from ddpm.diffusion import DiffusionConfig
+from ddpm.distributed import DistributedContext, cleanup, init_distributed
+from ddpm.training import Trainer, TrainConfig
+from ddpm.unet import PRESETS, UNetConfig, preset
+
+
+def dataset_trainer(
+    dataset_path: Path | str,
+    model_config: UNetConfig,
+    diffusion_config: DiffusionConfig,
+    train_config: TrainConfig,
+    checkpoint_dir: Path | str | None,
+    distributed: DistributedContext | None = None,
+) -> Trainer:
+    """A Trainer fed by a BatchLoader over the train split of a prepared dataset, sliced for this rank."""
+    ctx = distributed or DistributedContext()
+    dataset = load_prepared(Path(dataset_path))
+    validate_for_model(dataset, model_config.image_size, model_config.in_channels)
+    train_images, _ = dataset.split("train")
+    loader = BatchLoader(
+        train_images, batch_size=train_config.rank_micro_batch_size(ctx.world_size), seed=train_config.seed,
+        hflip=train_config.hflip, rank=ctx.rank, world_size=ctx.world_size,
+    )
+    return Trainer(model_config, diffusion_config, train_config, loader.batch, checkpoint_dir, distributed=ctx)
+
+
+def _json_arg(text: str) -> dict:
+    """A JSON object given inline or as a file path."""
+    text = text.strip()
+    return json.loads(text if text.startswith("{") else Path(text).read_text())
+
+
+def _model_arg(text: str) -> UNetConfig:
+    return preset(text) if text in PRESETS else UNetConfig(**_json_arg(text))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ddpm.train_ddp", description=__doc__.split("\n")[0])
+    parser.add_argument("--data", required=True, help="prepared dataset folder (ddpm.data.prepare_dataset)")
+    parser.add_argument("--checkpoint-dir", required=True)
+    parser.add_argument("--model", default="tiny-16", help=f"preset ({', '.join(PRESETS)}), JSON object or file")
+    parser.add_argument("--diffusion", default="{}", help="DiffusionConfig as a JSON object or file")
+    parser.add_argument("--train", default="{}", help="TrainConfig as a JSON object or file")
+    parser.add_argument("--result", help="write a JSON summary here (rank 0)")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+
+    model_config = _model_arg(args.model)
+    diffusion_config = DiffusionConfig(**_json_arg(args.diffusion))
+    train_config = TrainConfig(**_json_arg(args.train))
+    ctx = init_distributed()
+    try:
+        trainer = dataset_trainer(args.data, model_config, diffusion_config, train_config, args.checkpoint_dir, ctx)
+        result = trainer.train(progress=not args.no_progress)
+        if ctx.is_main and args.result:
+            Path(args.result).write_text(json.dumps({
+                "step": result.step,
+                "resumed_from": result.resumed_from,
+                "loss_history": result.loss_history,
+                "checkpoints": [str(p) for p in result.checkpoints],
+                "images_per_second": result.images_per_second,
+                "world_size": ctx.world_size,
+            }, indent=1))
+    finally:
+        cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,328 @@
+"""The training engine: exact resume (in process and after kill -9), damaged checkpoints, NaN stops,
+keep_last, EMA and learning-rate warm-up, gradient accumulation, config validation, metrics, and
+DDP on CPU (gloo, 2 processes under torchrun) against one process.
+
+Everything runs the tiny-16 UNet for a few steps on one intra-op thread per process: the 2 cores
+are shared, and oversubscribed threads make a step ~100x slower here.
+"""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from ddpm.checkpoint import file_sha256, list_checkpoints, load_checkpoint, verify_checkpoint
+from ddpm.data import BatchLoader, DataConfig, prepare_dataset
+from ddpm.diffusion import DiffusionConfig
+from ddpm.train_ddp import dataset_trainer
+from ddpm.training import NonFiniteLossError, Trainer, TrainConfig, current_decay
+from ddpm.unet import preset
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL = preset("tiny-16")  # dropout 0
+DIFFUSION = DiffusionConfig()
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def random_images(n: int = 64, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (n, *([1, 16, 16])), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+IMAGES = random_images()
+
+
+def config(**overrides) -> TrainConfig:
+    base = dict(steps=6, batch_size=8, learning_rate=1e-3, warmup_steps=3, ema_decay=0.999, log_every=1,
+                checkpoint_every=3, keep_last=3)
+    return TrainConfig(**{**base, **overrides})
+
+
+def make_trainer(cfg: TrainConfig, checkpoint_dir=None, images=IMAGES, batch_fn=None) -> Trainer:
+    loader = BatchLoader(images, batch_size=cfg.micro_batch_size, seed=cfg.seed, hflip=cfg.hflip)
+    return Trainer(MODEL, DIFFUSION, cfg, batch_fn or loader.batch, checkpoint_dir)
+
+
+def training_state(state: dict) -> dict:
+    return {key: state[key] for key in ("step", "model", "ema", "optimizer", "lr_scheduler")}
+
+
+def assert_equal_states(a, b, path="state"):
+    """Bit-for-bit equality of nested dicts/lists of tensors and plain values."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and torch.equal(a, b), f"{path} differs"
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), f"{path} keys differ"
+        for key in a:
+            assert_equal_states(a[key], b[key], f"{path}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), f"{path} lengths differ"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_equal_states(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, f"{path}: {a} != {b}"
+
+
+def max_param_difference(a: dict, b: dict) -> float:
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+@pytest.fixture(scope="module")
+def prepared_data(tmp_path_factory) -> Path:
+    """205 train images of 16x16 digits, prepared as the pipeline does."""
+    return Path(prepare_dataset(DataConfig(max_images=256), tmp_path_factory.mktemp("data")))
+
+
+def subprocess_env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "true"}
+
+
+def cli(prepared: Path, checkpoint_dir: Path, cfg: TrainConfig, result: Path | None = None) -> list[str]:
+    args = [sys.executable, "-m", "ddpm.train_ddp", "--data", str(prepared), "--checkpoint-dir", str(checkpoint_dir),
+            "--model", "tiny-16", "--train", cfg.model_dump_json(), "--no-progress"]
+    return args + (["--result", str(result)] if result else [])
+
+
+# --- resume ---------------------------------------------------------------------------------
+
+
+def test_resume_in_process_is_bit_exact(tmp_path):
+    """6 steps straight == 3 steps, a new Trainer resuming from the step-3 checkpoint, 3 more."""
+    cfg = config(steps=6, checkpoint_every=3)
+    straight = make_trainer(cfg, tmp_path / "straight")
+    straight_result = straight.train(progress=False)
+
+    first = make_trainer(cfg, tmp_path / "split")
+    first.train(progress=False, stop_at=3)
+    assert [p.name for p in list_checkpoints(tmp_path / "split")] == ["step-0000003.pt"]
+    second = make_trainer(cfg, tmp_path / "split")
+    second_result = second.train(progress=False)
+
+    assert second_result.resumed_from == 3
+    assert second.step == straight.step == 6
+    assert_equal_states(training_state(second.state_dict()), training_state(straight.state_dict()))
+    assert second_result.loss_history == straight_result.loss_history[3:]
+
+
+def test_checkpoint_holds_everything_and_loads_weights_only(tmp_path):
+    cfg = config(steps=2, checkpoint_every=2)
+    make_trainer(cfg, tmp_path).train(progress=False)
+    state = load_checkpoint(tmp_path / "step-0000002.pt")  # torch.load(weights_only=True) inside
+    assert {"step", "model", "ema", "optimizer", "lr_scheduler", "rng", "model_config", "diffusion_config",
+            "train_config"} <= state.keys()
+    assert state["step"] == 2 and TrainConfig(**state["train_config"]) == cfg
+    assert state["rng"]["torch"].dtype == torch.uint8 and state["rng"]["generator"].dtype == torch.uint8
+    assert int(state["ema"]["n_averaged"]) == 2
+
+
+def test_kill_9_mid_run_then_resume_equals_uninterrupted_run(tmp_path, prepared_data):
+    """A real SIGKILL of a training process once a mid-run checkpoint exists; a new process resumes
+    to the end; the final model, EMA and optimizer equal those of an uninterrupted run bit for bit."""
+    cfg = config(steps=60, checkpoint_every=5, keep_last=2, warmup_steps=10, log_every=10)
+    run_dir = tmp_path / "killed"
+    process = subprocess.Popen(cli(prepared_data, run_dir, cfg), env=subprocess_env(), cwd=REPO,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not list_checkpoints(run_dir):  # a checkpoint appears under its real name only when complete
+        assert process.poll() is None, f"training exited early: {process.stderr.read().decode()[-2000:]}"
+        assert time.monotonic() < deadline, "no checkpoint within 120 s"
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    process.stderr.close()
+    assert process.returncode == -signal.SIGKILL
+    on_disk = [int(p.name[5:12]) for p in list_checkpoints(run_dir)]
+    assert on_disk and max(on_disk) < cfg.steps, f"the run was not interrupted mid-way: {on_disk}"
+    print(f"SIGKILLed with checkpoints of steps {on_disk} on disk (of {cfg.steps})")
+
+    result_file = tmp_path / "resumed.json"
+    subprocess.run(cli(prepared_data, run_dir, cfg, result_file), env=subprocess_env(), cwd=REPO, check=True,
+                   capture_output=True, timeout=300)
+    resumed = json.loads(result_file.read_text())
+    assert resumed["resumed_from"] == max(on_disk) and resumed["step"] == cfg.steps
+
+    reference = dataset_trainer(prepared_data, MODEL, DIFFUSION, cfg, tmp_path / "uninterrupted")
+    reference.train(progress=False)
+    final = load_checkpoint(run_dir / f"step-{cfg.steps:07d}.pt")
+    assert_equal_states(training_state(final), training_state(reference.state_dict()))
+
+
+# --- damaged checkpoints, NaN, keep_last ---------------------------------------------------
+
+
+def test_corrupt_newest_checkpoint_is_named_kept_aside_and_the_previous_one_used(tmp_path, capsys):
+    cfg = config(steps=6, checkpoint_every=2)
+    make_trainer(cfg, tmp_path).train(progress=False, stop_at=6)
+    newest = tmp_path / "step-0000006.pt"
+    damaged = newest.read_bytes()[: newest.stat().st_size // 2]  # truncated, as by a full disk
+    newest.write_bytes(damaged)
+    capsys.readouterr()
+
+    resumed = make_trainer(config(steps=8, checkpoint_every=2), tmp_path)
+    result = resumed.train(progress=False)
+
+    message = capsys.readouterr().out
+    assert "step-0000006.pt is corrupt" in message and "step-0000006.pt.corrupt" in message
+    assert result.resumed_from == 4
+    assert (tmp_path / "step-0000006.pt.corrupt").read_bytes() == damaged  # kept aside, never overwritten
+    verify_checkpoint(newest)  # step 6 written again, valid this time
+    straight = make_trainer(config(steps=8, checkpoint_every=2))
+    straight.train(progress=False)
+    assert_equal_states(resumed.state_dict()["model"], straight.state_dict()["model"])
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    cfg = config(steps=8, checkpoint_every=2)
+    loader = BatchLoader(IMAGES, batch_size=cfg.micro_batch_size)
+
+    def batch_with_nan_at_step_5(index):
+        x = loader.batch(index)
+        return x * float("nan") if index == 4 else x  # micro-batch 4 is step 5's (no accumulation)
+
+    trainer = make_trainer(cfg, tmp_path, batch_fn=batch_with_nan_at_step_5)
+    trainer.train(progress=False, stop_at=4)
+    good = tmp_path / "step-0000004.pt"
+    checksum = file_sha256(good)
+
+    trainer = make_trainer(cfg, tmp_path, batch_fn=batch_with_nan_at_step_5)
+    with pytest.raises(NonFiniteLossError, match=r"loss is nan at step 5\b"):
+        trainer.train(progress=False)
+    assert file_sha256(good) == checksum
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-0000002.pt", "step-0000004.pt"]
+    assert trainer.step == 4  # the bad step made no update
+    assert_equal_states(trainer.model.state_dict(), load_checkpoint(good)["model"])
+
+
+def test_keep_last_keeps_the_newest_k_with_their_checksums(tmp_path):
+    make_trainer(config(steps=5, checkpoint_every=1, keep_last=2), tmp_path).train(progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "step-0000004.pt", "step-0000004.pt.sha256", "step-0000005.pt", "step-0000005.pt.sha256"]
+
+
+# --- recipe: warm-ups, EMA, accumulation, validation, metrics -------------------------------
+
+
+def test_lr_warmup_ema_warmup_and_logged_metrics():
+    cfg = config(steps=6, warmup_steps=4, learning_rate=1e-3, ema_decay=0.999)
+    trainer = make_trainer(cfg)
+    logged = []
+    ema_expected = None
+    for step in range(1, cfg.steps + 1):
+        trainer.train(progress=False, stop_at=step, on_log=lambda s, m: logged.append((s, m)))
+        params = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+        # AveragedModel copies on its first update, then ema <- d ema + (1 - d) param, d = (1+n)/(10+n)
+        if ema_expected is None:
+            ema_expected = params
+        else:
+            d = current_decay(0.999, True, step - 1)
+            ema_expected = {k: d * ema_expected[k] + (1 - d) * params[k] for k in params}
+        ema = {k.removeprefix("module."): v for k, v in trainer.ema.state_dict().items() if k != "n_averaged"}
+        assert max_param_difference(ema, ema_expected) < 1e-6
+
+    assert [s for s, _ in logged] == [1, 2, 3, 4, 5, 6]
+    for _, metrics in logged:
+        assert metrics.keys() == {"loss", "lr", "grad_norm", "images_per_second", "ema_decay"}
+        assert math.isfinite(metrics["loss"]) and metrics["grad_norm"] > 0 and metrics["images_per_second"] > 0
+    assert [m["lr"] for _, m in logged] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
+    assert [m["ema_decay"] for _, m in logged] == pytest.approx([0.0, 2 / 11, 3 / 12, 4 / 13, 5 / 14, 6 / 15])
+    # the EMA lags the raw weights
+    assert max_param_difference(ema_expected, params) > 1e-4
+
+
+def test_ema_decay_is_capped_by_the_configured_decay():
+    assert current_decay(0.5, True, 100) == 0.5
+    assert current_decay(0.9999, True, 0) == pytest.approx(0.1)
+    assert current_decay(0.9999, False, 0) == 0.9999
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    """batch 16 in 2 micro-batches of 8 == batch 16 at once, to float rounding.
+
+    What makes them equal: micro-batch indices step*2 + m of a BatchLoader with batch 8 hold the
+    same images as index `step` of one with batch 16 (while both are in the same epoch: the image
+    count is a multiple of 16 here, and hflip is off since flips are drawn per loader index), and
+    t/noise are drawn for the whole global batch, each micro-batch taking its slice.
+    """
+    whole = make_trainer(config(steps=4, batch_size=16, grad_accum_steps=1))
+    split = make_trainer(config(steps=4, batch_size=16, grad_accum_steps=2))
+    whole_result, split_result = whole.train(progress=False), split.train(progress=False)
+    whole_losses = [loss for _, loss in whole_result.loss_history]
+    split_losses = [loss for _, loss in split_result.loss_history]
+    assert split_losses == pytest.approx(whole_losses, rel=1e-5)
+    # Adam divides by sqrt(v): rounding-level gradient differences move a weight by up to a
+    # fraction of lr (1e-3); a different data/noise draw moves weights by ~lr per step.
+    assert max_param_difference(split.model.state_dict(), whole.model.state_dict()) < 1e-4
+    other_images = BatchLoader(IMAGES, batch_size=16, seed=1).batch  # same init and noise, other images
+    other = make_trainer(config(steps=4, batch_size=16), batch_fn=other_images)
+    other.train(progress=False)
+    assert max_param_difference(other.model.state_dict(), whole.model.state_dict()) > 1e-3
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        ({"batch_size": 10, "grad_accum_steps": 4}, "grad_accum_steps"),
+        ({"learning_rate": -1e-4}, "learning_rate"),
+        ({"ema_decay": 1.0}, "ema_decay"),
+        ({"steps": 0}, "steps"),
+        ({"warmup_steps": -1}, "warmup_steps"),
+        ({"grad_clip": 0.0}, "grad_clip"),
+        ({"mixed_precision": "fp8"}, "mixed_precision"),
+        ({"lr": 1e-4}, "lr"),  # unknown field
+    ],
+)
+def test_config_validation_names_the_field(overrides, field):
+    with pytest.raises(ValidationError, match=field):
+        TrainConfig(**overrides)
+
+
+def test_batch_that_cannot_be_split_over_ranks_or_a_wrong_batch_shape_is_refused():
+    with pytest.raises(ValueError, match="world_size 3"):
+        config(batch_size=8).rank_micro_batch_size(3)
+    trainer = make_trainer(config(batch_size=8), batch_fn=lambda i: torch.zeros(4, 1, 16, 16))
+    with pytest.raises(ValueError, match=r"shape \(4, 1, 16, 16\).*\(8, 1, 16, 16\)"):
+        trainer.train(progress=False)
+
+
+# --- DDP ------------------------------------------------------------------------------------
+
+
+def test_ddp_two_processes_match_one_process_with_the_same_global_batch(tmp_path, prepared_data):
+    """torchrun, gloo, 2 ranks x 8 images == 1 process x 16 images: same per-step loss and weights."""
+    cfg = config(steps=6, batch_size=16, checkpoint_every=3, log_every=1)
+    result_file = tmp_path / "ddp.json"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               *cli(prepared_data, tmp_path / "ddp", cfg, result_file)[1:]]
+    done = subprocess.run(command, env=subprocess_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ddp = json.loads(result_file.read_text())
+    assert ddp["world_size"] == 2 and ddp["step"] == cfg.steps
+
+    single = dataset_trainer(prepared_data, MODEL, DIFFUSION, cfg, tmp_path / "single")
+    single_result = single.train(progress=False)
+    ddp_losses = [loss for _, loss in ddp["loss_history"]]
+    single_losses = [loss for _, loss in single_result.loss_history]
+    difference = max(abs(a - b) for a, b in zip(ddp_losses, single_losses))
+    print(f"DDP (2 x 8) vs single process (16): max loss difference {difference:.2e} over {cfg.steps} steps")
+    assert len(ddp_losses) == cfg.steps and difference < 1e-5
+    # rank 0 alone wrote the checkpoints: exactly the expected files, no stray temporaries
+    assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == [
+        "step-0000003.pt", "step-0000003.pt.sha256", "step-0000006.pt", "step-0000006.pt.sha256"]
+    final = load_checkpoint(tmp_path / "ddp" / "step-0000006.pt")
+    assert final["world_size"] == 2
+    assert max_param_difference(final["model"], single.model.state_dict()) < 1e-4  # Adam: see accumulation test
