@@ -33,6 +33,9 @@ DEFAULT_TRAIN = TrainConfig(
 )
 DEFAULT_SAMPLING = SamplerConfig(sampler="ddim", num_steps=100, num_images=500, batch_size=250)
 
+CHECKPOINT_DIR_TAG = "checkpoint_dir"
+CONFIG_ARTIFACT = "config.json"
+
 
 def start_run(experiment: str, run_name: str | None, params: dict, tags: dict | None = None) -> str:
     """Create the MLflow run of this flow run, tagged with the Prefect flow-run id."""
@@ -51,38 +54,44 @@ def start_run(experiment: str, run_name: str | None, params: dict, tags: dict | 
     return run.info.run_id
 
 
-@flow(name="train_pipeline", log_prints=True)
-def train_pipeline(
-    data: DataConfig = DataConfig(),
-    model: UNetConfig = DEFAULT_MODEL,
-    diffusion: DiffusionConfig = DiffusionConfig(),
-    train: TrainConfig = DEFAULT_TRAIN,
-    sampling: SamplerConfig = DEFAULT_SAMPLING,
+def run_pipeline(
+    data: DataConfig,
+    model: UNetConfig,
+    diffusion: DiffusionConfig,
+    train: TrainConfig,
+    sampling: SamplerConfig,
     fid_extractor: ExtractorKind = "auto",
     experiment: str = "ddpm",
     run_name: str | None = None,
+    parent_run_id: str | None = None,
+    tags: dict[str, str] | None = None,
 ) -> dict:
-    """Prepare the data (cached), train a UNet, sample, measure FID; track it all in one MLflow run.
+    """The body of train_pipeline, callable from any flow or task (compare_schedules, retrain).
 
-    The samples (`sampling.num_images` of them, from the EMA weights of the last checkpoint) give
-    both the grid picture and the FID against the holdout split.
+    One MLflow run, tagged with the Prefect flow-run id of the caller; with `parent_run_id`, it
+    is an MLflow child run of that run (the tag `mlflow.parentRunId` nests it in the UI).
     """
     home = settings.ddpm_home()
     dataset_path = prepare_data.with_options(result_storage=home / "task-results")(data, out_dir=str(home / "data"))
     dataset = load_prepared(Path(dataset_path))
-    run_id = start_run(
-        experiment, run_name,
-        {"data": data.model_dump(mode="json"), "model": model.model_dump(mode="json"),
-         "diffusion": diffusion.model_dump(mode="json"), "train": train.model_dump(mode="json")},
-        tags={"dataset.fingerprint": dataset.fingerprint, "schedule": diffusion.schedule},
-    )
+    config = {"data": data.model_dump(mode="json"), "model": model.model_dump(mode="json"),
+              "diffusion": diffusion.model_dump(mode="json"), "train": train.model_dump(mode="json"),
+              "sampling": sampling.model_dump(mode="json"), "fid_extractor": fid_extractor}
+    run_tags = {"dataset.fingerprint": dataset.fingerprint, "schedule": diffusion.schedule, **(tags or {})}
+    if parent_run_id:
+        run_tags["mlflow.parentRunId"] = parent_run_id
+    run_id = start_run(experiment, run_name, config, tags=run_tags)
     print(f"MLflow run {run_id} in experiment '{experiment}' at {settings.tracking_uri()}")
     try:
         mlflow.set_tracking_uri(settings.tracking_uri())
         with mlflow.start_run(run_id=run_id):
             log_dataset_input(dataset)
         out = settings.run_dir(run_id)
-        trained = train_model(dataset_path, model, diffusion, train, run_id, str(out / "checkpoints"))
+        checkpoint_dir = out / "checkpoints"
+        # evaluate finds the checkpoints from these, even when its DDPM_HOME is another folder
+        tracking.client().set_tag(run_id, CHECKPOINT_DIR_TAG, str(checkpoint_dir))
+        tracking.log_dict(run_id, config, CONFIG_ARTIFACT)
+        trained = train_model(dataset_path, model, diffusion, train, run_id, str(checkpoint_dir))
         samples = sample_checkpoint(trained["checkpoints"][-1], sampling, str(out / "samples"), run_id)
         evaluation = evaluate_samples(samples["npz"], dataset_path, run_id, samples["step"], fid_extractor)
     except BaseException:
@@ -97,6 +106,27 @@ def train_pipeline(
                      | {metric: evaluation[metric], f"{metric}_floor": evaluation[f"{metric}_floor"]}, indent=1))
     print(f"sample grid: {samples['grid']}")
     return summary
+
+
+@flow(name="train_pipeline", log_prints=True)
+def train_pipeline(
+    data: DataConfig = DataConfig(),
+    model: UNetConfig = DEFAULT_MODEL,
+    diffusion: DiffusionConfig = DiffusionConfig(),
+    train: TrainConfig = DEFAULT_TRAIN,
+    sampling: SamplerConfig = DEFAULT_SAMPLING,
+    fid_extractor: ExtractorKind = "auto",
+    experiment: str = "ddpm",
+    run_name: str | None = None,
+) -> dict:
+    """Prepare the data (cached), train a UNet, sample, measure FID; track it all in one MLflow run.
+
+    The samples (`sampling.num_images` of them, from the EMA weights of the last checkpoint) give
+    both the grid picture and the FID against the holdout split. The run's full configuration is
+    logged as `config.json` (retrain reads it back) and its checkpoint folder as the tag
+    `checkpoint_dir` (evaluate reads it).
+    """
+    return run_pipeline(data, model, diffusion, train, sampling, fid_extractor, experiment, run_name)
 
 
 if __name__ == "__main__":

@@ -115,3 +115,32 @@ def log_dict(run_id: str, data: dict, artifact_file: str) -> None:
         path = Path(tmp) / Path(artifact_file).name
         path.write_text(json.dumps(data, indent=2, default=str))
         client().log_artifact(run_id, str(path), str(Path(artifact_file).parent) if "/" in artifact_file else None)
+
+
+class RunNotFoundError(LookupError):
+    """No MLflow run matches the id (or Prefect flow-run id) asked for."""
+
+
+def parse_flow_run_id(value: str) -> str:
+    """"prefect.flow-run.<uuid>" (an event's resource id, as a trigger passes it) or "<uuid>" -> "<uuid>"."""
+    value = value.strip()
+    return value.removeprefix("prefect.flow-run.")
+
+
+def find_run(mlflow_run_id: str | None = None, prefect_flow_run_id: str | None = None) -> mlflow.entities.Run:
+    """The MLflow run with this id, or the one tagged `prefect.flow_run_id` = this Prefect flow run."""
+    mlflow_client = client()
+    if mlflow_run_id:
+        try:
+            return mlflow_client.get_run(mlflow_run_id)
+        except mlflow.exceptions.MlflowException as error:
+            raise RunNotFoundError(f"no MLflow run with id '{mlflow_run_id}' in {tracking_uri()}") from error
+    if not prefect_flow_run_id:
+        raise ValueError("give an MLflow run id or a Prefect flow-run id")
+    flow_run_id = parse_flow_run_id(prefect_flow_run_id)
+    experiments = [e.experiment_id for e in mlflow_client.search_experiments()]
+    runs = mlflow_client.search_runs(experiments, filter_string=f"tags.`prefect.flow_run_id` = '{flow_run_id}'",
+                                     order_by=["attributes.start_time DESC"]) if experiments else []
+    if not runs:
+        raise RunNotFoundError(f"no MLflow run is tagged with Prefect flow run '{flow_run_id}' in {tracking_uri()}")
+    return runs[0]

@@ -1,0 +1,106 @@
+"""evaluate: FID of every checkpoint of a finished training run, logged to that same MLflow run.
+
+The run is found by its MLflow run id or by the Prefect flow run that trained it (the form a
+deployment trigger passes, "prefect.flow-run.<uuid>", is accepted). Each checkpoint is sampled
+with the run's own sampling settings (unless others are given) and scored against the holdout
+split, so `fid_<extractor>` becomes a curve over training steps in the run; the tag
+`fid.best_step` names the best checkpoint.
+
+    python -m flows.evaluate <mlflow-run-id>
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+from prefect import flow, runtime
+
+from ddpm.checkpoint import list_checkpoints
+from ddpm.data import DataConfig
+from ddpm.samplers import SamplerConfig
+from flows.train_pipeline import CHECKPOINT_DIR_TAG, CONFIG_ARTIFACT
+from tasks import settings, tracking
+from tasks.data import prepare_data
+from tasks.evaluate import ExtractorKind, evaluate_samples
+from tasks.sample import sample_checkpoint
+
+
+class NoCheckpointsError(FileNotFoundError):
+    """The training run has no checkpoint on disk to evaluate."""
+
+
+def checkpoints_of(run: mlflow.entities.Run) -> list[Path]:
+    """The run's checkpoints: in its `checkpoint_dir` tag, else $DDPM_HOME/runs/<run id>/checkpoints."""
+    run_id = run.info.run_id
+    tagged = run.data.tags.get(CHECKPOINT_DIR_TAG)
+    folders = [Path(tagged)] if tagged else []
+    folders.append(settings.ddpm_home() / "runs" / run_id / "checkpoints")
+    for folder in folders:
+        if folder.is_dir() and (found := list_checkpoints(folder)):
+            return found
+    raise NoCheckpointsError(
+        f"MLflow run {run_id} has no checkpoints to evaluate (looked in {', '.join(map(str, folders))})"
+    )
+
+
+def training_config(run: mlflow.entities.Run) -> dict:
+    """The configuration train_pipeline logged as config.json in the run."""
+    try:
+        return mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/{CONFIG_ARTIFACT}")
+    except Exception as error:  # MLflow raises several types for a missing artifact
+        raise FileNotFoundError(
+            f"MLflow run {run.info.run_id} has no {CONFIG_ARTIFACT}: it was not made by train_pipeline"
+        ) from error
+
+
+@flow(name="evaluate", log_prints=True)
+def evaluate(
+    mlflow_run_id: str | None = None,
+    prefect_flow_run_id: str | None = None,
+    sampling: SamplerConfig | None = None,
+    fid_extractor: ExtractorKind | None = None,
+) -> dict:
+    """FID of each checkpoint of one training run, logged as `fid_<extractor>` at its step in that run.
+
+    Give exactly one of `mlflow_run_id` and `prefect_flow_run_id` ("<uuid>" or
+    "prefect.flow-run.<uuid>"). `sampling` and `fid_extractor` default to the run's own settings.
+    Returns {"run_id", "metric", "fids": {step: fid}, "best_step"}.
+    """
+    if bool(mlflow_run_id) == bool(prefect_flow_run_id):
+        raise ValueError("give exactly one of mlflow_run_id and prefect_flow_run_id")
+    # Every check comes before the first write: a bad request leaves every run as it was.
+    run = tracking.find_run(mlflow_run_id, prefect_flow_run_id)
+    run_id = run.info.run_id
+    checkpoints = checkpoints_of(run)
+    config = training_config(run)
+    sampling = sampling or SamplerConfig.model_validate(config["sampling"])
+    extractor = fid_extractor or config.get("fid_extractor", "auto")
+    print(f"evaluating {len(checkpoints)} checkpoints of MLflow run {run_id} with {sampling.describe()}")
+
+    home = settings.ddpm_home()
+    dataset_path = prepare_data.with_options(result_storage=home / "task-results")(
+        DataConfig.model_validate(config["data"]), out_dir=str(home / "data"))
+    out_dir = settings.run_dir(run_id) / "evaluation"
+    fids: dict[int, float] = {}
+    metric = None
+    for checkpoint in checkpoints:
+        samples = sample_checkpoint(str(checkpoint), sampling, str(out_dir), run_id)
+        result = evaluate_samples(samples["npz"], dataset_path, run_id, samples["step"], extractor)
+        metric = result["metric"]
+        fids[samples["step"]] = result[metric]
+        print(f"step {samples['step']}: {metric} = {result[metric]:.3f}")
+
+    best_step = min(fids, key=fids.get)
+    mlflow_client = tracking.client()
+    mlflow_client.log_batch(run_id, metrics=[tracking.Metric(f"{metric}_best", fids[best_step],
+                                                             int(time.time() * 1000), best_step)])
+    mlflow_client.set_tag(run_id, "fid.best_step", str(best_step))
+    mlflow_client.set_tag(run_id, "evaluate.flow_run_id", str(runtime.flow_run.id or ""))
+    return {"run_id": run_id, "metric": metric, "fids": fids, "best_step": best_step}
+
+
+if __name__ == "__main__":
+    evaluate(mlflow_run_id=sys.argv[1])

@@ -1,0 +1,89 @@
+"""retrain: the scheduled retraining entry point (the `retrain` deployment runs it on a cron schedule).
+
+Re-prepares the data (free when nothing changed: the preparation task is cached on the config
+and the source's identity), trains with the stored best configuration, samples and measures FID,
+all in one MLflow run tagged with this flow run's id (so the triggered `evaluate` deployment
+finds it, as it does for `train`).
+
+The best configuration is the `config.json` of the FINISHED run of the experiment with the
+lowest FID (`best_run_config`); with no such run yet, the pipeline's defaults.
+
+    python -m flows.retrain
+"""
+
+from __future__ import annotations
+
+import mlflow
+from prefect import flow
+
+from ddpm.data import DataConfig
+from ddpm.diffusion import DiffusionConfig
+from ddpm.samplers import SamplerConfig
+from ddpm.training import TrainConfig
+from ddpm.unet import UNetConfig
+from flows.train_pipeline import CONFIG_ARTIFACT, DEFAULT_MODEL, DEFAULT_SAMPLING, DEFAULT_TRAIN, run_pipeline
+from tasks import tracking
+from tasks.evaluate import ExtractorKind
+
+
+def best_run_config(experiment: str, metric: str = "fid_classifier") -> tuple[str, dict] | None:
+    """(run id, config.json) of the FINISHED train_pipeline run of `experiment` with the lowest `metric`.
+
+    None when the experiment does not exist or has no such run. Runs without a config.json
+    (comparison parents, runs from before it was logged) are skipped.
+    """
+    mlflow_client = tracking.client()
+    found = mlflow_client.get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    runs = mlflow_client.search_runs(
+        [found.experiment_id],
+        filter_string=f"attributes.status = 'FINISHED' and metrics.{metric} >= 0",
+        order_by=[f"metrics.{metric} ASC", "attributes.start_time DESC"],
+        max_results=50,
+    )
+    for run in runs:
+        try:
+            return run.info.run_id, mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/{CONFIG_ARTIFACT}")
+        except Exception:  # noqa: BLE001 (no config.json: not a pipeline run)
+            continue
+    return None
+
+
+@flow(name="retrain", log_prints=True)
+def retrain(
+    experiment: str = "ddpm",
+    data: DataConfig | None = None,
+    train: TrainConfig | None = None,
+    metric: str = "fid_classifier",
+) -> dict:
+    """Retrain with the best configuration stored in `experiment` (lowest `metric`), on fresh data.
+
+    `data` / `train` replace the stored data or training settings (e.g. more steps); the rest
+    (model, schedule, sampling, FID extractor) comes from the best run, or from the defaults
+    when the experiment has no finished run yet. Returns the pipeline's summary plus
+    `based_on` (the run whose configuration was used, or None).
+    """
+    best = best_run_config(experiment, metric)
+    if best is None:
+        print(f"no finished run with {metric} in experiment '{experiment}': training with the defaults")
+        based_on, config = None, {}
+    else:
+        based_on, config = best
+        print(f"best configuration: MLflow run {based_on} ({metric})")
+    summary = run_pipeline(
+        data=data or (DataConfig.model_validate(config["data"]) if "data" in config else DataConfig()),
+        model=UNetConfig.model_validate(config["model"]) if "model" in config else DEFAULT_MODEL,
+        diffusion=DiffusionConfig.model_validate(config["diffusion"]) if "diffusion" in config else DiffusionConfig(),
+        train=train or (TrainConfig.model_validate(config["train"]) if "train" in config else DEFAULT_TRAIN),
+        sampling=SamplerConfig.model_validate(config["sampling"]) if "sampling" in config else DEFAULT_SAMPLING,
+        fid_extractor=config.get("fid_extractor", "auto"),
+        experiment=experiment,
+        run_name=None,
+        tags={"retrain.based_on": based_on or "defaults"},
+    )
+    return {**summary, "based_on": based_on}
+
+
+if __name__ == "__main__":
+    retrain()

@@ -1,0 +1,132 @@
+"""The deployments for real: scripts/stack.sh (a `prefect server`, a process worker, the MLflow UI),
+scripts/deploy.sh (this project's prefect.yaml), a run of the `train` deployment, and the `evaluate`
+run its completion triggers, which must log FID into the same MLflow run.
+
+Everything lives in a temp folder (PREFECT_HOME, DDPM_HOME, the MLflow store) on free loopback
+ports; `stack.sh stop` ends every process in a finally, and the test checks that they are gone.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+from ddpm.unet import preset
+
+REPO = Path(__file__).resolve().parents[1]
+TIMEOUT_S = 360   # training + triggered evaluation; ~1.5 minutes on a quiet 2-core machine
+
+TINY_PARAMETERS = {
+    "data": {"source": "digits", "max_images": 200},
+    "model": preset("tiny-16", base_channels=8, num_groups=4).model_dump(mode="json"),
+    "train": {"steps": 10, "batch_size": 16, "warmup_steps": 2, "log_every": 5, "checkpoint_every": 5,
+              "keep_last": 2, "ema_decay": 0.99},
+    "sampling": {"sampler": "ddim", "num_steps": 5, "num_images": 8, "batch_size": 8},
+    "experiment": "deployment-test",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def script(name: str, *args: str, env: dict, timeout: int = 180) -> str:
+    result = subprocess.run(["bash", str(REPO / "scripts" / name), *args], env=env, cwd=REPO,
+                            capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{name} {args} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def prefect(args: list[str], env: dict) -> str:
+    result = subprocess.run([str(Path(env["PYTHON_BIN"]).parent / "prefect"), *args], env=env,
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, f"prefect {args} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+def read_flow_runs(env: dict, flow_name: str) -> list:
+    """The flow runs of `flow_name` on the test's server, through the Prefect client in a subprocess
+    (this test process's own Prefect settings point at the session harness)."""
+    code = (
+        "import asyncio, json\n"
+        "from prefect.client.orchestration import get_client\n"
+        "from prefect.client.schemas.filters import FlowFilter, FlowFilterName\n"
+        "async def main():\n"
+        "    async with get_client() as client:\n"
+        f"        runs = await client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=['{flow_name}'])))\n"
+        "        print(json.dumps([{'id': str(r.id), 'state': r.state_type.value if r.state_type else None,\n"
+        "                           'parameters': r.parameters} for r in runs]))\n"
+        "asyncio.run(main())\n"
+    )
+    result = subprocess.run([env["PYTHON_BIN"], "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_training_deployment_triggers_evaluation_into_the_same_mlflow_run(tmp_path):
+    import sys
+
+    home = tmp_path / "home"
+    store = f"sqlite:///{home / 'mlflow.db'}"
+    env = {**os.environ,
+           "PYTHON_BIN": sys.executable,
+           "DDPM_HOME": str(home), "MLFLOW_TRACKING_URI": store,
+           "PREFECT_HOME": str(tmp_path / "prefect"),
+           "PREFECT_PORT": str(free_port()), "MLFLOW_PORT": str(free_port()),
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "true",
+           "OMP_NUM_THREADS": "1"}   # the machine is shared: one thread per flow-run process
+    env["PREFECT_API_URL"] = f"http://127.0.0.1:{env['PREFECT_PORT']}/api"
+    started = time.monotonic()
+    pids: list[int] = []
+    try:
+        script("stack.sh", "start", env=env)
+        pids = [int((home / "stack" / f"{name}.pid").read_text()) for name in ("prefect-server", "worker", "mlflow")]
+        deployed = script("deploy.sh", env=env)
+        assert "train_pipeline/train" in deployed and "evaluate/evaluate" in deployed
+
+        out = prefect(["deployment", "run", "train_pipeline/train", "--params", json.dumps(TINY_PARAMETERS)], env)
+        train_run_id = next(line.split("UUID:")[-1].strip() for line in out.splitlines() if "UUID" in line)
+
+        # The training run completes, its completion event fires the trigger, the worker runs evaluate.
+        evaluation = None
+        while time.monotonic() - started < TIMEOUT_S:
+            runs = read_flow_runs(env, "evaluate")
+            if runs and runs[0]["state"] in ("COMPLETED", "FAILED", "CRASHED"):
+                evaluation = runs[0]
+                break
+            trains = read_flow_runs(env, "train_pipeline")
+            assert not trains or trains[0]["state"] not in ("FAILED", "CRASHED"), \
+                (home / "stack" / "worker.log").read_text()[-3000:]
+            time.sleep(5)
+        assert evaluation is not None, "no evaluate run completed in time:\n" + \
+            (home / "stack" / "worker.log").read_text()[-3000:]
+        assert evaluation["state"] == "COMPLETED", (home / "stack" / "worker.log").read_text()[-3000:]
+        assert evaluation["parameters"]["prefect_flow_run_id"] == f"prefect.flow-run.{train_run_id}"
+
+        client = MlflowClient(store)
+        experiment = client.get_experiment_by_name("deployment-test")
+        [run] = client.search_runs([experiment.experiment_id])
+        assert run.data.tags["prefect.flow_run_id"] == train_run_id
+        assert run.data.tags["evaluate.flow_run_id"] == evaluation["id"]
+        history = client.get_metric_history(run.info.run_id, "fid_classifier")
+        assert sorted(m.step for m in history) == [5, 10, 10]   # the pipeline's FID + evaluate's curve
+        assert run.data.tags["fid.best_step"] in ("5", "10")
+    finally:
+        script("stack.sh", "stop", env=env, timeout=60)
+        print(f"deployment test: {time.monotonic() - started:.0f} s")
+    assert pids and not any(alive(pid) for pid in pids)
+    assert not (home / "stack" / "worker.pid").exists()

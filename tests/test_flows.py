@@ -1,0 +1,190 @@
+"""compare_schedules, evaluate and retrain on the session's temporary Prefect server, tiny settings.
+
+One tiny training run (module fixture) serves the evaluate and retrain tests; the MLflow store
+and DDPM_HOME live in a temp folder of this module.
+"""
+
+import re
+import uuid
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from ddpm.data import DataConfig
+from ddpm.samplers import SamplerConfig
+from ddpm.training import TrainConfig
+from ddpm.unet import preset
+
+TINY_DATA = DataConfig(source="digits", max_images=200)
+TINY_TRAIN = TrainConfig(steps=10, batch_size=16, warmup_steps=2, log_every=5, checkpoint_every=5, keep_last=2,
+                         ema_decay=0.99, learning_rate=1e-3)
+TINY_SAMPLING = SamplerConfig(sampler="ddim", num_steps=5, num_images=8, batch_size=8)
+TINY_MODEL = preset("tiny-16", base_channels=8, num_groups=4)
+TINY = dict(data=TINY_DATA, model=TINY_MODEL, train=TINY_TRAIN, sampling=TINY_SAMPLING)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """An MLflow sqlite store and a DDPM_HOME for this module."""
+    root = tmp_path_factory.mktemp("flows")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        patch.setenv("DDPM_HOME", str(root / "home"))
+        yield uri
+
+
+@pytest.fixture(scope="module")
+def trained(prefect_harness, store):
+    """One tiny finished train_pipeline run: (summary, Prefect flow-run id)."""
+    from flows.train_pipeline import train_pipeline
+
+    state = train_pipeline(**TINY, experiment="flows-test", return_state=True)
+    assert state.is_completed()
+    return state.result(), str(state.state_details.flow_run_id)
+
+
+def failure_of(state) -> str:
+    assert state.is_failed()
+    with pytest.raises(Exception) as error:
+        state.result()
+    return str(error.value)
+
+
+# --- evaluate -----------------------------------------------------------------------------------
+
+def test_evaluate_logs_a_fid_curve_into_the_training_run(trained, store):
+    from flows.evaluate import evaluate
+
+    summary, flow_run_id = trained
+    client = MlflowClient(store)
+    before = [(m.step, m.value) for m in client.get_metric_history(summary["run_id"], "fid_classifier")]
+    assert [step for step, _ in before] == [10]   # the pipeline's own FID, last checkpoint only
+
+    # the form a deployment trigger passes: the event's resource id
+    result = evaluate(prefect_flow_run_id=f"prefect.flow-run.{flow_run_id}")
+    assert result["run_id"] == summary["run_id"] and result["metric"] == "fid_classifier"
+    assert sorted(result["fids"]) == [5, 10]
+
+    run = client.get_run(summary["run_id"])
+    history = client.get_metric_history(summary["run_id"], "fid_classifier")
+    assert sorted(m.step for m in history) == [5, 10, 10]
+    # same checkpoint, same sampling settings and seed: the same FID as the pipeline measured
+    assert result["fids"][10] == pytest.approx(before[0][1], rel=1e-4)
+    assert run.data.tags["fid.best_step"] == str(result["best_step"])
+    assert result["best_step"] == min(result["fids"], key=result["fids"].get)
+    assert run.info.status == "FINISHED"
+
+
+def test_evaluate_refuses_bad_requests_and_writes_nothing(trained, store):
+    from flows.evaluate import evaluate
+    from tasks import tracking
+
+    summary, _ = trained
+    client = MlflowClient(store)
+    experiment_id = client.get_experiment_by_name("flows-test").experiment_id
+    empty = client.create_run(experiment_id, run_name="no-checkpoints").info.run_id
+
+    def snapshot():
+        runs = client.search_runs([experiment_id])
+        return {r.info.run_id: (r.data.metrics, r.data.tags, r.info.status) for r in runs}
+
+    before = snapshot()
+    with pytest.raises(tracking.RunNotFoundError, match="no MLflow run with id '0+'"):
+        evaluate(mlflow_run_id="0" * 32)
+    missing = str(uuid.uuid4())
+    with pytest.raises(tracking.RunNotFoundError, match=f"tagged with Prefect flow run '{missing}'"):
+        evaluate(prefect_flow_run_id=f"prefect.flow-run.{missing}")
+    with pytest.raises(FileNotFoundError, match=f"run {empty} has no checkpoints"):
+        evaluate(mlflow_run_id=empty)
+    with pytest.raises(ValueError, match="exactly one"):
+        evaluate()
+    with pytest.raises(ValueError, match="exactly one"):
+        evaluate(mlflow_run_id=summary["run_id"], prefect_flow_run_id=str(uuid.uuid4()))
+    assert snapshot() == before
+
+
+# --- compare_schedules --------------------------------------------------------------------------
+
+def test_compare_schedules_trains_child_runs_and_logs_a_table(prefect_harness, store):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from flows.compare_schedules import TABLE_COLUMNS, compare_schedules
+
+    table = compare_schedules(schedules=["linear", "cosine"], num_timesteps=200, **TINY,
+                              experiment="compare-test", max_parallel=2)
+    assert list(table.columns) == TABLE_COLUMNS
+    assert sorted(table.schedule) == ["cosine", "linear"]
+    assert list(table.fid) == sorted(table.fid) and (table.fid > table.fid_floor).all()
+    assert (table.steps == 10).all() and (table.images_per_second > 0).all()
+
+    client = MlflowClient(store)
+    experiment_id = client.get_experiment_by_name("compare-test").experiment_id
+    runs = {r.info.run_id: r for r in client.search_runs([experiment_id])}
+    parents = [r for r in runs.values() if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1 and len(runs) == 3
+    parent = parents[0]
+    children = [r for r in runs.values() if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(r.data.tags["schedule"] for r in children) == ["cosine", "linear"]
+    assert set(table.run_id) == {r.info.run_id for r in children}
+    for child in children:   # everything but the schedule is equal, the seed included
+        assert child.info.status == "FINISHED"
+        assert child.data.params["train.seed"] == "0" and child.data.params["sampling.seed"] == "0"
+        assert child.data.params["diffusion.num_timesteps"] == "200"
+    assert {k: v for k, v in children[0].data.params.items() if k != "diffusion.schedule"} == \
+           {k: v for k, v in children[1].data.params.items() if k != "diffusion.schedule"}
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["comparison.best_schedule"] == table.schedule[0]
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"comparison.csv", "comparison.md", "plots"} <= artifacts
+    assert [a.path for a in client.list_artifacts(parent.info.run_id, "plots")] == ["plots/schedules.png"]
+
+    import asyncio
+
+    async def read_table_artifacts():
+        async with get_client() as prefect:
+            return await prefect.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["schedule-comparison"])))
+
+    artifacts = asyncio.run(read_table_artifacts())
+    assert artifacts and artifacts[0].type == "table"
+    assert parent.info.run_id in artifacts[0].description
+
+
+@pytest.mark.parametrize("schedules, message", [
+    ([], "at least 1 item"),
+    (["linear", "wobbly"], "unknown noise schedule.*wobbly"),
+    (["cosine", "cosine"], "repeat"),
+])
+def test_compare_schedules_rejects_bad_lists_before_any_run(prefect_harness, store, schedules, message):
+    from flows.compare_schedules import compare_schedules
+
+    state = compare_schedules(schedules=schedules, **TINY, experiment="compare-bad", return_state=True)
+    assert re.search(message, failure_of(state), re.IGNORECASE | re.DOTALL)
+    assert MlflowClient(store).get_experiment_by_name("compare-bad") is None
+
+
+# --- retrain ------------------------------------------------------------------------------------
+
+def test_best_run_config_is_none_without_runs(store):
+    from flows.retrain import best_run_config
+
+    assert best_run_config("no-such-experiment") is None
+
+
+def test_retrain_uses_the_best_runs_configuration(trained, store):
+    from flows.retrain import best_run_config, retrain
+
+    summary, _ = trained
+    best_id, config = best_run_config("flows-test")
+    assert best_id == summary["run_id"] and config["model"]["base_channels"] == 8
+
+    result = retrain(experiment="flows-test")
+    assert result["based_on"] == summary["run_id"] and result["run_id"] != summary["run_id"]
+    assert result["dataset"] == summary["dataset"]   # unchanged data: the same prepared folder
+    run = MlflowClient(store).get_run(result["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["retrain.based_on"] == summary["run_id"]
+    assert run.data.params["train.steps"] == "10" and run.data.params["model.base_channels"] == "8"
+    assert "fid_classifier" in run.data.metrics
