@@ -27,6 +27,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import torch
+from mlflow.entities import LoggedModelStatus
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 from mlflow.pyfunc import PythonModel
@@ -157,16 +158,21 @@ def log_ddpm_model(run_id: str, checkpoint: Path | str, registered_model_name: s
     Returns MLflow's ModelInfo (`registered_model_version` is set when registered). The run is
     addressed by id, so this works whatever run is active in the calling thread.
     """
-    tracking.client()  # sets the tracking URI
+    mlflow_client = tracking.client()  # also sets the tracking URI
     state = load_checkpoint(Path(checkpoint))
+    # Model.log(run_id=...) alone files the model under the *active* experiment (Default, whose
+    # artifacts go to ./mlruns of whatever directory created the store): create it in the run's.
+    logged_model = mlflow.initialize_logged_model(
+        name="model", source_run_id=run_id, experiment_id=mlflow_client.get_run(run_id).info.experiment_id)
     with tempfile.TemporaryDirectory() as tmp:
         bundle = Path(tmp) / "checkpoint"
         write_ema_checkpoint(checkpoint, bundle)
-        return mlflow.models.Model.log(
+        info = mlflow.models.Model.log(
             artifact_path=None,  # deprecated in favour of name=, but still a required argument here
             name="model",
             flavor=mlflow.pyfunc,
             run_id=run_id,
+            model_id=logged_model.model_id,
             python_model=DDPMImageModel(max_images=max_images, max_steps=max_steps),
             artifacts={"checkpoint": str(bundle)},
             signature=model_signature(state["model_config"], max_images),
@@ -176,6 +182,9 @@ def log_ddpm_model(run_id: str, checkpoint: Path | str, registered_model_name: s
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}",
                               "numpy", "pandas", "pillow", "pydantic>=2.7,<3"],
         )
+    if mlflow_client.get_logged_model(logged_model.model_id).status != LoggedModelStatus.READY:
+        mlflow_client.finalize_logged_model(logged_model.model_id, LoggedModelStatus.READY)
+    return info
 
 
 # --- promotion ------------------------------------------------------------------------------

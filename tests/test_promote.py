@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from mlflow.entities import LoggedModelStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from PIL import Image
@@ -33,6 +34,7 @@ def store(tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("DDPM_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)  # to see that nothing lands in the working directory
     return MlflowClient(uri)
 
 
@@ -59,6 +61,11 @@ def test_champion_moves_only_on_a_strictly_better_fid(store, checkpoint):
         "fid": "3.0", "fid.metric": "fid_classifier", "schedule": "cosine", "dataset.fingerprint": "data-a",
         "source_run_id": best}
     assert champion.tags["promotion.decision"] == "champion"
+    # the model's files live with its run's experiment (in DDPM_HOME), not in ./mlruns
+    logged = store.get_logged_model(champion.source.removeprefix("models:/"))
+    assert logged.experiment_id == store.get_run(best).info.experiment_id and logged.status == LoggedModelStatus.READY
+    assert logged.artifact_location.startswith((Path(os.environ["DDPM_HOME"]) / "mlartifacts").as_uri())
+    assert not (Path.cwd() / "mlruns").exists()
 
     again = promote_best("ddpm", "ddpm")  # idempotent: the same run is not registered twice
     assert (again["version"], again["moved"], again["reason"]) == ("1", False, "already the champion")

@@ -33,8 +33,9 @@ def fake_trained_run(client: MlflowClient, experiment: str, checkpoint: Path, fi
     """An MLflow run tagged and measured like train_pipeline's, its checkpoint in $DDPM_HOME/runs/<id>."""
     from tasks.settings import run_dir
 
-    experiment_id = (client.get_experiment_by_name(experiment) or
-                     client.get_experiment(client.create_experiment(experiment))).experiment_id
+    from tasks.tracking import experiment_id as pipeline_experiment_id
+
+    experiment_id = pipeline_experiment_id(experiment)  # as the pipeline makes it: artifacts in DDPM_HOME
     run = client.create_run(experiment_id, tags={"dataset.fingerprint": fingerprint, "schedule": schedule,
                                                  "fid.metric": metric})
     run_id = run.info.run_id
