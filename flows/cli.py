@@ -1,0 +1,377 @@
+"""`ddpm`: the pipeline from a terminal. `ddpm --help`, `ddpm <command> --help`.
+
+    ddpm prepare --source digits                       prepare (and fingerprint) a dataset
+    ddpm train --steps 2000 --schedule cosine          the training pipeline (one MLflow run)
+    ddpm compare --schedules linear cosine             one pipeline per noise schedule
+    ddpm evaluate --run-id <mlflow run id>             FID of a run's checkpoints
+    ddpm promote                                       best run by FID -> registry, champion alias
+    ddpm sample --model models:/ddpm@champion --out samples/
+    ddpm interpolate --checkpoint step-0001500.pt --a 0 --b 1
+    ddpm denoise --checkpoint step-0001500.pt --indices 0 1 2 3 --t 100 500
+    ddpm stack start|stop|status                       the local Prefect + MLflow stack
+    ddpm deploy                                        register the flows' deployments
+
+Mistakes in the arguments exit with 2 (argparse); a missing file, an unknown model URI or a
+value out of range prints one line on stderr and exits with 1. Heavy imports (torch, Prefect,
+MLflow) happen inside the commands, so `--help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class CLIError(Exception):
+    """A mistake the user can fix; printed as one line, exit status 1."""
+
+
+# --- helpers --------------------------------------------------------------------------------
+
+
+def lazy_flow(module: str, name: str):
+    """Import flow `name` from `module` now, with a clear error if that flow is not installed."""
+    import importlib
+
+    try:
+        return getattr(importlib.import_module(module), name)
+    except ModuleNotFoundError as error:
+        if error.name != module:
+            raise
+        raise CLIError(f"{module}.{name} is not available in this installation ({module} is missing)") from None
+
+
+def parse_setting(text: str) -> tuple[str, str, object]:
+    """'train.learning_rate=1e-3' -> ('train', 'learning_rate', 0.001); values are JSON when they parse."""
+    key, sep, raw = text.partition("=")
+    section, dot, field = key.partition(".")
+    if not sep or not dot or not field:
+        raise argparse.ArgumentTypeError(f"expected SECTION.FIELD=VALUE (e.g. train.learning_rate=1e-3), got {text!r}")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return section, field, value
+
+
+def update_config(config, changes: dict):
+    """A copy of a frozen pydantic config with `changes` applied and validated."""
+    return type(config).model_validate({**config.model_dump(), **changes})
+
+
+def flow_defaults(flow) -> dict:
+    return {name: p.default for name, p in inspect.signature(flow.fn).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+
+
+def pipeline_arguments(flow, args) -> dict:
+    """The flow's keyword arguments: its defaults with the command-line options applied."""
+    from ddpm.unet import preset
+
+    defaults = flow_defaults(flow)
+    changes: dict[str, dict] = {"data": {}, "model": {}, "diffusion": {}, "train": {}, "sampling": {}}
+    options = {("data", "source"): args.source, ("data", "max_images"): args.max_images,
+               ("data", "image_size"): args.image_size, ("train", "steps"): args.steps,
+               ("train", "batch_size"): args.batch_size, ("train", "learning_rate"): args.lr,
+               ("sampling", "num_images"): args.num_samples, ("sampling", "num_steps"): args.sample_steps,
+               ("diffusion", "schedule"): getattr(args, "schedule", None)}
+    for (section, field), value in options.items():
+        if value is not None:
+            changes[section][field] = value
+    for section, field, value in args.set or []:
+        if section not in changes:
+            raise CLIError(f"--set {section}.{field}: unknown section '{section}'; use one of {sorted(changes)}")
+        changes[section][field] = value
+
+    kwargs = {}
+    if args.preset:
+        kwargs["model"] = preset(args.preset)
+    for section, fields in changes.items():
+        if not fields:
+            continue
+        if section not in defaults and section not in kwargs:
+            raise CLIError(f"{flow.name} has no '{section}' settings (it takes {sorted(defaults)})")
+        kwargs[section] = update_config(kwargs.get(section, defaults[section]), fields)
+    for name in ("experiment", "run_name", "fid_extractor", "schedules", "num_timesteps", "max_parallel"):
+        value = getattr(args, name, None)
+        if value is not None:
+            if name not in defaults and name != "run_name":
+                raise CLIError(f"{flow.name} does not take --{name.replace('_', '-')}")
+            kwargs[name] = value
+    unknown = set(kwargs) - set(inspect.signature(flow.fn).parameters)
+    if unknown:
+        raise CLIError(f"{flow.name} does not take {sorted(unknown)}")
+    return kwargs
+
+
+def find_script(name: str) -> Path:
+    """scripts/<name> of the source checkout (this one, or the current directory's)."""
+    for root in (Path.cwd(), REPO):
+        path = root / "scripts" / name
+        if path.is_file():
+            return path
+    raise CLIError(f"scripts/{name} not found in {Path.cwd()} or {REPO}; run ddpm from a source checkout")
+
+
+def print_json(data) -> None:
+    print(json.dumps(data, indent=1, default=str))
+
+
+def sampler_config(args, num_images: int = 1):
+    from ddpm.samplers import SamplerConfig
+
+    return SamplerConfig(sampler=args.sampler, num_steps=args.steps, eta=args.eta, num_images=num_images,
+                         seed=args.seed, batch_size=min(num_images, args.batch_size))
+
+
+# --- commands -------------------------------------------------------------------------------
+
+
+def cmd_prepare(args) -> None:
+    from ddpm.data import DataConfig, load_prepared, prepare_dataset
+    from tasks.settings import ddpm_home
+
+    config = DataConfig(source=args.source, image_size=args.image_size, channels=args.channels,
+                        max_images=args.max_images)
+    out = Path(args.out) if args.out else ddpm_home(create=True) / "data"
+    dataset = load_prepared(prepare_dataset(config, out))
+    print_json({"path": str(dataset.path), "fingerprint": dataset.fingerprint, "splits": dataset.manifest["splits"]})
+
+
+def cmd_train(args) -> None:
+    flow = lazy_flow("flows.train_pipeline", "train_pipeline")
+    result = flow(**pipeline_arguments(flow, args))
+    if args.promote:
+        from tasks.registry import promote_best
+
+        result["promotion"] = promote_best(args.experiment or "ddpm", args.model_name)
+    print_json({k: result[k] for k in ("run_id", "checkpoints", "evaluation", "promotion") if k in result})
+
+
+def cmd_compare(args) -> None:
+    flow = lazy_flow("flows.compare_schedules", "compare_schedules")
+    print_json(flow(**pipeline_arguments(flow, args)))
+
+
+def cmd_evaluate(args) -> None:
+    flow = lazy_flow("flows.evaluate", "evaluate")
+    kwargs = {"mlflow_run_id": args.run_id} if args.run_id else {"prefect_flow_run_id": args.flow_run_id}
+    if args.fid_extractor:
+        kwargs["fid_extractor"] = args.fid_extractor
+    print_json(flow(**kwargs))
+
+
+def cmd_promote(args) -> None:
+    from flows.promote import PromoteConfig, promote
+
+    config = PromoteConfig(experiments=args.experiment or ["ddpm"], model_name=args.model_name,
+                           fingerprint=args.fingerprint, metric=args.metric, max_images=args.max_images)
+    print_json(promote(config))
+
+
+def cmd_sample(args) -> None:
+    from tasks.experiments import sample_images, write_images
+
+    source = args.model or args.checkpoint
+    if args.model and not args.model.startswith("models:/"):
+        raise CLIError(f"--model takes a models:/<name>@<alias> or models:/<name>/<version> URI, got {args.model!r}")
+    images = sample_images(source, sampler_config(args, args.num_images))
+    print_json(write_images(images, args.out))
+
+
+def cmd_interpolate(args) -> None:
+    from tasks.experiments import interpolation_grid, real_images
+
+    require_file(args.checkpoint)
+    x0 = real_images(args.dataset, [args.a, args.b], args.split)
+    print_json(interpolation_grid(args.checkpoint, x0[0], x0[1], args.t, args.num, sampler_config(args),
+                                  args.out, args.run_id))
+
+
+def cmd_denoise(args) -> None:
+    from tasks.experiments import denoising_grid, real_images
+
+    require_file(args.checkpoint)
+    x0 = real_images(args.dataset, args.indices, args.split)
+    print_json(denoising_grid(args.checkpoint, x0, args.t, sampler_config(args), args.out, args.run_id))
+
+
+def cmd_stack(args) -> None:
+    sys.exit(subprocess.call(["bash", str(find_script("stack.sh")), args.action]))
+
+
+def cmd_deploy(args) -> None:
+    sys.exit(subprocess.call(["bash", str(find_script("deploy.sh")), *args.script_args]))
+
+
+def require_file(path: str) -> None:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+
+
+# --- the parser -----------------------------------------------------------------------------
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def add_pipeline_options(parser: argparse.ArgumentParser, schedule_option: bool) -> None:
+    group = parser.add_argument_group("data, model and training (default: the flow's defaults)")
+    group.add_argument("--source", help="data source: digits, mnist[:DIR], cifar10[:PATH], folder:DIR")
+    group.add_argument("--max-images", type=positive_int, help="use a random subset of this many images")
+    group.add_argument("--image-size", type=positive_int, help="side of the square images")
+    group.add_argument("--preset", help="UNet preset: tiny-16, small-16, article-32, ddpm-cifar10")
+    group.add_argument("--steps", type=positive_int, help="optimizer steps")
+    group.add_argument("--batch-size", type=positive_int, help="images per optimizer step")
+    group.add_argument("--lr", type=float, help="learning rate")
+    if schedule_option:
+        group.add_argument("--schedule", help="noise schedule: linear, cosine, sigmoid, ...")
+    group.add_argument("--num-samples", type=positive_int, help="images sampled for the FID")
+    group.add_argument("--sample-steps", type=positive_int, help="sampler steps for the FID samples")
+    group.add_argument("--fid-extractor", choices=["auto", "classifier", "inception"])
+    group.add_argument("--experiment", help="MLflow experiment")
+    group.add_argument("--set", action="append", type=parse_setting, metavar="SECTION.FIELD=VALUE",
+                       help="any other setting, e.g. --set train.ema_decay=0.995 --set model.dropout=0 "
+                            "(sections: data, model, diffusion, train, sampling); repeatable")
+
+
+def add_sampler_options(parser: argparse.ArgumentParser, steps: int = 50) -> None:
+    group = parser.add_argument_group("sampler")
+    group.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
+    group.add_argument("--steps", type=positive_int, default=steps, help=f"sampling steps (default {steps})")
+    group.add_argument("--eta", type=float, default=0.0, help="DDIM noise scale, 0 = deterministic")
+    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--batch-size", type=positive_int, default=64)
+
+
+def add_dataset_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="checkpoint file (step-XXXXXXX.pt)")
+    parser.add_argument("--dataset", default="digits",
+                        help="a prepared dataset folder, or a data source to prepare (default digits)")
+    parser.add_argument("--split", choices=["holdout", "train"], default="holdout",
+                        help="which split the indices point into")
+    parser.add_argument("--run-id", help="also log the grid to this MLflow run")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ddpm", description="DDPM pipeline: train, compare, promote, sample.",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\n")[1])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = commands.add_parser("prepare", help="prepare a dataset and print its folder and fingerprint")
+    p.add_argument("--source", default="digits", help="digits, mnist[:DIR], cifar10[:PATH], folder:DIR")
+    p.add_argument("--image-size", type=positive_int, default=16)
+    p.add_argument("--channels", type=int, choices=[1, 3], default=1)
+    p.add_argument("--max-images", type=positive_int)
+    p.add_argument("--out", help="parent folder (default $DDPM_HOME/data)")
+    p.set_defaults(handler=cmd_prepare)
+
+    p = commands.add_parser("train", help="run the training pipeline (prepare, train, sample, FID)")
+    add_pipeline_options(p, schedule_option=True)
+    p.add_argument("--run-name", help="MLflow run name")
+    p.add_argument("--promote", action="store_true", help="promote the best run afterwards")
+    p.add_argument("--model-name", default="ddpm", help="registered model for --promote")
+    p.set_defaults(handler=cmd_train)
+
+    p = commands.add_parser("compare", help="train one pipeline per noise schedule and compare FIDs")
+    add_pipeline_options(p, schedule_option=False)
+    p.add_argument("--schedules", nargs="+", help="noise schedules to compare")
+    p.add_argument("--num-timesteps", type=positive_int, help="T for every schedule")
+    p.add_argument("--max-parallel", type=positive_int, help="pipelines training at once")
+    p.set_defaults(handler=cmd_compare)
+
+    p = commands.add_parser("evaluate", help="FID of a finished training run's checkpoints")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--run-id", help="MLflow run id")
+    which.add_argument("--flow-run-id", help="Prefect flow-run id of the training")
+    p.add_argument("--fid-extractor", choices=["auto", "classifier", "inception"])
+    p.set_defaults(handler=cmd_evaluate)
+
+    p = commands.add_parser("promote", help="register the best run by FID; move 'champion' if it wins")
+    p.add_argument("--experiment", action="append", help="MLflow experiment to search (repeatable; default ddpm)")
+    p.add_argument("--model-name", default="ddpm", help="registered model name (default ddpm)")
+    p.add_argument("--fingerprint", help="dataset fingerprint (default: the newest run's)")
+    p.add_argument("--metric", help="fid_classifier or fid_inception (default: the newest run's)")
+    p.add_argument("--max-images", type=positive_int, default=64, help="largest request the served model accepts")
+    p.set_defaults(handler=cmd_promote)
+
+    p = commands.add_parser("sample", help="images from a checkpoint or a registered model -> PNGs + grid.png")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="checkpoint file (step-XXXXXXX.pt)")
+    source.add_argument("--model", help="registered model URI, e.g. models:/ddpm@champion")
+    p.add_argument("--num-images", type=positive_int, default=16)
+    p.add_argument("--out", default="samples", help="output folder (default ./samples)")
+    add_sampler_options(p)
+    p.set_defaults(handler=cmd_sample)
+
+    p = commands.add_parser("interpolate", help="interpolate two real images through the diffused latent")
+    add_dataset_options(p)
+    p.add_argument("--a", type=int, default=0, help="index of the first image")
+    p.add_argument("--b", type=int, default=1, help="index of the second image")
+    p.add_argument("--t", type=int, default=500, help="diffusion step of the latent")
+    p.add_argument("--num", type=positive_int, default=8, help="number of lambdas from 0 to 1")
+    p.add_argument("--out", default="interpolation.png")
+    add_sampler_options(p)
+    p.set_defaults(handler=cmd_interpolate)
+
+    p = commands.add_parser("denoise", help="noise real images to x_t and reconstruct them")
+    add_dataset_options(p)
+    p.add_argument("--indices", type=int, nargs="+", default=[0, 1, 2, 3, 4, 5, 6, 7])
+    p.add_argument("--t", type=int, nargs="+", default=[100, 250, 500, 750], help="diffusion steps")
+    p.add_argument("--out", default="denoising.png")
+    add_sampler_options(p)
+    p.set_defaults(handler=cmd_denoise)
+
+    p = commands.add_parser("stack", help="start, stop or check the local Prefect server, worker and MLflow UI")
+    p.add_argument("action", choices=["start", "stop", "status"])
+    p.set_defaults(handler=cmd_stack)
+
+    p = commands.add_parser("deploy", help="register the flows' Prefect deployments (scripts/deploy.sh)")
+    p.add_argument("script_args", nargs=argparse.REMAINDER, help="passed on to scripts/deploy.sh")
+    p.set_defaults(handler=cmd_deploy)
+    return parser
+
+
+def one_line(error: BaseException) -> str:
+    """A readable single line for an expected error (pydantic errors listed as field: message)."""
+    errors = getattr(error, "errors", None)
+    if callable(errors) and type(error).__name__ == "ValidationError":
+        return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']}" for e in errors())
+    message = getattr(error, "message", None) or str(error) or type(error).__name__
+    return " ".join(str(message).split())
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    expected: tuple[type[BaseException], ...] = (CLIError, FileNotFoundError, LookupError, ValueError)
+    try:
+        from mlflow.exceptions import MlflowException
+
+        from ddpm.checkpoint import CheckpointError
+
+        expected += (MlflowException, CheckpointError)
+    except ImportError:
+        pass
+    try:
+        args.handler(args)
+    except expected as error:
+        print(f"ddpm {args.command}: error: {one_line(error)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""promote: register the best run by FID and make it the `champion` when it beats the current one.
+
+    python -m flows.promote                       # experiment "ddpm", registered model "ddpm"
+
+Other flows (retrain, compare_schedules) call `promote_best(...)` from tasks.registry directly,
+or this flow as a subflow. The rule itself lives in tasks.registry.promote_best.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from prefect import flow
+from pydantic import BaseModel, ConfigDict, Field
+
+from tasks.registry import DEFAULT_MODEL_NAME, promote_best
+
+
+class PromoteConfig(BaseModel):
+    """What to promote: which experiments to search, into which registered model."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    experiments: list[str] = Field(["ddpm"], min_length=1, description="MLflow experiments whose runs compete")
+    model_name: str = Field(DEFAULT_MODEL_NAME, min_length=1, description="registered model name")
+    fingerprint: str | None = Field(None, description="dataset fingerprint; default: that of the newest run with an FID")
+    metric: str | None = Field(None, description="fid_classifier or fid_inception; default: that of the newest run")
+    max_images: int = Field(64, ge=1, le=1024, description="largest num_images one serving request may ask for")
+
+
+@flow(name="promote", log_prints=True)
+def promote(config: PromoteConfig = PromoteConfig()) -> dict:
+    """Register the best run of `config.experiments` by FID; move `champion` only if it is strictly better."""
+    return promote_best(config.experiments, config.model_name, config.fingerprint, config.metric,
+                        max_images=config.max_images)
+
+
+if __name__ == "__main__":
+    result = promote()
+    print(json.dumps(result, indent=1))
+    sys.exit(0)

@@ -1,0 +1,116 @@
+"""What a person does with a trained model at a terminal: sample, interpolate, denoise -> PNG files.
+
+Plain functions (no Prefect): the `ddpm` command calls them directly, flows may wrap them.
+Images come from a checkpoint file or from a registered model (`models:/<name>@<alias>` or
+`models:/<name>/<version>`); real images for interpolation and denoising come from a prepared
+dataset folder or a DataConfig source, picked by index in one of its splits.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ddpm.data import DataConfig, DataError, load_prepared, prepare_dataset, prepared_path
+from ddpm.images import save_grid, save_png, to_float, to_uint8
+from ddpm.samplers import SamplerConfig, denoise, generate, interpolate
+from ddpm.training import load_model
+from tasks import tracking
+from tasks.settings import ddpm_home
+
+
+def is_model_uri(source: str) -> bool:
+    return str(source).startswith("models:/")
+
+
+def sample_images(source: str, sampling: SamplerConfig) -> np.ndarray:
+    """uint8 (N, C, H, W) images from a checkpoint file or a registered model URI."""
+    if is_model_uri(source):
+        import mlflow.pyfunc
+
+        from mlflow.exceptions import MlflowException
+
+        tracking.client()  # points MLflow at the project's store
+        try:
+            model = mlflow.pyfunc.load_model(source)
+        except MlflowException as error:  # unknown name, alias or version
+            raise LookupError(f"{source}: {error.message} (tracking URI {tracking.tracking_uri()})") from None
+        return np.asarray(model.predict({"num_images": sampling.num_images}, params={
+            "seed": sampling.seed, "sampler": sampling.sampler, "steps": sampling.num_steps or 1000,
+            "eta": sampling.eta, "format": "uint8"}))
+    if not Path(source).is_file():
+        raise FileNotFoundError(f"checkpoint not found: {source}")
+    model, diffusion_config, _ = load_model(source)
+    sampler = sampling.build(diffusion_config.make_schedule(), diffusion_config.prediction_type)
+    images = generate(model, sampler, sampling.num_images, seed=sampling.seed, batch_size=sampling.batch_size)
+    return to_uint8(images).numpy()
+
+
+def grid_scale(image_size: int) -> int:
+    """Small images are enlarged in grids so that they can be seen."""
+    return max(1, 128 // image_size) if image_size < 128 else 1
+
+
+def write_images(images: np.ndarray, out_dir: Path | str, prefix: str = "image") -> dict:
+    """One PNG per image (prefix-000.png, ...) and grid.png; returns their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [save_png(np.transpose(image, (1, 2, 0)), out / f"{prefix}-{i:03d}.png") for i, image in enumerate(images)]
+    grid = save_grid(torch.from_numpy(images), out / "grid.png", scale=grid_scale(images.shape[-1]))
+    return {"images": [str(p) for p in paths], "grid": str(grid)}
+
+
+def real_images(dataset: str, indices: list[int], split: str = "holdout") -> torch.Tensor:
+    """Float images in [-1, 1] at `indices` of a split, from a prepared folder or a source name.
+
+    A path to a prepared dataset folder is used as is; anything else is a DataConfig source
+    ("digits", "mnist:DIR", ...) prepared (or found already prepared) under $DDPM_HOME/data.
+    """
+    if Path(dataset).is_dir():
+        prepared = load_prepared(Path(dataset))
+    else:
+        config, out_dir = DataConfig(source=dataset), ddpm_home(create=True) / "data"
+        try:  # prepared before (e.g. by the pipeline): reuse it; prepare_dataset would redo it
+            prepared = load_prepared(prepared_path(config, out_dir))
+        except DataError:
+            prepared = load_prepared(prepare_dataset(config, out_dir))
+    images, _ = prepared.split(split)
+    for index in indices:
+        if not 0 <= index < len(images):
+            raise IndexError(f"image index {index} is out of range: the {split} split has {len(images)} images")
+    return to_float(images[indices])
+
+
+def log_to_run(run_id: str | None, path: Path | str, artifact_path: str) -> None:
+    if run_id:
+        tracking.log_file(run_id, path, artifact_path)
+
+
+def interpolation_grid(checkpoint: str, x0_a: torch.Tensor, x0_b: torch.Tensor, t: int, num_lambdas: int,
+                       sampling: SamplerConfig, out_path: Path | str, run_id: str | None = None) -> dict:
+    """One row: image a, the decoded mixtures of their diffused latents at t for lambda 0..1, image b."""
+    model, diffusion_config, _ = load_model(checkpoint)
+    sampler = sampling.build(diffusion_config.make_schedule(), diffusion_config.prediction_type)
+    lambdas = np.linspace(0.0, 1.0, num_lambdas).tolist()
+    mixed = interpolate(model, sampler, x0_a, x0_b, lambdas, t, seed=sampling.seed)
+    row = torch.cat([x0_a.reshape(1, *mixed.shape[1:]), mixed, x0_b.reshape(1, *mixed.shape[1:])])
+    path = save_grid(row, out_path, nrow=len(row), scale=grid_scale(row.shape[-1]))
+    log_to_run(run_id, path, "interpolation")
+    return {"grid": str(path), "lambdas": lambdas, "t": t}
+
+
+def denoising_grid(checkpoint: str, x0: torch.Tensor, timesteps: list[int], sampling: SamplerConfig,
+                   out_path: Path | str, run_id: str | None = None) -> dict:
+    """Rows per t: the real images, then x_t, then the reconstruction from x_t (one column per image)."""
+    model, diffusion_config, _ = load_model(checkpoint)
+    sampler = sampling.build(diffusion_config.make_schedule(), diffusion_config.prediction_type)
+    rows = [x0]
+    for t in timesteps:
+        x_t, reconstruction = denoise(model, sampler, x0, t, seed=sampling.seed)
+        rows += [x_t, reconstruction]
+    grid = torch.cat(rows)
+    path = save_grid(grid, out_path, nrow=len(x0), scale=grid_scale(grid.shape[-1]))
+    log_to_run(run_id, path, "denoising")
+    return {"grid": str(path), "timesteps": timesteps}

@@ -1,0 +1,314 @@
+"""The MLflow registry side of the pipeline: the pyfunc model that serves images, and promotion.
+
+    DDPMImageModel      an MLflow pyfunc: predict({"num_images": n}, params) -> n images
+    log_ddpm_model      log a run's EMA weights as that pyfunc and register it as a new version
+    promote_best        register the best run by FID and move the `champion` alias when it wins
+
+The pyfunc bundles one file-pair, an EMA-only checkpoint (`step-XXXXXXX.pt` + its `.sha256`,
+the format of ddpm.checkpoint) that also holds the model and diffusion configs. The
+PythonModel class is pickled *by reference* to `tasks.registry.DDPMImageModel`: the model loads
+wherever this project is installed (pip install ddpm-pipeline), from any working directory.
+We deliberately pass no `code_paths`: a copy of the code inside the model would shadow the
+installed package on sys.path at load time, and a model registered months ago would then run
+months-old code next to a newer `ddpm` package. The cost: loading needs the project installed
+(`--env-manager local` for `mlflow models serve`).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+from mlflow.entities import LoggedModelStatus
+from mlflow.exceptions import MlflowException
+from mlflow.models import infer_signature
+from mlflow.pyfunc import PythonModel
+
+from ddpm.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
+from ddpm.images import to_uint8
+from ddpm.samplers import SamplerConfig, generate
+from ddpm.training import load_model
+from tasks import tracking
+from tasks.settings import run_dir
+
+CHAMPION = "champion"
+DEFAULT_MODEL_NAME = "ddpm"
+# what a request may ask for when it says nothing; declared in the signature so MLflow passes them
+DEFAULT_PARAMS = {"seed": 0, "sampler": "ddim", "steps": 50, "eta": 0.0, "format": "uint8"}
+SAMPLERS = ("ddpm", "ddim")
+FORMATS = ("uint8", "png_base64")
+
+
+def invalid(message: str) -> MlflowException:
+    """An error the scoring server answers with HTTP 400 (INVALID_PARAMETER_VALUE)."""
+    return MlflowException.invalid_parameter_value(message)
+
+
+def png_base64(image_chw: np.ndarray) -> str:
+    """One (C, H, W) uint8 image -> PNG bytes -> base64 text (what HTTP clients decode)."""
+    array = image_chw[0] if image_chw.shape[0] == 1 else np.transpose(image_chw, (1, 2, 0))
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+class DDPMImageModel(PythonModel):
+    """Images from a DDPM: input one row `num_images`; params seed, sampler, steps, eta, format.
+
+    Returns a uint8 array (N, C, H, W) for format "uint8", or a list of N base64 PNG strings for
+    "png_base64". Requests are bounded: 1 <= num_images <= max_images, 1 <= steps <= min(T,
+    max_steps), 0 <= eta <= 1, seed >= 0; anything else is an HTTP 400 with the reason.
+    """
+
+    def __init__(self, max_images: int = 64, max_steps: int = 1000):
+        self.max_images = max_images
+        self.max_steps = max_steps
+
+    def load_context(self, context) -> None:
+        # the bundled folder holds exactly one checkpoint (see write_ema_checkpoint)
+        checkpoints = list_checkpoints(Path(context.artifacts["checkpoint"]))
+        if len(checkpoints) != 1:
+            raise CheckpointError(f"the model bundle {context.artifacts['checkpoint']} holds "
+                                  f"{len(checkpoints)} checkpoints, expected one")
+        self.model, self.diffusion_config, state = load_model(checkpoints[0], use_ema=False)
+        self.step = int(state["step"])
+        self.schedule = self.diffusion_config.make_schedule()
+
+    def _request(self, model_input: Any, params: dict | None) -> tuple[int, dict]:
+        """Validate the request: the image count and the sampling params, with a clear message."""
+        if isinstance(model_input, dict):
+            model_input = pd.DataFrame({k: v if isinstance(v, (list, tuple, np.ndarray)) else [v]
+                                        for k, v in model_input.items()})
+        if not isinstance(model_input, pd.DataFrame) or "num_images" not in model_input.columns:
+            raise invalid("the input must be one record with an integer 'num_images', "
+                          'e.g. {"dataframe_records": [{"num_images": 4}]}')
+        if len(model_input) != 1:
+            raise invalid(f"send exactly one record with 'num_images', got {len(model_input)}")
+        num_images = model_input["num_images"].iloc[0]
+        params = {**DEFAULT_PARAMS, **(params or {})}
+        checks = {"num_images": num_images, "seed": params["seed"], "steps": params["steps"]}
+        for name, value in checks.items():
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+                raise invalid(f"'{name}' must be an integer, got {value!r}")
+        if not 1 <= num_images <= self.max_images:
+            raise invalid(f"'num_images' must be between 1 and {self.max_images}, got {num_images}")
+        max_steps = min(self.diffusion_config.num_timesteps, self.max_steps)
+        if not 1 <= params["steps"] <= max_steps:
+            raise invalid(f"'steps' must be between 1 and {max_steps}, got {params['steps']}")
+        if params["seed"] < 0:
+            raise invalid(f"'seed' must be >= 0, got {params['seed']}")
+        if params["sampler"] not in SAMPLERS:
+            raise invalid(f"'sampler' must be one of {list(SAMPLERS)}, got {params['sampler']!r}")
+        eta = params["eta"]
+        if isinstance(eta, bool) or not isinstance(eta, (int, float, np.number)) or not 0 <= eta <= 1:
+            raise invalid(f"'eta' must be a number between 0 and 1, got {eta!r}")
+        if params["format"] not in FORMATS:
+            raise invalid(f"'format' must be one of {list(FORMATS)}, got {params['format']!r}")
+        return int(num_images), params
+
+    def predict(self, context, model_input, params: dict | None = None):
+        """Draw the images the request asks for (deterministic for a given seed)."""
+        num_images, params = self._request(model_input, params)
+        sampling = SamplerConfig(sampler=params["sampler"], num_steps=int(params["steps"]), eta=float(params["eta"]),
+                                 num_images=num_images, seed=int(params["seed"]), batch_size=num_images)
+        sampler = sampling.build(self.schedule, self.diffusion_config.prediction_type)
+        images = to_uint8(generate(self.model, sampler, num_images, seed=sampling.seed,
+                                   batch_size=num_images)).numpy()
+        if params["format"] == "png_base64":
+            return [png_base64(image) for image in images]
+        return images
+
+
+def write_ema_checkpoint(checkpoint: Path | str, out_dir: Path | str) -> Path:
+    """A serving-only copy of `checkpoint`: its EMA weights (as "model") and configs, no optimizer.
+
+    About a quarter of the training checkpoint (no raw weights, no Adam moments); written with
+    ddpm.checkpoint.save_checkpoint so it carries its sha256 and loads with load_model(use_ema=False).
+    """
+    state = load_checkpoint(Path(checkpoint))
+    ema = {k.removeprefix("module."): v for k, v in state["ema"].items() if k.startswith("module.")}
+    slim = {"step": state["step"], "model": ema, "model_config": state["model_config"],
+            "diffusion_config": state["diffusion_config"], "train_config": state.get("train_config", {}),
+            "weights": "ema"}
+    return save_checkpoint(slim, Path(out_dir), int(state["step"]))
+
+
+def model_signature(model_config: dict, max_images: int):
+    """Input: a one-row frame {num_images: long}; output: uint8 (N, C, H, W); params with defaults."""
+    example_input = pd.DataFrame({"num_images": [min(4, max_images)]})
+    example_output = np.zeros((1, model_config["in_channels"], model_config["image_size"],
+                               model_config["image_size"]), np.uint8)
+    return infer_signature(example_input, example_output, params=DEFAULT_PARAMS)
+
+
+def log_ddpm_model(run_id: str, checkpoint: Path | str, registered_model_name: str | None = None,
+                   max_images: int = 64, max_steps: int = 1000):
+    """Log `checkpoint`'s EMA weights into MLflow run `run_id` as pyfunc "model"; register it if named.
+
+    Returns MLflow's ModelInfo (`registered_model_version` is set when registered). The run is
+    addressed by id, so this works whatever run is active in the calling thread.
+    """
+    mlflow_client = tracking.client()  # also sets the tracking URI
+    state = load_checkpoint(Path(checkpoint))
+    # Model.log(run_id=...) alone files the model under the *active* experiment (Default, whose
+    # artifacts go to ./mlruns of whatever directory created the store): create it in the run's.
+    logged_model = mlflow.initialize_logged_model(
+        name="model", source_run_id=run_id, experiment_id=mlflow_client.get_run(run_id).info.experiment_id)
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle = Path(tmp) / "checkpoint"
+        write_ema_checkpoint(checkpoint, bundle)
+        info = mlflow.models.Model.log(
+            artifact_path=None,  # deprecated in favour of name=, but still a required argument here
+            name="model",
+            flavor=mlflow.pyfunc,
+            run_id=run_id,
+            model_id=logged_model.model_id,
+            python_model=DDPMImageModel(max_images=max_images, max_steps=max_steps),
+            artifacts={"checkpoint": str(bundle)},
+            signature=model_signature(state["model_config"], max_images),
+            registered_model_name=registered_model_name,
+            # Written out rather than inferred: inference imports the model in a subprocess (slow)
+            # and cannot name this project, which is not on PyPI. Serve with --env-manager local.
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}",
+                              "numpy", "pandas", "pillow", "pydantic>=2.7,<3"],
+        )
+    if mlflow_client.get_logged_model(logged_model.model_id).status != LoggedModelStatus.READY:
+        mlflow_client.finalize_logged_model(logged_model.model_id, LoggedModelStatus.READY)
+    return info
+
+
+# --- promotion ------------------------------------------------------------------------------
+
+
+def runs_with_fid(experiments: list[str]) -> list:
+    """FINISHED runs of `experiments` that carry an FID (tag `fid.metric` and that metric)."""
+    mlflow_client = tracking.client()
+    ids = [e.experiment_id for name in experiments if (e := mlflow_client.get_experiment_by_name(name))]
+    if not ids:
+        return []
+    runs = mlflow_client.search_runs(ids, filter_string="attributes.status = 'FINISHED'", max_results=5000,
+                                     order_by=["attributes.end_time DESC"])
+    return [r for r in runs if r.data.tags.get("fid.metric") in r.data.metrics]
+
+
+def fid_of(run) -> float:
+    return float(run.data.metrics[run.data.tags["fid.metric"]])
+
+
+def checkpoint_for_fid(run) -> Path | None:
+    """The checkpoint whose samples gave the run's FID (the step of the FID), else the newest one."""
+    checkpoints = list_checkpoints(run_dir(run.info.run_id) / "checkpoints")
+    if not checkpoints:
+        return None
+    history = tracking.client().get_metric_history(run.info.run_id, run.data.tags["fid.metric"])
+    step = max(history, key=lambda m: m.timestamp).step if history else None
+    by_step = {int(p.stem.split("-")[1]): p for p in checkpoints}
+    return by_step.get(step, checkpoints[-1])
+
+
+def registered_version(model_name: str, run_id: str):
+    """The version of `model_name` already registered from run `run_id`, or None."""
+    versions = tracking.client().search_model_versions(f"name = '{model_name}' and run_id = '{run_id}'")
+    return min(versions, key=lambda v: int(v.version)) if versions else None
+
+
+def current_champion(model_name: str):
+    try:
+        return tracking.client().get_model_version_by_alias(model_name, CHAMPION)
+    except MlflowException:  # no registered model, or no alias yet
+        return None
+
+
+def champion_decision(candidate_tags: dict, champion_tags: dict | None) -> tuple[bool, str]:
+    """Whether the candidate version should take the `champion` alias, and why (or why not).
+
+    Only FIDs measured on the same data (dataset fingerprint) with the same features (metric
+    name) are comparable. A champion measured otherwise is kept: replacing it would compare
+    numbers that mean different things; move the alias by hand if the new data is the point.
+    """
+    if champion_tags is None:
+        return True, "no champion yet"
+    for key, what in (("fid.metric", "FID extractor"), ("dataset.fingerprint", "dataset")):
+        if champion_tags.get(key) != candidate_tags[key]:
+            return False, (f"champion was measured with another {what} ({key} {champion_tags.get(key)!r} "
+                           f"vs {candidate_tags[key]!r}); FIDs are not comparable, champion kept")
+    new, old = float(candidate_tags["fid"]), float(champion_tags["fid"])
+    if math.isnan(old) or new < old:
+        return True, f"{candidate_tags['fid.metric']} {new:.4g} beats the champion's {old:.4g}"
+    word = "ties" if new == old else "is worse than"
+    return False, f"{candidate_tags['fid.metric']} {new:.4g} {word} the champion's {old:.4g}; champion kept"
+
+
+def promote_best(experiments: list[str] | str = "ddpm", model_name: str = DEFAULT_MODEL_NAME,
+                 fingerprint: str | None = None, metric: str | None = None, max_images: int = 64,
+                 log=print) -> dict:
+    """Register the best run by FID as a version of `model_name`; move `champion` to it if it wins.
+
+    Candidates: FINISHED runs of `experiments` with an FID under `metric` on data `fingerprint`.
+    Both default to those of the newest such run (the data and extractor in use now). The best
+    candidate is registered once (a run already registered reuses its version), its version
+    tagged with fid, fid.metric, schedule, dataset.fingerprint and source_run_id, and the alias
+    moves only when its FID is strictly lower than the champion's on the same data and metric.
+    The decision and its reason go in the version's tags `promotion.decision`/`promotion.reason`.
+    """
+    experiments = [experiments] if isinstance(experiments, str) else list(experiments)
+    runs = runs_with_fid(experiments)
+    if not runs:
+        raise LookupError(f"no finished run with an FID in experiment(s) {experiments}; train one first")
+    metric = metric or runs[0].data.tags["fid.metric"]
+    fingerprint = fingerprint or runs[0].data.tags.get("dataset.fingerprint")
+    candidates = sorted((r for r in runs if r.data.tags["fid.metric"] == metric
+                         and r.data.tags.get("dataset.fingerprint") == fingerprint), key=fid_of)
+    if not candidates:
+        raise LookupError(f"no finished run in {experiments} has {metric} on dataset {fingerprint}")
+
+    mlflow_client = tracking.client()
+    skipped = []
+    for run in candidates:  # the best one we can still register
+        version = registered_version(model_name, run.info.run_id)
+        if version is not None:
+            break
+        checkpoint = checkpoint_for_fid(run)
+        if checkpoint is None:
+            skipped.append(run.info.run_id)
+            log(f"run {run.info.run_id} ({metric} {fid_of(run):.4g}) has no checkpoint under "
+                f"{run_dir(run.info.run_id) / 'checkpoints'}; trying the next best")
+            continue
+        info = log_ddpm_model(run.info.run_id, checkpoint, model_name, max_images=max_images)
+        version = mlflow_client.get_model_version(model_name, str(info.registered_model_version))
+        break
+    else:
+        raise LookupError(f"none of the {len(candidates)} candidate runs has its checkpoint on this machine")
+
+    tags = {"fid": repr(fid_of(run)), "fid.metric": metric, "dataset.fingerprint": fingerprint,
+            "schedule": run.data.tags.get("schedule", ""), "source_run_id": run.info.run_id}
+    for key, value in tags.items():
+        mlflow_client.set_model_version_tag(model_name, version.version, key, value)
+
+    champion = current_champion(model_name)
+    if champion is not None and champion.version == version.version:
+        moved, reason = False, "already the champion"
+    else:
+        moved, reason = champion_decision(tags, champion.tags if champion else None)
+    if moved:
+        mlflow_client.set_registered_model_alias(model_name, CHAMPION, version.version)
+    mlflow_client.set_model_version_tag(model_name, version.version, "promotion.decision",
+                                        CHAMPION if moved else "kept")
+    mlflow_client.set_model_version_tag(model_name, version.version, "promotion.reason", reason)
+    champion_version = version.version if moved else (champion.version if champion else None)
+    log(f"{model_name} version {version.version} (run {run.info.run_id}, {metric} {fid_of(run):.4g}): "
+        f"{'now' if moved else 'not'} {CHAMPION}: {reason}")
+    return {"model_name": model_name, "version": str(version.version), "run_id": run.info.run_id,
+            "fid": fid_of(run), "metric": metric, "fingerprint": fingerprint, "moved": moved,
+            "reason": reason, "champion_version": str(champion_version) if champion_version else None,
+            "skipped_runs": skipped}

@@ -1,0 +1,146 @@
+"""The `ddpm` command, run as a user runs it: in subprocesses, reading exit codes, stderr and files."""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from trained_runs import fake_trained_run, tiny_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+SUBCOMMANDS = ["prepare", "train", "compare", "evaluate", "promote", "sample", "interpolate", "denoise",
+               "stack", "deploy"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt"))
+
+
+@pytest.fixture
+def env(tmp_path):
+    home = tmp_path / "home"
+    return {**os.environ, "PYTHONPATH": str(REPO), "DDPM_HOME": str(home),
+            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+
+
+def ddpm(*args, env, cwd):
+    return subprocess.run([sys.executable, "-m", "flows.cli", *map(str, args)], env=env, cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_console_script_is_declared():
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts == {"ddpm": "flows.cli:main"}
+
+
+def test_every_subcommand_has_help(env, tmp_path):
+    top = ddpm("--help", env=env, cwd=tmp_path)
+    assert top.returncode == 0 and all(name in top.stdout for name in SUBCOMMANDS)
+    for name in SUBCOMMANDS:
+        result = ddpm(name, "--help", env=env, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith(f"usage: ddpm {name}")
+    assert "--checkpoint" in ddpm("sample", "--help", env=env, cwd=tmp_path).stdout
+    assert "--set SECTION.FIELD=VALUE" in ddpm("train", "--help", env=env, cwd=tmp_path).stdout
+
+
+def test_sample_from_a_checkpoint_writes_pngs_and_a_grid(checkpoint, env, tmp_path):
+    result = ddpm("sample", "--checkpoint", checkpoint, "--num-images", 3, "--steps", 4, "--out", "out",
+                  env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    written = json.loads(result.stdout)
+    assert sorted(Path(p).name for p in written["images"]) == ["image-000.png", "image-001.png", "image-002.png"]
+    first = np.array(Image.open(tmp_path / "out" / "image-000.png"))
+    assert first.shape == (16, 16) and first.dtype == np.uint8
+    grid = Image.open(tmp_path / "out" / "grid.png")
+    assert grid.size == ((2 * 18 + 2) * 8, (2 * 18 + 2) * 8)  # 2x2 tiles of 16 + 2 padding, enlarged 8x
+
+
+def test_sample_from_the_registered_champion(checkpoint, env, tmp_path, monkeypatch):
+    from tasks.registry import promote_best
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])
+    monkeypatch.setenv("DDPM_HOME", env["DDPM_HOME"])
+    fake_trained_run(MlflowClient(env["MLFLOW_TRACKING_URI"]), "ddpm", checkpoint, 3.0)
+    promote_best("ddpm", "ddpm")
+
+    by_model = ddpm("sample", "--model", "models:/ddpm@champion", "--num-images", 2, "--steps", 4, "--seed", 7,
+                    "--out", "m", env=env, cwd=tmp_path)
+    by_file = ddpm("sample", "--checkpoint", checkpoint, "--num-images", 2, "--steps", 4, "--seed", 7,
+                   "--out", "c", env=env, cwd=tmp_path)
+    assert by_model.returncode == 0 and by_file.returncode == 0, by_model.stderr + by_file.stderr
+    for name in ("image-000.png", "image-001.png"):  # the registered EMA weights are the checkpoint's
+        assert np.array_equal(np.array(Image.open(tmp_path / "m" / name)), np.array(Image.open(tmp_path / "c" / name)))
+
+    unknown = ddpm("sample", "--model", "models:/ddpm@nobody", env=env, cwd=tmp_path)
+    assert unknown.returncode == 1 and "models:/ddpm@nobody" in unknown.stderr and "Traceback" not in unknown.stderr
+    too_many = ddpm("sample", "--model", "models:/ddpm@champion", "--num-images", 65, env=env, cwd=tmp_path)
+    assert too_many.returncode == 1 and "'num_images' must be between 1 and 64" in too_many.stderr
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (["sample", "--checkpoint", "missing.pt"], 1, "checkpoint not found: missing.pt"),
+    (["sample", "--model", "models:/nobody@champion"], 1, "nobody"),
+    (["sample", "--model", "ddpm@champion"], 1, "--model takes a models:/"),
+    (["sample"], 2, "one of the arguments --checkpoint --model is required"),
+    (["sample", "--checkpoint", "x.pt", "--steps", "0"], 2, "--steps: must be >= 1"),
+    (["sample", "--checkpoint", "x.pt", "--sampler", "euler"], 2, "invalid choice: 'euler'"),
+    (["train", "--set", "lr=1"], 2, "expected SECTION.FIELD=VALUE"),
+    (["train", "--set", "optimizer.lr=1"], 1, "unknown section 'optimizer'"),
+    (["train", "--set", "train.steps=-3"], 1, "steps: Input should be greater than or equal to 1"),
+    (["denoise", "--checkpoint", "missing.pt"], 1, "checkpoint not found"),
+    (["evaluate"], 2, "one of the arguments --run-id --flow-run-id is required"),
+    (["fly"], 2, "invalid choice: 'fly'"),
+])
+def test_bad_arguments_exit_nonzero_with_one_clear_line(args, code, message, env, tmp_path):
+    result = ddpm(*args, env=env, cwd=tmp_path)
+    assert result.returncode == code and message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_denoise_and_interpolate_write_grids(checkpoint, env, tmp_path):
+    common = ["--checkpoint", checkpoint, "--dataset", "digits", "--steps", 3]
+    result = ddpm("denoise", *common, "--indices", 0, 1, 2, "--t", 20, 60, "--out", "d.png", env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    # rows: the real images, then x_t and its reconstruction for each t; 16 px tiles + 2 padding, 8x
+    assert Image.open(tmp_path / "d.png").size == ((3 * 18 + 2) * 8, (5 * 18 + 2) * 8)
+
+    result = ddpm("interpolate", *common, "--a", 0, "--b", 1, "--t", 50, "--num", 4, "--out", "i.png",
+                  env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert Image.open(tmp_path / "i.png").size == ((6 * 18 + 2) * 8, (18 + 2) * 8)  # a, 4 mixtures, b
+
+    out_of_range = ddpm("denoise", *common, "--indices", 100000, env=env, cwd=tmp_path)
+    assert out_of_range.returncode == 1 and "image index 100000 is out of range" in out_of_range.stderr
+    bad_t = ddpm("denoise", *common, "--t", 100, env=env, cwd=tmp_path)  # T = 100: t must be < 100
+    assert bad_t.returncode == 1 and "t must be in [0, 100)" in bad_t.stderr
+
+
+def test_train_options_map_onto_the_pipeline_parameters():
+    from flows.cli import CLIError, build_parser, flow_defaults, lazy_flow, pipeline_arguments
+    from flows.train_pipeline import train_pipeline
+
+    args = build_parser().parse_args([
+        "train", "--steps", "12", "--schedule", "cosine", "--source", "digits", "--max-images", "200",
+        "--preset", "tiny-16", "--set", "model.base_channels=8", "--set", "train.ema_decay=0.99",
+        "--experiment", "e", "--num-samples", "8"])
+    kwargs = pipeline_arguments(train_pipeline, args)
+    assert kwargs["train"].steps == 12 and kwargs["train"].ema_decay == 0.99
+    assert kwargs["train"].batch_size == flow_defaults(train_pipeline)["train"].batch_size  # untouched: the default
+    assert kwargs["diffusion"].schedule == "cosine" and kwargs["data"].max_images == 200
+    assert kwargs["model"].base_channels == 8 and kwargs["sampling"].num_images == 8
+    assert kwargs["experiment"] == "e"
+    with pytest.raises(CLIError, match="flows.nope.flow is not available"):
+        lazy_flow("flows.nope", "flow")
+    with pytest.raises(argparse.ArgumentTypeError):
+        from flows.cli import parse_setting
+        parse_setting("no-equals-sign")
