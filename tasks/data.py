@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 import warnings
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from ddpm.data.prepare import DATA_FILE, default_download_dir
 from tasks.settings import ddpm_home
 
 RESULTS_DIR = ddpm_home() / "task-results"
+_LOG_INPUT_LOCK = threading.Lock()
 
 
 def _arguments(parameters: dict) -> tuple[DataConfig, Path, Path | None]:
@@ -86,8 +88,19 @@ def log_dataset_input(dataset: PreparedDataset, context: str = "training") -> No
             name=name,
             digest=dataset.fingerprint[:32],
         )
-    mlflow.log_input(mlflow_dataset, context=context,
-                     tags={"fingerprint": dataset.fingerprint, "split": "train"})
+    # MLflow creates the dataset row on first use with a get-or-create that is not atomic: two
+    # runs of one experiment logging the same dataset at once (compare_schedules in parallel)
+    # collide on its unique key. Serialise within the process; retry once across processes,
+    # when the row the other writer created is found.
+    with _LOG_INPUT_LOCK:
+        try:
+            mlflow.log_input(mlflow_dataset, context=context,
+                             tags={"fingerprint": dataset.fingerprint, "split": "train"})
+        except mlflow.exceptions.MlflowException as error:
+            if "UNIQUE constraint failed" not in str(error):
+                raise
+            mlflow.log_input(mlflow_dataset, context=context,
+                             tags={"fingerprint": dataset.fingerprint, "split": "train"})
     mlflow.set_tags({"dataset.fingerprint": dataset.fingerprint, "dataset.name": name,
                      "dataset.path": str(dataset.path),
                      "dataset.train_count": str(manifest["splits"]["train"]),
