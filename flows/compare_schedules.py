@@ -13,7 +13,6 @@ from __future__ import annotations
 import traceback
 from typing import Annotated
 
-import matplotlib.pyplot as plt
 import pandas as pd
 from mlflow.entities import RunStatus
 from prefect import flow, task
@@ -135,9 +134,9 @@ def log_comparison(parent_run_id: str, table: pd.DataFrame, diffusions: dict[str
         tracking.log_file(parent_run_id, csv_path)
         tracking.log_file(parent_run_id, md_path)
     fids = {row.schedule: f"FID {row.fid:.2f}" for row in table.itertuples()}
-    figure = plots.schedule_plot({name: config.make_schedule() for name, config in diffusions.items()}, fids)
-    tracking.log_figure(parent_run_id, figure, "plots/schedules.png")
-    plt.close(figure)
+    plots.log_figure(parent_run_id,
+                     lambda: plots.schedule_plot({name: c.make_schedule() for name, c in diffusions.items()}, fids),
+                     "plots/schedules.png")
     best = table.iloc[0]
     tracking.client().set_tag(parent_run_id, "comparison.best_schedule", best.schedule)
     tracking.client().log_metric(parent_run_id, "best_fid", float(best.fid))

@@ -30,7 +30,7 @@ from ddpm.metrics.fid import (
     real_vs_real_fid,
     reference_statistics,
 )
-from tasks import tracking
+from tasks import plots, tracking
 from tasks.settings import ddpm_home
 
 ExtractorKind = Literal["auto", "classifier", "inception"]
@@ -122,7 +122,8 @@ def evaluate_samples(
         mlflow_client.set_tag(run_id, "fid.num_samples", str(len(samples)))
         if "class_histogram" in result:
             with tempfile.TemporaryDirectory() as tmp:
-                path = plot_class_histogram(result["class_histogram"], dataset.manifest.get("class_names"),
-                                            Path(tmp) / f"class_histogram-{step:07d}.png")
+                with plots.RENDER_LOCK:  # matplotlib text layout is not thread-safe
+                    path = plot_class_histogram(result["class_histogram"], dataset.manifest.get("class_names"),
+                                                Path(tmp) / f"class_histogram-{step:07d}.png")
                 tracking.log_file(run_id, path, "evaluation")
     return result

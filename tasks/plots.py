@@ -1,15 +1,30 @@
-"""Figures logged to MLflow: loss curves and noise schedules."""
+"""Figures logged to MLflow: loss curves and noise schedules.
+
+Figures are plain `matplotlib.figure.Figure` objects (no pyplot global state, nothing to
+close). Matplotlib's text layout is not thread-safe and runs of a schedule comparison plot in
+parallel threads, so building and saving a figure happen under `RENDER_LOCK`; `log_figure`
+below does both.
+"""
 
 from __future__ import annotations
 
-import matplotlib
+import threading
+from typing import Callable
 
-matplotlib.use("Agg")  # no display on servers and workers
-import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+RENDER_LOCK = threading.Lock()
 
 
-def loss_curve(history: list[tuple[int, float]], title: str = "training loss"):
-    figure, axis = plt.subplots(figsize=(6, 3.5))
+def _new_figure() -> tuple[Figure, object]:
+    figure = Figure(figsize=(6, 3.5))
+    FigureCanvasAgg(figure)
+    return figure, figure.add_subplot()
+
+
+def loss_curve(history: list[tuple[int, float]], title: str = "training loss") -> Figure:
+    figure, axis = _new_figure()
     if history:
         steps, losses = zip(*history)
         axis.plot(steps, losses)
@@ -22,9 +37,9 @@ def loss_curve(history: list[tuple[int, float]], title: str = "training loss"):
     return figure
 
 
-def schedule_plot(schedules: dict[str, "object"], annotations: dict[str, str] | None = None):
+def schedule_plot(schedules: dict[str, "object"], annotations: dict[str, str] | None = None) -> Figure:
     """alphas_cumprod against t/T for each named NoiseSchedule (with e.g. its FID in the legend)."""
-    figure, axis = plt.subplots(figsize=(6, 3.5))
+    figure, axis = _new_figure()
     for name, schedule in schedules.items():
         T = schedule.num_timesteps
         label = f"{name} ({annotations[name]})" if annotations and name in annotations else name
@@ -35,3 +50,11 @@ def schedule_plot(schedules: dict[str, "object"], annotations: dict[str, str] | 
     axis.grid(alpha=0.3)
     figure.tight_layout()
     return figure
+
+
+def log_figure(run_id: str, make_figure: Callable[[], Figure], artifact_file: str) -> None:
+    """Build a figure and log it as an image artifact of MLflow run `run_id`, under the lock."""
+    from tasks import tracking
+
+    with RENDER_LOCK:
+        tracking.log_figure(run_id, make_figure(), artifact_file)

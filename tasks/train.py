@@ -6,7 +6,6 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import matplotlib.pyplot as plt
 from prefect import task
 
 from ddpm.checkpoint import list_checkpoints
@@ -58,12 +57,11 @@ def train_model(
         metrics.flush()  # what was measured before a failure stays visible in MLflow
     train_seconds = time.perf_counter() - start
 
-    figure = plots.loss_curve(result.loss_history, f"loss, {diffusion_config.schedule} schedule")
-    tracking.log_figure(run_id, figure, "plots/loss_curve.png")
-    plt.close(figure)
-    figure = plots.schedule_plot({diffusion_config.schedule: trainer.schedule})
-    tracking.log_figure(run_id, figure, "plots/noise_schedule.png")
-    plt.close(figure)
+    plots.log_figure(run_id, lambda: plots.loss_curve(result.loss_history,
+                                                      f"loss, {diffusion_config.schedule} schedule"),
+                     "plots/loss_curve.png")
+    plots.log_figure(run_id, lambda: plots.schedule_plot({diffusion_config.schedule: trainer.schedule}),
+                     "plots/noise_schedule.png")
     summary = {
         "final_loss": result.final_loss,
         "images_per_second": result.images_per_second,
