@@ -30,6 +30,7 @@ from flows.train_pipeline import DEFAULT_MODEL, DEFAULT_SAMPLING, DEFAULT_TRAIN,
 from tasks import plots, settings, tracking
 from tasks.data import prepare_data
 from tasks.evaluate import ExtractorKind
+from tasks.registry import promote_best
 
 TABLE_COLUMNS = ["schedule", "fid", "fid_floor", "final_loss", "images_per_second", "steps", "run_id"]
 
@@ -83,13 +84,15 @@ def compare_schedules(
     fid_extractor: ExtractorKind = "auto",
     experiment: str = "ddpm-schedules",
     max_parallel: Annotated[int, Field(ge=1, le=8, description="pipelines training at once")] = 1,
+    promote_to: str | None = "ddpm",
 ) -> pd.DataFrame:
     """Train, sample and score one model per noise schedule with everything else (seed included) equal.
 
     Logs to a parent MLflow run: comparison.csv / comparison.md (schedule, FID, floor, final loss,
     images/s, steps, child run id) and plots/schedules.png (alphas_cumprod of each schedule, FID
     in the legend); the same table is a Prefect table artifact `schedule-comparison`.
-    Returns the table, best FID first.
+    Returns the table, best FID first. Then the best run is offered to the registered model
+    `promote_to` (None: no promotion), which moves its `champion` alias only if it is better.
     """
     diffusions = {name: DiffusionConfig(schedule=name, num_timesteps=num_timesteps) for name in schedules}
     home = settings.ddpm_home()
@@ -118,6 +121,8 @@ def compare_schedules(
         raise
     tracking.client().set_terminated(parent_run_id)
     print(table.to_string(index=False))
+    if promote_to:
+        promote_best([experiment], promote_to)
     return table
 
 

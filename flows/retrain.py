@@ -24,6 +24,7 @@ from ddpm.unet import UNetConfig
 from flows.train_pipeline import CONFIG_ARTIFACT, DEFAULT_MODEL, DEFAULT_SAMPLING, DEFAULT_TRAIN, run_pipeline
 from tasks import tracking
 from tasks.evaluate import ExtractorKind
+from tasks.registry import promote_best
 
 
 def best_run_config(experiment: str, metric: str = "fid_classifier") -> tuple[str, dict] | None:
@@ -56,13 +57,15 @@ def retrain(
     data: DataConfig | None = None,
     train: TrainConfig | None = None,
     metric: str = "fid_classifier",
+    promote_to: str | None = "ddpm",
 ) -> dict:
     """Retrain with the best configuration stored in `experiment` (lowest `metric`), on fresh data.
 
     `data` / `train` replace the stored data or training settings (e.g. more steps); the rest
     (model, schedule, sampling, FID extractor) comes from the best run, or from the defaults
     when the experiment has no finished run yet. Returns the pipeline's summary plus
-    `based_on` (the run whose configuration was used, or None).
+    `based_on` (the run whose configuration was used, or None). Finally the best run is offered
+    to the registered model `promote_to` (None: no promotion): `champion` moves only if it is better.
     """
     best = best_run_config(experiment, metric)
     if best is None:
@@ -82,7 +85,8 @@ def retrain(
         run_name=None,
         tags={"retrain.based_on": based_on or "defaults"},
     )
-    return {**summary, "based_on": based_on}
+    promotion = promote_best([experiment], promote_to) if promote_to else None
+    return {**summary, "based_on": based_on, "promotion": promotion}
 
 
 if __name__ == "__main__":

@@ -113,7 +113,7 @@ def test_compare_schedules_trains_child_runs_and_logs_a_table(prefect_harness, s
     from flows.compare_schedules import TABLE_COLUMNS, compare_schedules
 
     table = compare_schedules(schedules=["linear", "cosine"], num_timesteps=200, **TINY,
-                              experiment="compare-test", max_parallel=2)
+                              experiment="compare-test", max_parallel=2, promote_to="compare-test-model")
     assert list(table.columns) == TABLE_COLUMNS
     assert sorted(table.schedule) == ["cosine", "linear"]
     assert list(table.fid) == sorted(table.fid) and (table.fid > table.fid_floor).all()
@@ -139,6 +139,9 @@ def test_compare_schedules_trains_child_runs_and_logs_a_table(prefect_harness, s
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"comparison.csv", "comparison.md", "plots"} <= artifacts
     assert [a.path for a in client.list_artifacts(parent.info.run_id, "plots")] == ["plots/schedules.png"]
+    # the comparison ends by promoting its best schedule's run: the first champion of a new model
+    champion = client.get_model_version_by_alias("compare-test-model", "champion")
+    assert champion.run_id == table.run_id[0] and champion.tags["schedule"] == table.schedule[0]
 
     import asyncio
 
@@ -180,7 +183,7 @@ def test_retrain_uses_the_best_runs_configuration(trained, store):
     best_id, config = best_run_config("flows-test")
     assert best_id == summary["run_id"] and config["model"]["base_channels"] == 8
 
-    result = retrain(experiment="flows-test")
+    result = retrain(experiment="flows-test", promote_to="retrain-test-model")
     assert result["based_on"] == summary["run_id"] and result["run_id"] != summary["run_id"]
     assert result["dataset"] == summary["dataset"]   # unchanged data: the same prepared folder
     run = MlflowClient(store).get_run(result["run_id"])
@@ -188,3 +191,12 @@ def test_retrain_uses_the_best_runs_configuration(trained, store):
     assert run.data.tags["retrain.based_on"] == summary["run_id"]
     assert run.data.params["train.steps"] == "10" and run.data.params["model.base_channels"] == "8"
     assert "fid_classifier" in run.data.metrics
+    # ... and ends by promoting the best run of the experiment (no champion yet: it becomes one)
+    promotion = result["promotion"]
+    scored = [r for r in MlflowClient(store).search_runs(
+        [MlflowClient(store).get_experiment_by_name("flows-test").experiment_id],
+        "attributes.status = 'FINISHED' and tags.`fid.metric` = 'fid_classifier'")]
+    assert result["run_id"] in {r.info.run_id for r in scored}
+    best = min(scored, key=lambda r: r.data.metrics["fid_classifier"]).info.run_id
+    assert promotion["run_id"] == best and promotion["moved"] is True
+    assert MlflowClient(store).get_model_version_by_alias("retrain-test-model", "champion").run_id == best
