@@ -24,6 +24,7 @@ checkpoints, logs and shows progress, and the logged loss is the mean over ranks
 from __future__ import annotations
 
 import math
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -102,6 +103,13 @@ class TrainResult:
     checkpoints: list[Path] = field(default_factory=list)
     loss_history: list[tuple[int, float]] = field(default_factory=list)
     resumed_from: int | None = None
+
+
+def progress_bar(iterable=None, **options) -> tqdm:
+    """A tqdm bar that redraws live in a terminal, but only every 30 s into a log file (a worker's
+    log or CI), where every redraw is another line."""
+    interactive = sys.stderr.isatty()
+    return tqdm(iterable, mininterval=0.1 if interactive else 30, dynamic_ncols=interactive, **options)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -360,8 +368,7 @@ class Trainer:
         window_loss, window_norm, window_steps = 0.0, 0.0, 0
         window_start = time.perf_counter()
         total_time, total_images = 0.0, 0
-        bar = tqdm(total=end, initial=self.step, desc="train", unit="step", disable=not (progress and main),
-                   dynamic_ncols=True)
+        bar = progress_bar(total=end, initial=self.step, desc="train", unit="step", disable=not (progress and main))
         while self.step < end:
             lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler moves on after it)
             loss, grad_norm = self.train_step()

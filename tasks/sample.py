@@ -7,11 +7,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from prefect import task
-from tqdm.auto import tqdm
 
 from ddpm.images import save_grid, to_uint8
 from ddpm.samplers import SamplerConfig, generate
-from ddpm.training import load_model, resolve_device
+from ddpm.training import load_model, progress_bar, resolve_device
 from tasks import tracking
 
 
@@ -33,7 +32,7 @@ def sample_checkpoint(
     sampler = sampling.build(diffusion_config.make_schedule(), diffusion_config.prediction_type)
     step = int(state["step"])
     images = generate(model, sampler, sampling.num_images, seed=sampling.seed, batch_size=sampling.batch_size,
-                      device=device, progress=lambda steps: tqdm(steps, desc=f"sample {sampling.describe()}", leave=False))
+                      device=device, progress=lambda steps: progress_bar(steps, desc=f"sample {sampling.describe()}", leave=False))
     images_uint8 = to_uint8(images)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
