@@ -386,7 +386,7 @@ class Trainer:
                     "ema_decay": last_ema_decay(cfg.ema_decay, cfg.ema_warmup, int(self.ema.n_averaged)),
                 }
                 result.loss_history.append((self.step, metrics["loss"]))
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{images_per_second:.0f}")
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{images_per_second:.0f}", refresh=False)
                 if on_log and main:
                     on_log(self.step, metrics)
                 window_loss, window_norm, window_steps = 0.0, 0.0, 0
