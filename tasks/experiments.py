@@ -14,10 +14,10 @@ import numpy as np
 import torch
 
 from ddpm.data import DataConfig, DataError, load_prepared, prepare_dataset, prepared_path
-from ddpm.images import save_grid, save_png, to_float, to_uint8
-from ddpm.samplers import SamplerConfig, denoise, generate, interpolate
-from ddpm.training import load_model
+from ddpm.images import save_grid, save_png, to_float
+from ddpm.samplers import SamplerConfig, denoise, interpolate
 from tasks import tracking
+from tasks.sample import checkpoint_images, load_sampler
 from tasks.settings import ddpm_home
 
 
@@ -42,10 +42,7 @@ def sample_images(source: str, sampling: SamplerConfig) -> np.ndarray:
             "eta": sampling.eta, "format": "uint8"}))
     if not Path(source).is_file():
         raise FileNotFoundError(f"checkpoint not found: {source}")
-    model, diffusion_config, _ = load_model(source)
-    sampler = sampling.build(diffusion_config.make_schedule(), diffusion_config.prediction_type)
-    images = generate(model, sampler, sampling.num_images, seed=sampling.seed, batch_size=sampling.batch_size)
-    return to_uint8(images).numpy()
+    return checkpoint_images(source, sampling)[0].numpy()
 
 
 def grid_scale(image_size: int) -> int:
@@ -91,8 +88,7 @@ def log_to_run(run_id: str | None, path: Path | str, artifact_path: str) -> None
 def interpolation_grid(checkpoint: str, x0_a: torch.Tensor, x0_b: torch.Tensor, t: int, num_lambdas: int,
                        sampling: SamplerConfig, out_path: Path | str, run_id: str | None = None) -> dict:
     """One row: image a, the decoded mixtures of their diffused latents at t for lambda 0..1, image b."""
-    model, diffusion_config, _ = load_model(checkpoint)
-    sampler = sampling.build(diffusion_config.make_schedule(), diffusion_config.prediction_type)
+    model, sampler, _ = load_sampler(checkpoint, sampling)
     lambdas = np.linspace(0.0, 1.0, num_lambdas).tolist()
     mixed = interpolate(model, sampler, x0_a, x0_b, lambdas, t, seed=sampling.seed)
     row = torch.cat([x0_a.reshape(1, *mixed.shape[1:]), mixed, x0_b.reshape(1, *mixed.shape[1:])])
@@ -104,8 +100,7 @@ def interpolation_grid(checkpoint: str, x0_a: torch.Tensor, x0_b: torch.Tensor, 
 def denoising_grid(checkpoint: str, x0: torch.Tensor, timesteps: list[int], sampling: SamplerConfig,
                    out_path: Path | str, run_id: str | None = None) -> dict:
     """Rows per t: the real images, then x_t, then the reconstruction from x_t (one column per image)."""
-    model, diffusion_config, _ = load_model(checkpoint)
-    sampler = sampling.build(diffusion_config.make_schedule(), diffusion_config.prediction_type)
+    model, sampler, _ = load_sampler(checkpoint, sampling)
     rows = [x0]
     for t in timesteps:
         x_t, reconstruction = denoise(model, sampler, x0, t, seed=sampling.seed)

@@ -14,6 +14,25 @@ from ddpm.training import load_model, progress_bar, resolve_device
 from tasks import tracking
 
 
+def load_sampler(checkpoint: str, sampling: SamplerConfig, use_ema: bool = True, device="cpu"):
+    """(model, sampler, training step) of a checkpoint: its EMA weights by default, and the
+    sampler `sampling` describes over the checkpoint's own noise schedule."""
+    model, diffusion_config, state = load_model(checkpoint, use_ema=use_ema, device=device)
+    sampler = sampling.build(diffusion_config.make_schedule(), diffusion_config.prediction_type)
+    return model, sampler, int(state["step"])
+
+
+def checkpoint_images(checkpoint: str, sampling: SamplerConfig, use_ema: bool = True, device: str = "cpu",
+                      progress: bool = False) -> tuple[torch.Tensor, int]:
+    """`sampling.num_images` uint8 images (N, C, H, W) from a checkpoint, and its training step."""
+    device = resolve_device(device)
+    model, sampler, step = load_sampler(checkpoint, sampling, use_ema, device)
+    bar = (lambda steps: progress_bar(steps, desc=f"sample {sampling.describe()}", leave=False)) if progress else None
+    images = generate(model, sampler, sampling.num_images, seed=sampling.seed, batch_size=sampling.batch_size,
+                      device=device, progress=bar)
+    return to_uint8(images), step
+
+
 @task
 def sample_checkpoint(
     checkpoint: str,
@@ -27,13 +46,7 @@ def sample_checkpoint(
 
     With `run_id`, the grid and the sampler settings are logged to that MLflow run.
     """
-    device = resolve_device(device)
-    model, diffusion_config, state = load_model(checkpoint, use_ema=use_ema, device=device)
-    sampler = sampling.build(diffusion_config.make_schedule(), diffusion_config.prediction_type)
-    step = int(state["step"])
-    images = generate(model, sampler, sampling.num_images, seed=sampling.seed, batch_size=sampling.batch_size,
-                      device=device, progress=lambda steps: progress_bar(steps, desc=f"sample {sampling.describe()}", leave=False))
-    images_uint8 = to_uint8(images)
+    images_uint8, step = checkpoint_images(checkpoint, sampling, use_ema, device, progress=True)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     name = f"samples-{step:07d}-{sampling.describe()}"

@@ -13,6 +13,18 @@ os.environ.pop("MLFLOW_TRACKING_URI", None)
 import pytest  # noqa: E402
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module's training-heavy tests: on 2 cores shared with other
+    jobs, 2 threads trained several times slower (measured). The old count is restored after."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def prefect_harness(tmp_path_factory):
     """One temporary Prefect server and database for the whole session (~20 s to start).

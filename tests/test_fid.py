@@ -87,13 +87,7 @@ def read_idx(path: Path, offset: int) -> np.ndarray:
 # fixtures (module scoped: training is the expensive part)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """One intra-op thread: on 2 cores shared with other jobs, 2 threads trained ~6x slower (measured)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ and a retry after a failure that follows a checkpoint resumes from it instead of
 from pathlib import Path
 
 import pytest
-import torch
 
 from ddpm.data import DataConfig, prepare_dataset
 from ddpm.diffusion import DiffusionConfig
@@ -12,12 +11,7 @@ from ddpm.training import TrainConfig
 from ddpm.unet import preset
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture

@@ -31,12 +31,7 @@ MODEL = preset("tiny-16")  # dropout 0
 DIFFUSION = DiffusionConfig()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def random_images(n: int = 64, seed: int = 0) -> torch.Tensor:
