@@ -27,6 +27,7 @@ import math
 import sys
 import time
 from contextlib import nullcontext
+from functools import partial
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal
@@ -55,6 +56,8 @@ class TrainConfig(BaseModel):
     grad_accum_steps: int = Field(1, ge=1, description="micro-batches per optimizer step")
     learning_rate: float = Field(2e-4, gt=0, le=1)
     warmup_steps: int = Field(5000, ge=0, description="linear learning-rate warm-up")
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="after the warm-up: constant (the paper), or a cosine decay to 0 at `steps`")
     grad_clip: float | None = Field(1.0, gt=0, description="max gradient norm; None disables clipping")
     ema_decay: float = Field(0.9999, ge=0, lt=1)
     ema_warmup: bool = Field(True, description="decay = min(ema_decay, (1+n)/(10+n)) so short runs are not stuck at init")
@@ -110,6 +113,17 @@ def progress_bar(iterable=None, **options) -> tqdm:
     log or CI), where every redraw is another line."""
     interactive = sys.stderr.isatty()
     return tqdm(iterable, mininterval=0.1 if interactive else 30, dynamic_ncols=interactive, **options)
+
+
+def lr_factor(config: TrainConfig, step: int) -> float:
+    """The learning rate of optimizer step `step` (0-based) as a fraction of config.learning_rate."""
+    warmup = config.warmup_steps
+    if step < warmup:
+        return (step + 1) / warmup
+    if config.lr_schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, config.steps - warmup))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -191,10 +205,7 @@ class Trainer:
         self.optimizer = torch.optim.Adam(
             self.model.parameters(), lr=train_config.learning_rate, fused=self.device.type == "cuda" or None
         )
-        warmup = train_config.warmup_steps
-        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0
-        )
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, partial(lr_factor, train_config))
         # DDP averages the gradients over ranks in backward; self.model stays the unwrapped module
         # (checkpoints, EMA and sampling use it, so their keys never carry a 'module.' prefix).
         self.ddp_model = None

@@ -23,7 +23,7 @@ from ddpm.checkpoint import file_sha256, list_checkpoints, load_checkpoint, veri
 from ddpm.data import BatchLoader, DataConfig, prepare_dataset
 from ddpm.diffusion import DiffusionConfig
 from ddpm.train_ddp import dataset_trainer
-from ddpm.training import NonFiniteLossError, Trainer, TrainConfig, current_decay
+from ddpm.training import NonFiniteLossError, Trainer, TrainConfig, current_decay, lr_factor
 from ddpm.unet import preset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -237,6 +237,17 @@ def test_lr_warmup_ema_warmup_and_logged_metrics():
     assert [m["ema_decay"] for _, m in logged] == pytest.approx([0.0, 2 / 11, 3 / 12, 4 / 13, 5 / 14, 6 / 15])
     # the EMA lags the raw weights
     assert max_param_difference(ema_expected, params) > 1e-4
+
+
+def test_cosine_lr_schedule_decays_from_the_end_of_the_warm_up_to_zero():
+    cfg = config(steps=10, warmup_steps=2, learning_rate=1e-3, lr_schedule="cosine", log_every=1)
+    expected = [0.5, 1.0] + [0.5 * (1 + math.cos(math.pi * (s - 2) / 8)) for s in range(2, 10)]
+    assert [lr_factor(cfg, s) for s in range(10)] == pytest.approx(expected)
+    assert lr_factor(cfg, 9) < 0.04 and lr_factor(cfg, 10) == 0.0
+    assert [lr_factor(cfg.model_copy(update={"lr_schedule": "constant"}), s) for s in range(4)] == [0.5, 1, 1, 1]
+    logged = []
+    make_trainer(cfg).train(progress=False, on_log=lambda s, m: logged.append(m["lr"]))
+    assert logged == pytest.approx([1e-3 * f for f in expected])
 
 
 def test_ema_decay_is_capped_by_the_configured_decay():
