@@ -1,8 +1,9 @@
 """FID evaluation tasks: feature extractor, reference statistics, FID of samples, logged to MLflow.
 
 Metric names always carry the extractor (`fid_classifier`, `fid_inception`), so numbers measured
-with different features are never compared. The real-vs-real floor (train vs holdout at the same
-image count) is logged beside every FID: it is the best a model can reach with that many samples.
+with different features are never compared. The real-vs-real floor (as many real train images as
+samples, against the same holdout reference) is logged beside every FID: what a perfect model
+scores with that many samples.
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ def evaluate_samples(
     result = {
         "metric": name,
         name: frechet_distance(feature_extractor, reference, samples),
-        f"{name}_floor": real_vs_real_fid(feature_extractor, train, holdout, len(samples)),
+        f"{name}_floor": real_vs_real_fid(feature_extractor, train, reference, len(samples)),
         "num_samples": len(samples),
         "step": step,
     }

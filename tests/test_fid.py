@@ -299,11 +299,16 @@ def test_real_vs_real_floor_on_mnist(mnist_model, mnist):
     assert 0 < floor < 0.05 * noisy, (floor, noisy)  # measured ~6.3 vs ~361
 
 
-def test_real_vs_real_floor_on_digits(digits_extractor, digits):
+def test_real_vs_real_floor_on_digits(digits_extractor, digits, tmp_path):
     train_x, _, holdout_x, _ = digits
     floor = real_vs_real_fid(digits_extractor, train_x, holdout_x, n=300)
     noisy = frechet_distance(digits_extractor, holdout_x, add_noise(holdout_x, 0.4))
     assert 0 < floor < 0.1 * noisy, (floor, noisy)
+    # the floor is n train images against the whole reference, the same reference models are scored on
+    stats = reference_statistics(digits_extractor, holdout_x, tmp_path, "digits")
+    assert real_vs_real_fid(digits_extractor, train_x, stats, n=300) == pytest.approx(floor, rel=1e-6)
+    subset = train_x[torch.randperm(len(train_x), generator=torch.Generator().manual_seed(0))[:300]]
+    assert floor == pytest.approx(frechet_distance(digits_extractor, holdout_x, subset), rel=1e-9)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -231,15 +231,15 @@ def kernel_inception_distance(
 
 
 def real_vs_real_fid(
-    extractor: FeatureExtractor, train_uint8: Tensor, holdout_uint8: Tensor, n: int, seed: int = 0
+    extractor: FeatureExtractor, train_uint8: Tensor, reference: ReferenceStats | Tensor, n: int, seed: int = 0
 ) -> float:
-    """FID between n random train and n random holdout images: the floor a perfect model would reach
-    with n samples (FID is biased upwards at finite n, so compare models at the same n)."""
+    """FID of n random real train images against the reference (the holdout split, as uint8 images
+    or its cached statistics): what a perfect model scores with n samples against the same
+    reference. FID is biased upwards at finite n, so compare a model's FID with the floor at its n."""
     generator = torch.Generator().manual_seed(seed)
-    n = min(n, len(train_uint8), len(holdout_uint8))
+    n = min(n, len(train_uint8))
     train_subset = train_uint8[torch.randperm(len(train_uint8), generator=generator)[:n]]
-    holdout_subset = holdout_uint8[torch.randperm(len(holdout_uint8), generator=generator)[:n]]
-    return frechet_distance(extractor, holdout_subset, train_subset)
+    return frechet_distance(extractor, reference, train_subset)
 
 
 def classifier_summary(classifier: DigitClassifier, generated_uint8: Tensor) -> dict:
