@@ -5,7 +5,7 @@ The two are interleaved round by round in one process, so the machine's drift ca
 table reports the median over rounds and the ratio (ours / diffusers, higher is better).
 
     pip install -e ".[bench]"
-    python benchmarks/train_throughput.py [--rounds 5] [--steps 3] [--configs small-16 ddpm-cifar10]
+    python benchmarks/train_throughput.py [--rounds 5] [--steps 3] [--configs tiny-16 small-16 ddpm-cifar10]
 """
 
 from __future__ import annotations
@@ -18,25 +18,11 @@ import time
 import torch
 import torch.nn.functional as F
 
+from common import DIFFUSERS_CONFIGS, diffusers_unet
+
 from ddpm.unet import PRESETS, UNet, count_parameters
 
-# The diffusers UNet2DModel equivalent to each preset (same channels, blocks, attention, groups).
-DIFFUSERS_CONFIGS = {
-    "ddpm-cifar10": dict(
-        sample_size=32, in_channels=3, out_channels=3, layers_per_block=2,
-        block_out_channels=(128, 256, 256, 256),
-        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-        dropout=0.1, norm_num_groups=32, attention_head_dim=None, flip_sin_to_cos=False, freq_shift=1,
-    ),
-    "small-16": dict(
-        sample_size=16, in_channels=1, out_channels=1, layers_per_block=2, block_out_channels=(32, 64, 64),
-        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-        dropout=0.1, norm_num_groups=8, attention_head_dim=None,
-    ),
-}
-BATCH_SIZES = {"ddpm-cifar10": 32, "small-16": 128}
+BATCH_SIZES = {"ddpm-cifar10": 32, "small-16": 128, "tiny-16": 64}
 
 
 def make_step(model, forward, batch):
@@ -70,19 +56,17 @@ def timed(step, steps: int) -> float:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", nargs="+", default=["small-16", "ddpm-cifar10"], choices=sorted(DIFFUSERS_CONFIGS))
+    parser.add_argument("--configs", nargs="+", default=["tiny-16", "small-16", "ddpm-cifar10"], choices=sorted(DIFFUSERS_CONFIGS))
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps per round and model")
     args = parser.parse_args()
-    from diffusers import UNet2DModel
-
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
     print(f"{'config':<14}{'batch':>6}{'params ours':>14}{'params diffusers':>18}"
           f"{'ours ms/img':>13}{'diffusers ms/img':>18}{'ratio':>8}")
     for name in args.configs:
         torch.manual_seed(0)
         ours = UNet(PRESETS[name]).train()
-        theirs = UNet2DModel(**DIFFUSERS_CONFIGS[name]).train()
+        theirs = diffusers_unet(name).train()
         batch = BATCH_SIZES[name]
         steps = {
             "ours": make_step(ours, ours, batch),

@@ -1,0 +1,159 @@
+"""What the side-by-side benchmarks share: the diffusers twin of each UNet preset, the MNIST
+16x16 data, the fid_classifier scorer with its real-vs-real floor, and machine facts.
+
+Benchmarks run from a checkout (`python benchmarks/<name>.py`); diffusers comes from the `bench`
+extra and is imported only where a benchmark needs it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))   # run from a checkout, not installed
+
+from ddpm.data import PreparedDataset, load_prepared  # noqa: E402
+from ddpm.data.prepare import DataConfig, prepare_dataset  # noqa: E402
+from ddpm.images import to_uint8  # noqa: E402
+from ddpm.metrics.classifier import load_or_train_classifier  # noqa: E402
+from ddpm.metrics.fid import (  # noqa: E402
+    classifier_extractor, frechet_distance, real_vs_real_fid, reference_statistics,
+)
+from ddpm.samplers import generate  # noqa: E402
+
+MNIST_DIR = ROOT.parent / "shared" / "data" / "mnist"
+
+# The diffusers UNet2DModel equal to each preset: same channels, blocks, attention, groups and
+# parameter count (diffusers' up blocks have layers_per_block + 1 resnets, as the DDPM code does).
+DIFFUSERS_CONFIGS = {
+    "ddpm-cifar10": dict(
+        sample_size=32, in_channels=3, out_channels=3, layers_per_block=2,
+        block_out_channels=(128, 256, 256, 256),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        dropout=0.1, norm_num_groups=32, attention_head_dim=None, flip_sin_to_cos=False, freq_shift=1,
+    ),
+    "small-16": dict(
+        sample_size=16, in_channels=1, out_channels=1, layers_per_block=2, block_out_channels=(32, 64, 64),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        dropout=0.1, norm_num_groups=8, attention_head_dim=None,
+    ),
+    "tiny-16": dict(
+        sample_size=16, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        dropout=0.0, norm_num_groups=8, attention_head_dim=None,
+    ),
+}
+
+
+def diffusers_unet(preset_name: str):
+    from diffusers import UNet2DModel
+
+    return UNet2DModel(**DIFFUSERS_CONFIGS[preset_name])
+
+
+@dataclass(frozen=True)
+class ImageShape:
+    in_channels: int
+    image_size: int
+
+
+class DiffusersEpsModel(nn.Module):
+    """A UNet2DModel seen through our model interface (`model(x, t) -> eps`, `model.config`), so
+    our samplers can drive diffusers' weights."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+        self.config = ImageShape(unet.config.in_channels, unet.config.sample_size)
+
+    def forward(self, x, t):
+        return self.unet(x, t).sample
+
+
+def prepare_mnist(out_dir: Path, image_size: int = 16, mnist_dir: Path = MNIST_DIR) -> PreparedDataset:
+    """MNIST (the test split in ../shared) at image_size, split by the project's seeded preparation."""
+    if not (Path(mnist_dir) / "t10k-images-idx3-ubyte.gz").exists():
+        raise SystemExit(f"no MNIST files in {mnist_dir}; pass --mnist DIR")
+    config = DataConfig(source=f"mnist:{Path(mnist_dir).resolve()}", image_size=image_size)
+    return load_prepared(prepare_dataset(config, Path(out_dir) / "data"))
+
+
+class Scorer:
+    """fid_classifier against the holdout split, and the real-vs-real floor at the same count."""
+
+    def __init__(self, dataset: PreparedDataset, cache_dir: Path):
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        train_images, train_labels = dataset.split("train")
+        holdout_images, holdout_labels = dataset.split("holdout")
+        classifier, self.classifier_accuracy, _ = load_or_train_classifier(
+            cache_dir, dataset.fingerprint, train_images, train_labels, holdout_images, holdout_labels, 10)
+        self.extractor = classifier_extractor(classifier)
+        self.reference = reference_statistics(self.extractor, holdout_images, cache_dir, dataset.fingerprint)
+        self.train_images = train_images
+
+    def fid(self, images_uint8: torch.Tensor) -> float:
+        return frechet_distance(self.extractor, self.reference, images_uint8)
+
+    def floor(self, n: int) -> float:
+        return real_vs_real_fid(self.extractor, self.train_images, self.reference, n)
+
+
+def timed_samples(model, sampler, num_images: int, seed: int = 0, batch_size: int = 250) -> tuple[torch.Tensor, float]:
+    """(uint8 images, seconds per image) from our `generate`."""
+    start = time.perf_counter()
+    images = generate(model, sampler, num_images, seed=seed, batch_size=batch_size)
+    return to_uint8(images), (time.perf_counter() - start) / num_images
+
+
+@torch.no_grad()
+def diffusers_samples(unet, scheduler, num_steps: int, num_images: int, seed: int = 0, batch_size: int = 250,
+                      **step_options) -> tuple[torch.Tensor, float]:
+    """(uint8 images, seconds per image) the way DDPMPipeline / DDIMPipeline draw them: seeded
+    Gaussian noise, then `scheduler.step` at each of its timesteps (step_options: eta, ...)."""
+    unet.eval()
+    scheduler.set_timesteps(num_steps)
+    generator = torch.Generator().manual_seed(seed)
+    shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    batches = []
+    start = time.perf_counter()
+    for first in range(0, num_images, batch_size):
+        x = torch.randn((min(batch_size, num_images - first), *shape), generator=generator)
+        for t in scheduler.timesteps:
+            x = scheduler.step(unet(x, t).sample, t, x, generator=generator, **step_options).prev_sample
+        batches.append(x)
+    seconds = (time.perf_counter() - start) / num_images
+    return to_uint8(torch.cat(batches).clamp(-1, 1)), seconds
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        import diffusers
+        diffusers_version = diffusers.__version__
+    except ImportError:
+        diffusers_version = None
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "diffusers": diffusers_version, "python": platform.python_version(),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+def write_json(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2))
