@@ -245,11 +245,18 @@ def add_pipeline_options(parser: argparse.ArgumentParser, schedule_option: bool)
                             "(sections: data, model, diffusion, train, sampling); repeatable")
 
 
-def add_sampler_options(parser: argparse.ArgumentParser, steps: int = 50) -> None:
+# SamplerConfig's defaults (the measured pick of docs/benchmarks.md), spelled out so that building
+# the parser imports no torch; tests/test_cli.py checks that the two agree.
+SAMPLER_DEFAULTS = {"sampler": "ddim", "num_steps": 50, "eta": 1.0}
+
+
+def add_sampler_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("sampler")
-    group.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
-    group.add_argument("--steps", type=positive_int, default=steps, help=f"sampling steps (default {steps})")
-    group.add_argument("--eta", type=float, default=0.0, help="DDIM noise scale, 0 = deterministic")
+    group.add_argument("--sampler", choices=["ddim", "ddpm"], default=SAMPLER_DEFAULTS["sampler"])
+    group.add_argument("--steps", type=positive_int, default=SAMPLER_DEFAULTS["num_steps"],
+                       help=f"sampling steps (default {SAMPLER_DEFAULTS['num_steps']})")
+    group.add_argument("--eta", type=float, default=SAMPLER_DEFAULTS["eta"],
+                       help=f"DDIM noise scale, 0 = deterministic (default {SAMPLER_DEFAULTS['eta']:g})")
     group.add_argument("--seed", type=int, default=0)
     group.add_argument("--batch-size", type=positive_int, default=64)
 

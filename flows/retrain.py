@@ -21,7 +21,7 @@ from ddpm.diffusion import DiffusionConfig
 from ddpm.samplers import SamplerConfig
 from ddpm.training import TrainConfig
 from ddpm.unet import UNetConfig
-from flows.train_pipeline import CONFIG_ARTIFACT, DEFAULT_MODEL, DEFAULT_SAMPLING, DEFAULT_TRAIN, run_pipeline
+from flows.train_pipeline import CONFIG_ARTIFACT, DEFAULT_DIFFUSION, DEFAULT_MODEL, DEFAULT_SAMPLING, DEFAULT_TRAIN, run_pipeline
 from tasks import tracking
 from tasks.evaluate import ExtractorKind
 from tasks.registry import promote_best
@@ -77,7 +77,7 @@ def retrain(
     summary = run_pipeline(
         data=data or (DataConfig.model_validate(config["data"]) if "data" in config else DataConfig()),
         model=UNetConfig.model_validate(config["model"]) if "model" in config else DEFAULT_MODEL,
-        diffusion=DiffusionConfig.model_validate(config["diffusion"]) if "diffusion" in config else DiffusionConfig(),
+        diffusion=DiffusionConfig.model_validate(config["diffusion"]) if "diffusion" in config else DEFAULT_DIFFUSION,
         train=train or (TrainConfig.model_validate(config["train"]) if "train" in config else DEFAULT_TRAIN),
         sampling=SamplerConfig.model_validate(config["sampling"]) if "sampling" in config else DEFAULT_SAMPLING,
         fid_extractor=config.get("fid_extractor", "auto"),

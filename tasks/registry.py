@@ -42,7 +42,8 @@ from tasks.settings import run_dir
 CHAMPION = "champion"
 DEFAULT_MODEL_NAME = "ddpm"
 # what a request may ask for when it says nothing; declared in the signature so MLflow passes them
-DEFAULT_PARAMS = {"seed": 0, "sampler": "ddim", "steps": 50, "eta": 0.0, "format": "uint8"}
+DEFAULT_PARAMS = {"seed": 0, "sampler": SamplerConfig().sampler, "steps": SamplerConfig().num_steps,
+                  "eta": SamplerConfig().eta, "format": "uint8"}
 SAMPLERS = ("ddpm", "ddim")
 FORMATS = ("uint8", "png_base64")
 

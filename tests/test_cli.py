@@ -125,6 +125,16 @@ def test_denoise_and_interpolate_write_grids(checkpoint, env, tmp_path):
     assert bad_t.returncode == 1 and "t must be in [0, 100)" in bad_t.stderr
 
 
+def test_sampler_options_default_to_the_sampler_config_defaults():
+    from ddpm.samplers import SamplerConfig
+    from flows.cli import SAMPLER_DEFAULTS, build_parser
+
+    defaults = SamplerConfig()
+    assert SAMPLER_DEFAULTS == {"sampler": defaults.sampler, "num_steps": defaults.num_steps, "eta": defaults.eta}
+    args = build_parser().parse_args(["sample", "--checkpoint", "x.pt"])
+    assert (args.sampler, args.steps, args.eta) == (defaults.sampler, defaults.num_steps, defaults.eta)
+
+
 def test_train_options_map_onto_the_pipeline_parameters():
     from flows.cli import CLIError, build_parser, flow_defaults, lazy_flow, pipeline_arguments
     from flows.train_pipeline import train_pipeline

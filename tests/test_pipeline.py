@@ -48,7 +48,7 @@ def test_pipeline_trains_samples_and_tracks_everything(prefect_harness, mlflow_s
     artifacts = {a.path for a in client.list_artifacts(summary["run_id"], "plots")}
     assert artifacts == {"plots/loss_curve.png", "plots/noise_schedule.png"}
     samples = [a.path for a in client.list_artifacts(summary["run_id"], "samples")]
-    assert "samples/samples-0000012-ddim-5-eta0.png" in samples
+    assert "samples/samples-0000012-ddim-5-eta1.png" in samples
 
     assert [p.rsplit("/", 1)[-1] for p in summary["checkpoints"]] == ["step-0000006.pt", "step-0000012.pt"]
     import numpy as np
