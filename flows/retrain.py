@@ -21,7 +21,9 @@ from ddpm.diffusion import DiffusionConfig
 from ddpm.samplers import SamplerConfig
 from ddpm.training import TrainConfig
 from ddpm.unet import UNetConfig
-from flows.train_pipeline import CONFIG_ARTIFACT, DEFAULT_DIFFUSION, DEFAULT_MODEL, DEFAULT_SAMPLING, DEFAULT_TRAIN, run_pipeline
+from flows.train_pipeline import (
+    CONFIG_ARTIFACT, DEFAULT_DIFFUSION, DEFAULT_MODEL, DEFAULT_SAMPLING, DEFAULT_TRAIN, run_pipeline,
+)
 from tasks import tracking
 from tasks.evaluate import ExtractorKind
 from tasks.registry import promote_best
