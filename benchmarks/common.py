@@ -80,8 +80,9 @@ class DiffusersEpsModel(nn.Module):
         return self.unet(x, t).sample
 
 
-def prepare_mnist(out_dir: Path, image_size: int = 16, mnist_dir: Path = MNIST_DIR) -> PreparedDataset:
-    """MNIST (the test split in ../shared) at image_size, split by the project's seeded preparation."""
+def prepare_mnist(out_dir: Path, image_size: int = 16, mnist_dir: Path | None = None) -> PreparedDataset:
+    """MNIST (by default the test split in ../shared) at image_size, split by the project's seeded preparation."""
+    mnist_dir = mnist_dir or MNIST_DIR
     if not (Path(mnist_dir) / "t10k-images-idx3-ubyte.gz").exists():
         raise SystemExit(f"no MNIST files in {mnist_dir}; pass --mnist DIR")
     config = DataConfig(source=f"mnist:{Path(mnist_dir).resolve()}", image_size=image_size)
@@ -157,3 +158,14 @@ def machine() -> dict:
 def write_json(path: Path, record: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2))
+
+
+def cached_json(path: Path, compute, announce: bool = False):
+    """The JSON result at `path` when a previous run left it there, else `compute()`, saved there."""
+    if path.exists():
+        if announce:
+            print(f"  (reusing {path})")
+        return json.loads(path.read_text())
+    result = compute()
+    write_json(path, result)
+    return result

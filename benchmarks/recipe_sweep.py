@@ -33,7 +33,7 @@ DEFAULT_RECIPES = [   # the sweep of docs/benchmarks.md, in the order it was run
     "lr=4e-3,schedule=cosine,decay=cosine",
 ]
 EMA_DECAYS = (0.99, 0.995, 0.999)   # with the warm-up (1+n)/(10+n), a short run never reaches more
-SAMPLER = SamplerConfig()   # the CLI's and pipeline's default sampler
+SAMPLER = SamplerConfig(num_steps=100, eta=0.0)   # DDIM-100 eta 0, the default sampler when the sweep ran
 
 
 def parse_recipe(text: str) -> dict:
@@ -92,7 +92,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/recipe_sweep"))
     args = parser.parse_args()
 
-    dataset = prepare_mnist(args.out, mnist_dir=args.mnist) if args.mnist else prepare_mnist(args.out)
+    dataset = prepare_mnist(args.out, mnist_dir=args.mnist)
     scorer = Scorer(dataset, args.out / "cache")
     train_images, _ = dataset.split("train")
     floor = scorer.floor(args.samples)

@@ -21,7 +21,9 @@ from pathlib import Path
 
 import torch
 
-from common import DiffusersEpsModel, Scorer, diffusers_samples, diffusers_unet, machine, timed_samples, write_json
+from common import (
+    DiffusersEpsModel, Scorer, cached_json, diffusers_samples, diffusers_unet, machine, timed_samples, write_json,
+)
 
 from ddpm.data import load_prepared
 from ddpm.diffusion import DiffusionConfig
@@ -34,7 +36,7 @@ DDIM_STEPS = (10, 25, 50, 100, 250)
 def our_settings() -> list[SamplerConfig]:
     settings = [SamplerConfig(sampler="ddim", num_steps=n, eta=eta, clip_x0=clip)
                 for eta in (0.0, 1.0) for clip in (True, False) for n in DDIM_STEPS]
-    settings += [SamplerConfig(sampler="ddim", num_steps=n, spacing=spacing)
+    settings += [SamplerConfig(sampler="ddim", num_steps=n, eta=0.0, spacing=spacing)
                  for spacing in ("linspace", "trailing") for n in DDIM_STEPS]
     settings += [SamplerConfig(sampler="ddpm", num_steps=n, variance=variance)
                  for variance in ("beta", "beta_tilde") for n in (None, 250, 100)]
@@ -46,14 +48,6 @@ def label(config: SamplerConfig) -> str:
         return f"DDPM-{config.num_steps or 1000} {config.variance}"
     return (f"DDIM-{config.num_steps} eta{config.eta:g} clip-{'on' if config.clip_x0 else 'off'} "
             f"{config.spacing}")
-
-
-def cached(path: Path, compute):
-    if path.exists():
-        return json.loads(path.read_text())
-    result = compute()
-    write_json(path, result)
-    return result
 
 
 def main() -> None:
@@ -82,7 +76,7 @@ def main() -> None:
         def compute():
             images, seconds = draw()
             return {"fid": scorer.fid(images), "seconds_per_image": seconds}
-        result = {"setting": name, **cached(args.out / "rows" / f"{name.replace(' ', '_')}.json", compute)}
+        result = {"setting": name, **cached_json(args.out / "rows" / f"{name.replace(' ', '_')}.json", compute)}
         print(f"{name:<44}{result['fid']:>9.2f}{1000 * result['seconds_per_image']:>10.2f}", flush=True)
         return result
 
@@ -105,7 +99,7 @@ def main() -> None:
             unet, DDIMScheduler.from_config(ddpm_config, clip_sample=False), 100, args.samples, args.seed)),
         row("diffusers DDIM-100 eta=1", lambda: diffusers_samples(unet, ddim, 100, args.samples, args.seed, eta=1.0)),
         row("our DDIM-100 eta0 clip-on", lambda: timed_samples(   # over the schedule diffusers trained with
-            DiffusersEpsModel(unet).eval(), SamplerConfig(num_steps=100).build(DiffusionConfig().make_schedule()),
+            DiffusersEpsModel(unet).eval(), SamplerConfig(num_steps=100, eta=0.0).build(DiffusionConfig().make_schedule()),
             args.samples, args.seed)),
     ]
 

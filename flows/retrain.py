@@ -25,7 +25,6 @@ from flows.train_pipeline import (
     CONFIG_ARTIFACT, DEFAULT_DIFFUSION, DEFAULT_MODEL, DEFAULT_SAMPLING, DEFAULT_TRAIN, run_pipeline,
 )
 from tasks import tracking
-from tasks.evaluate import ExtractorKind
 from tasks.registry import promote_best
 
 
