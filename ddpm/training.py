@@ -24,7 +24,6 @@ checkpoints, logs and shows progress, and the logged loss is the mean over ranks
 from __future__ import annotations
 
 import math
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -36,10 +35,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel
-from tqdm.auto import tqdm
 
 from ddpm.checkpoint import CheckpointError, latest_valid_checkpoint, load_checkpoint, save_checkpoint
 from ddpm.diffusion import DiffusionConfig, training_loss
+from ddpm.progress import progress_bar
 from ddpm.distributed import DistributedContext, all_reduce_mean, barrier, broadcast_object, current_context
 from ddpm.unet import UNet, UNetConfig
 
@@ -106,13 +105,6 @@ class TrainResult:
     checkpoints: list[Path] = field(default_factory=list)
     loss_history: list[tuple[int, float]] = field(default_factory=list)
     resumed_from: int | None = None
-
-
-def progress_bar(iterable=None, **options) -> tqdm:
-    """A tqdm bar that redraws live in a terminal, but only every 30 s into a log file (a worker's
-    log or CI), where every redraw is another line."""
-    interactive = sys.stderr.isatty()
-    return tqdm(iterable, mininterval=0.1 if interactive else 30, dynamic_ncols=interactive, **options)
 
 
 def lr_factor(config: TrainConfig, step: int) -> float:

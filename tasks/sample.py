@@ -9,8 +9,9 @@ import torch
 from prefect import task
 
 from ddpm.images import save_grid, to_uint8
+from ddpm.progress import progress_bar
 from ddpm.samplers import SamplerConfig, generate
-from ddpm.training import load_model, progress_bar, resolve_device
+from ddpm.training import load_model, resolve_device
 from tasks import tracking
 
 
