@@ -22,15 +22,12 @@ import torch
 import torch.nn.functional as F
 
 import ddpm.metrics.classifier as classifier_module
-import ddpm.metrics.extractors as extractors_module
 from ddpm.metrics import (
     FIDInputError,
-    InceptionUnavailable,
     ReferenceStats,
     classifier_extractor,
     classifier_summary,
     frechet_distance,
-    inception_extractor,
     kernel_inception_distance,
     load_or_train_classifier,
     metric_name,
@@ -370,50 +367,3 @@ def test_non_uint8_rejected(digits_extractor, digits):
         frechet_distance(digits_extractor, images, images.float() / 255)
     with pytest.raises(FIDInputError, match=r"shape \(N, C, H, W\), got \(360, 16, 16\)"):
         frechet_distance(digits_extractor, images, images[:, 0])
-
-
-# ---------------------------------------------------------------------------------------------
-# Inception: never a silent fallback
-
-
-def test_inception_without_torch_fidelity_explains_install(monkeypatch):
-    monkeypatch.setattr(extractors_module, "torch_fidelity_available", lambda: False)
-    with pytest.raises(InceptionUnavailable, match=r"pip install 'ddpm-pipeline\[inception\]'"):
-        inception_extractor()
-    assert issubclass(InceptionUnavailable, RuntimeError)
-
-
-@pytest.mark.skipif(extractors_module.torch_fidelity_available(), reason="torch-fidelity is installed here")
-def test_inception_unavailable_in_this_environment():
-    with pytest.raises(InceptionUnavailable, match="torch-fidelity, which is not installed"):
-        inception_extractor()
-
-
-def test_inception_missing_weights_says_where_to_put_them(monkeypatch, tmp_path):
-    monkeypatch.setattr(extractors_module, "torch_fidelity_available", lambda: True)
-    missing = tmp_path / "nowhere.pth"
-    with pytest.raises(InceptionUnavailable, match="weights-inception-2015-12-05-6726825d.pth") as info:
-        inception_extractor(str(missing))
-    assert str(missing) in str(info.value) and "hub/checkpoints" in str(info.value)
-
-
-def test_inception_wrapper_repeats_gray_to_rgb(digits):
-    """The Inception path without weights: a stub network stands in for InceptionV3."""
-
-    class StubInception(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.scale = torch.nn.Parameter(torch.ones(()))
-            self.seen_shapes = []
-
-        def forward(self, x):
-            self.seen_shapes.append(tuple(x.shape))
-            assert x.dtype == torch.uint8  # torchmetrics' Inception takes uint8
-            return F.adaptive_avg_pool2d(x.float(), 2).flatten(1) * self.scale
-
-    stub = StubInception()
-    extractor = extractors_module.InceptionFeatures("inception", stub, 12, input_shape=None, digest="stub")
-    images = digits[2]
-    fid = frechet_distance(extractor, images, add_noise(images, 0.2))
-    assert fid > 0 and metric_name("fid", extractor) == "fid_inception"
-    assert all(shape[1] == 3 for shape in stub.seen_shapes)
