@@ -192,6 +192,47 @@ def test_mnist_local_gz_and_raw_with_md5sums(tmp_path):
     assert data.manifest["splits"] == {"train": 15, "holdout": 5}
 
 
+def test_official_split_keeps_the_sources_own_train_and_test_files(tmp_path):
+    folder = tmp_path / "mnist"
+    fake = fake_mnist(folder, n=(12, 8), gz=False)   # raw IDX: no published md5 to match
+    config = DataConfig(source=f"mnist:{folder}", image_size=32, resize="pad", split="official")
+    data = load_prepared(prepare_dataset(config, tmp_path / "out"))
+    assert data.manifest["splits"] == {"train": 12, "holdout": 8}
+    assert data.train_indices.tolist() == list(range(12)) and data.holdout_indices.tolist() == list(range(12, 20))
+    holdout, labels = data.split("holdout")
+    # padded 28 -> 32: a 2-pixel black border, every original pixel in place (no resampling)
+    assert holdout.shape == (8, 1, 32, 32) and np.array_equal(holdout[:, 0, 2:30, 2:30].numpy(), fake["t10k"][0])
+    assert int(holdout[:, :, :2].sum() + holdout[:, :, 30:].sum() + holdout[..., :2].sum() + holdout[..., 30:].sum()) == 0
+    assert labels.tolist() == fake["t10k"][1].tolist()
+    # a subset keeps each image's membership
+    subset = load_prepared(prepare_dataset(config.model_copy(update={"max_images": 10}), tmp_path / "out"))
+    assert subset.manifest["splits"]["train"] + subset.manifest["splits"]["holdout"] == 10
+    assert subset.manifest["fingerprint"] != data.manifest["fingerprint"]
+
+    only_test = tmp_path / "t10k-only"
+    fake_mnist(only_test, splits=("t10k",), n=(6,), gz=False)
+    with pytest.raises(DataError, match=r"split='official' needs both the train and the test files .*found only t10k"):
+        prepare_dataset(config.model_copy(update={"source": f"mnist:{only_test}"}), tmp_path / "out2")
+    with pytest.raises(DataError, match="source 'digits' has no official train/test split"):
+        prepare_dataset(DataConfig(split="official"), tmp_path / "out2")
+    with pytest.raises(DataError, match="images are 28x28, larger than image_size=16: resize='pad'"):
+        prepare_dataset(config.model_copy(update={"image_size": 16}), tmp_path / "out2")
+    assert no_output(tmp_path / "out2")
+
+
+@pytest.mark.skipif(not (Path(__file__).resolve().parents[2] / "shared/data/mnist-full/train-images-idx3-ubyte.gz").exists(),
+                    reason="all four MNIST files (../shared/data/mnist-full) absent")
+def test_real_mnist_full_size_official_split(tmp_path):
+    folder = Path(__file__).resolve().parents[2] / "shared/data/mnist-full"
+    config = DataConfig(source=f"mnist:{folder}", image_size=32, resize="pad", split="official")
+    data = load_prepared(prepare_dataset(config, tmp_path))
+    assert data.manifest["splits"] == {"train": 60000, "holdout": 10000}
+    assert data.manifest["source_details"]["splits"] == {"train": 60000, "t10k": 10000}
+    assert torch.bincount(data.split("holdout")[1], minlength=10).tolist() == [
+        980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]   # the published t10k class counts
+    assert data.images[:, :, :2].max() == 0 and data.images[:, :, :, 30:].max() == 0   # the padding
+
+
 def test_mnist_download_over_http_verifies_md5(tmp_path, http_dir):
     served, url = http_dir
     fake = fake_mnist(served, gz=True)
@@ -236,6 +277,9 @@ def test_cifar10_archive_local_and_downloaded(tmp_path, http_dir):
     assert np.array_equal(local.images.numpy(), x) and local.labels.tolist() == y.tolist()
     assert local.manifest["class_names"] == [f"class{i}" for i in range(10)]
     assert local.manifest["source_details"]["batches"] == {"data_batch_1": 10, "test_batch": 6}
+    official = load_prepared(prepare_dataset(config.model_copy(update={"split": "official"}), tmp_path / "out",
+                                             checksums=checksums))
+    assert official.holdout_indices.tolist() == list(range(10, 16))   # test_batch is the holdout
 
     downloaded = load_prepared(prepare_dataset(config.model_copy(update={"source": "cifar10"}),
                                                tmp_path / "out2", mirrors=[url], checksums=checksums))

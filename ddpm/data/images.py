@@ -7,6 +7,8 @@ Policies (`resize`):
   - "resize":      stretch to image_size x image_size (aspect ratio not kept), bilinear.
   - "center_crop": cut the largest centred square, then bilinear to image_size x image_size
                    (aspect ratio kept; the border of the long side is lost).
+  - "pad":         no resampling: each image centred on a black image_size x image_size canvas
+                   (MNIST 28x28 -> 32x32 keeps every pixel; images larger than image_size are refused).
   - "none":        no resampling: every image must already be image_size x image_size.
 Bilinear uses torch's antialiased kernel (align_corners=False), so shrinking (MNIST 28 -> 16)
 averages pixels instead of aliasing. Values are rounded and clamped back to uint8.
@@ -22,7 +24,7 @@ import torch.nn.functional as F
 
 from .errors import DataError
 
-RESIZE_POLICIES = ("resize", "center_crop", "none")
+RESIZE_POLICIES = ("resize", "center_crop", "pad", "none")
 _LUMA = (0.299, 0.587, 0.114)
 
 
@@ -48,6 +50,19 @@ def center_square(images: np.ndarray) -> np.ndarray:
     return images[..., top:top + side, left:left + side]
 
 
+def pad_images(images: np.ndarray, image_size: int) -> np.ndarray:
+    """(N, C, H, W) centred on a zero (black) (N, C, image_size, image_size) canvas; an odd margin
+    puts the extra pixel after the image (bottom, right)."""
+    n, c, h, w = images.shape
+    if h > image_size or w > image_size:
+        raise DataError(f"images are {h}x{w}, larger than image_size={image_size}: resize='pad' only adds "
+                        f"a border; choose resize='center_crop' or 'resize', or image_size>={max(h, w)}")
+    top, left = (image_size - h) // 2, (image_size - w) // 2
+    out = np.zeros((n, c, image_size, image_size), dtype=np.uint8)
+    out[:, :, top:top + h, left:left + w] = images
+    return out
+
+
 def fit_images(images: np.ndarray, image_size: int, channels: int, resize: str,
                chunk: int = 4096) -> np.ndarray:
     """(N, C, H, W) uint8 -> (N, channels, image_size, image_size) uint8 under the `resize` policy.
@@ -62,6 +77,8 @@ def fit_images(images: np.ndarray, image_size: int, channels: int, resize: str,
     if resize == "none" and (h, w) != (image_size, image_size):
         raise DataError(f"images are {h}x{w} but image_size={image_size} and resize='none': "
                         f"choose resize='resize' or 'center_crop', or image_size={h}")
+    if resize == "pad":
+        return pad_images(convert_channels(np.ascontiguousarray(images), channels), image_size)
     if resize == "center_crop":
         images = center_square(images)
     if images.shape[-2:] == (image_size, image_size):

@@ -25,7 +25,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, field_validator
 
 from .errors import DataError
-from .sources import parse_source, read_source, source_identity
+from .sources import SourceData, parse_source, read_source, source_identity
 
 MANIFEST = "manifest.json"
 DATA_FILE = "data.npz"
@@ -37,7 +37,11 @@ class DataConfig(BaseModel):
 
     channels: 1 = gray, 3 = RGB (gray -> RGB repeats the plane, RGB -> gray is ITU-R 601-2 luma).
     resize: "center_crop" (default) cuts the largest centred square then resizes bilinearly;
-            "resize" stretches to a square; "none" requires images already image_size square.
+            "resize" stretches to a square; "pad" centres each image on a black square without
+            resampling (MNIST 28 -> 32); "none" requires images already image_size square.
+    split: "random" (default) holds out a seeded random holdout_fraction; "official" keeps the
+           source's own train/test split (MNIST: 60,000 train / 10,000 t10k; CIFAR-10: the five
+           data batches / test_batch), so FID is measured against the standard test set.
     max_images: a seeded random subset (by split_seed) of at most this many images.
     """
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -47,7 +51,8 @@ class DataConfig(BaseModel):
     channels: int = 1
     holdout_fraction: float = 0.2
     split_seed: int = 0
-    resize: Literal["resize", "center_crop", "none"] = "center_crop"
+    resize: Literal["resize", "center_crop", "pad", "none"] = "center_crop"
+    split: Literal["random", "official"] = "random"
     max_images: int | None = None
 
     @field_validator("source")
@@ -122,6 +127,18 @@ def split_indices(n: int, holdout_fraction: float, seed: int) -> tuple[np.ndarra
     return np.sort(perm[n_holdout:]).astype(np.int64), np.sort(perm[:n_holdout]).astype(np.int64)
 
 
+def official_split_indices(data: SourceData, source: str) -> tuple[np.ndarray, np.ndarray]:
+    """(train, holdout) indices of the source's own split: its test files are the holdout."""
+    mask = data.official_holdout
+    if mask is None:
+        raise DataError(f"source {source!r} has no official train/test split; use split='random'")
+    if mask.all() or not mask.any():
+        present = ", ".join(data.details.get("splits", {})) or "one part"
+        raise DataError(f"split='official' needs both the train and the test files of {source!r}, found only "
+                        f"{present}; add the missing files or use split='random'")
+    return np.flatnonzero(~mask).astype(np.int64), np.flatnonzero(mask).astype(np.int64)
+
+
 def fingerprint(images: np.ndarray, labels: np.ndarray | None, train: np.ndarray,
                 holdout: np.ndarray) -> str:
     """sha256 over images, labels and both index arrays, each preceded by its dtype and shape.
@@ -176,7 +193,10 @@ def prepare_dataset(config: DataConfig, out_dir: Path, *, download_dir: Path | N
     final = out_dir / dataset_name(config, identity)
 
     data = read_source(config, download_dir, mirrors, checksums)
-    train, holdout = split_indices(len(data.images), config.holdout_fraction, config.split_seed)
+    if config.split == "official":
+        train, holdout = official_split_indices(data, config.source)
+    else:
+        train, holdout = split_indices(len(data.images), config.holdout_fraction, config.split_seed)
     manifest = {
         "format_version": FORMAT_VERSION,
         "source": config.source,

@@ -3,7 +3,7 @@
 Source strings (DataConfig.source):
   - "digits"          the 8x8 digits scikit-learn ships (no download).
   - "mnist[:DIR]"     the IDX files (gz or raw) in DIR; every split present (train and/or
-                      t10k) is used, concatenated train first. When DIR holds no split at all,
+                      t10k) is used, concatenated train first (t10k is the official holdout). When DIR holds no split at all,
                       the four .gz files are downloaded into it. Without DIR: <download_dir>/mnist.
   - "cifar10[:PATH]"  the python-pickle archive cifar-10-python.tar.gz (PATH is the archive, a
                       folder holding it, or the extracted cifar-10-batches-py folder); all
@@ -65,6 +65,7 @@ class SourceData:
     labels: np.ndarray | None          # int64 (N,) or None
     class_names: list[str] | None
     details: dict = field(default_factory=dict)   # what was read (files, splits), for the manifest
+    official_holdout: np.ndarray | None = None   # bool (N,): in the source's own test split; None: it has none
 
 
 def parse_source(source: str) -> tuple[str, Path | None]:
@@ -154,12 +155,14 @@ def subset_indices(n: int, max_images: int | None, seed: int) -> np.ndarray | No
     return np.sort(rng.choice(n, size=max_images, replace=False))
 
 
-def _select_and_fit(images, labels, config) -> tuple[np.ndarray, np.ndarray | None]:
+def _select_and_fit(images, labels, config, official_holdout=None):
+    """(images, labels, official_holdout) of the max_images subset, images fitted to the config."""
     keep = subset_indices(len(images), config.max_images, config.split_seed)
     if keep is not None:
         images = images[keep]
         labels = labels[keep] if labels is not None else None
-    return fit_images(images, config.image_size, config.channels, config.resize), labels
+        official_holdout = official_holdout[keep] if official_holdout is not None else None
+    return fit_images(images, config.image_size, config.channels, config.resize), labels, official_holdout
 
 
 # ---------------------------------------------------------------------------- digits
@@ -170,7 +173,7 @@ def read_digits(config) -> SourceData:
     digits = load_digits()
     images = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)[:, None]
     labels = digits.target.astype(np.int64)
-    images, labels = _select_and_fit(images, labels, config)
+    images, labels, _ = _select_and_fit(images, labels, config)
     return SourceData(images, labels, [str(i) for i in range(10)], {"origin": "sklearn.load_digits"})
 
 
@@ -236,9 +239,10 @@ def read_mnist(folder: Path, config, mirrors=None, checksums=None) -> SourceData
         labels.append(y.astype(np.int64))
     x = np.concatenate(images)[:, None]
     y = np.concatenate(labels)
+    test = np.concatenate([np.full(len(i), split == "t10k") for split, i in zip(present, images)])
     details = {"folder": str(folder), "splits": {s: int(len(i)) for s, i in zip(present, images)}}
-    x, y = _select_and_fit(x, y, config)
-    return SourceData(x, y, [str(i) for i in range(10)], details)
+    x, y, test = _select_and_fit(x, y, config, test)
+    return SourceData(x, y, [str(i) for i in range(10)], details, official_holdout=test)
 
 
 # ---------------------------------------------------------------------------- cifar10
@@ -309,9 +313,12 @@ def read_cifar10(path: Path, config, mirrors=None, checksums=None) -> SourceData
     if not count:
         raise DataError(f"no CIFAR-10 batches found in {location}")
     images, labels = images[:count], labels[:count]
-    details = {"location": str(location), "batches": seen}
-    images, labels = _select_and_fit(images, labels, config)
-    return SourceData(images, labels, class_names, details)
+    test = np.concatenate([np.full(n, name == "test_batch") for name, n in seen.items()])
+    details = {"location": str(location), "batches": seen,
+               "splits": {s: n for s, n in (("train", count - seen.get("test_batch", 0)),
+                                            ("test", seen.get("test_batch", 0))) if n}}
+    images, labels, test = _select_and_fit(images, labels, config, test)
+    return SourceData(images, labels, class_names, details, official_holdout=test)
 
 
 # ---------------------------------------------------------------------------- folder
