@@ -20,7 +20,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import AfterValidator, Field
 
-from ddpm.data import DataConfig
+from ddpm.data import DataConfig, read_manifest
 from ddpm.diffusion import DiffusionConfig
 from ddpm.samplers import SamplerConfig
 from ddpm.schedules import BETA_SCHEDULES
@@ -29,10 +29,10 @@ from ddpm.unet import UNetConfig
 from flows.train_pipeline import DEFAULT_MODEL, DEFAULT_SAMPLING, DEFAULT_TRAIN, run_pipeline, start_run
 from tasks import plots, settings, tracking
 from tasks.data import prepare_data
-from tasks.evaluate import ExtractorKind
+from tasks.evaluate import ExtractorKind, check_evaluation
 from tasks.registry import promote_best
 
-TABLE_COLUMNS = ["schedule", "fid", "fid_floor", "final_loss", "images_per_second", "steps", "run_id"]
+TABLE_COLUMNS = ["schedule", "metric", "num_samples", "fid", "fid_floor", "final_loss", "images_per_second", "steps", "run_id"]
 
 
 def _known_distinct_schedules(names: list[str]) -> list[str]:
@@ -67,7 +67,8 @@ def comparison_table(results: dict[str, dict]) -> pd.DataFrame:
     for schedule, summary in results.items():
         evaluation = summary["evaluation"]
         metric = evaluation["metric"]
-        rows.append({"schedule": schedule, "fid": evaluation[metric], "fid_floor": evaluation[f"{metric}_floor"],
+        rows.append({"schedule": schedule, "metric": metric, "num_samples": evaluation["num_samples"],
+                     "fid": evaluation[metric], "fid_floor": evaluation[f"{metric}_floor"],
                      "final_loss": summary["final_loss"], "images_per_second": summary["images_per_second"],
                      "steps": summary["steps"], "run_id": summary["run_id"]})
     return pd.DataFrame(rows, columns=TABLE_COLUMNS).sort_values("fid", kind="stable").reset_index(drop=True)
@@ -97,7 +98,8 @@ def compare_schedules(
     diffusions = {name: DiffusionConfig(schedule=name, num_timesteps=num_timesteps) for name in schedules}
     home = settings.ddpm_home()
     # Prepared once here, so the concurrent pipelines all hit the cache instead of racing to write it.
-    prepare_data.with_options(result_storage=home / "task-results")(data, out_dir=str(home / "data"))
+    dataset_path = prepare_data.with_options(result_storage=home / "task-results")(data, out_dir=str(home / "data"))
+    check_evaluation(fid_extractor, read_manifest(dataset_path), sampling.num_images)   # before any run or training
     parent_run_id = start_run(experiment, None, {"schedules": schedules, "num_timesteps": num_timesteps,
                                                  "data": data.model_dump(mode="json"),
                                                  "model": model.model_dump(mode="json"),
@@ -138,17 +140,19 @@ def log_comparison(parent_run_id: str, table: pd.DataFrame, diffusions: dict[str
         md_path.write_text(markdown + "\n")
         tracking.log_file(parent_run_id, csv_path)
         tracking.log_file(parent_run_id, md_path)
-    fids = {row.schedule: f"FID {row.fid:.2f}" for row in table.itertuples()}
+    fids = {row.schedule: f"{row.metric} {row.fid:.2f}" for row in table.itertuples()}
     plots.log_figure(parent_run_id,
                      lambda: plots.schedule_plot({name: c.make_schedule() for name, c in diffusions.items()}, fids),
                      "plots/schedules.png")
     best = table.iloc[0]
     tracking.client().set_tag(parent_run_id, "comparison.best_schedule", best.schedule)
+    tracking.client().set_tag(parent_run_id, "comparison.metric", best.metric)
     tracking.client().log_metric(parent_run_id, "best_fid", float(best.fid))
     create_table_artifact(key="schedule-comparison", table=table.to_dict(orient="records"),
                           description=f"noise schedules compared in MLflow run {parent_run_id}, best FID first")
     create_markdown_artifact(key="schedule-comparison-summary",
-                             markdown=f"Best schedule: **{best.schedule}** (FID {best.fid:.2f}); "
+                             markdown=f"Best schedule: **{best.schedule}** ({best.metric} {best.fid:.2f} at "
+                                      f"{best.num_samples} samples); "
                                       f"MLflow parent run `{parent_run_id}`.")
 
 

@@ -19,12 +19,12 @@ import mlflow
 from prefect import flow, runtime
 
 from ddpm.checkpoint import list_checkpoints
-from ddpm.data import DataConfig
+from ddpm.data import DataConfig, read_manifest
 from ddpm.samplers import SamplerConfig
 from flows.train_pipeline import CHECKPOINT_DIR_TAG, CONFIG_ARTIFACT
 from tasks import settings, tracking
 from tasks.data import prepare_data
-from tasks.evaluate import ExtractorKind, evaluate_samples
+from tasks.evaluate import ExtractorKind, check_evaluation, evaluate_samples
 from tasks.sample import sample_checkpoint
 
 
@@ -83,6 +83,7 @@ def evaluate(
     home = settings.ddpm_home()
     dataset_path = prepare_data.with_options(result_storage=home / "task-results")(
         DataConfig.model_validate(config["data"]), out_dir=str(home / "data"))
+    check_evaluation(extractor, read_manifest(dataset_path), sampling.num_images)
     out_dir = settings.run_dir(run_id) / "evaluation"
     fids: dict[int, float] = {}
     metric = None

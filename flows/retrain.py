@@ -25,30 +25,26 @@ from flows.train_pipeline import (
     CONFIG_ARTIFACT, DEFAULT_DIFFUSION, DEFAULT_MODEL, DEFAULT_SAMPLING, DEFAULT_TRAIN, run_pipeline,
 )
 from tasks import tracking
-from tasks.registry import promote_best
+from tasks.registry import comparable_runs, promote_best
 
 
-def best_run_config(experiment: str, metric: str = "fid_classifier") -> tuple[str, dict] | None:
-    """(run id, config.json) of the FINISHED train_pipeline run of `experiment` with the lowest `metric`.
+def best_run_config(experiment: str, metric: str | None = None) -> tuple[str, str, dict] | None:
+    """(run id, metric, config.json) of the best FINISHED train_pipeline run of `experiment`.
 
-    None when the experiment does not exist or has no such run. Runs without a config.json
-    (comparison parents, runs from before it was logged) are skipped.
+    Ranked by `metric` (default: the newest run's primary FID) among runs comparable with each
+    other (tasks.registry.comparable_runs: same data and sample count). None when the experiment
+    has no such run. Runs without a config.json (comparison parents, older runs) are skipped.
     """
-    mlflow_client = tracking.client()
-    found = mlflow_client.get_experiment_by_name(experiment)
-    if found is None:
+    try:
+        runs, criteria = comparable_runs([experiment], metric)
+    except LookupError:
         return None
-    runs = mlflow_client.search_runs(
-        [found.experiment_id],
-        filter_string=f"attributes.status = 'FINISHED' and metrics.{metric} >= 0",
-        order_by=[f"metrics.{metric} ASC", "attributes.start_time DESC"],
-        max_results=50,
-    )
     for run in runs:
         try:
-            return run.info.run_id, mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/{CONFIG_ARTIFACT}")
+            config = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/{CONFIG_ARTIFACT}")
         except Exception:  # noqa: BLE001 (no config.json: not a pipeline run)
             continue
+        return run.info.run_id, criteria["metric"], config
     return None
 
 
@@ -57,10 +53,11 @@ def retrain(
     experiment: str = "ddpm",
     data: DataConfig | None = None,
     train: TrainConfig | None = None,
-    metric: str = "fid_classifier",
+    metric: str | None = None,
     promote_to: str | None = "ddpm",
 ) -> dict:
-    """Retrain with the best configuration stored in `experiment` (lowest `metric`), on fresh data.
+    """Retrain with the best configuration stored in `experiment` (lowest `metric`, by default the
+    newest run's primary FID, among runs on the same data and sample count), on fresh data.
 
     `data` / `train` replace the stored data or training settings (e.g. more steps); the rest
     (model, schedule, sampling, FID extractor) comes from the best run, or from the defaults
@@ -70,11 +67,11 @@ def retrain(
     """
     best = best_run_config(experiment, metric)
     if best is None:
-        print(f"no finished run with {metric} in experiment '{experiment}': training with the defaults")
+        print(f"no finished run with {metric or 'an FID'} in experiment '{experiment}': training with the defaults")
         based_on, config = None, {}
     else:
-        based_on, config = best
-        print(f"best configuration: MLflow run {based_on} ({metric})")
+        based_on, metric, config = best
+        print(f"best configuration: MLflow run {based_on} (ranked by {metric})")
     summary = run_pipeline(
         data=data or (DataConfig.model_validate(config["data"]) if "data" in config else DataConfig()),
         model=UNetConfig.model_validate(config["model"]) if "model" in config else DEFAULT_MODEL,

@@ -1,13 +1,17 @@
-"""FID evaluation tasks: feature extractor, reference statistics, FID of samples, logged to MLflow.
+"""FID evaluation tasks: feature extractors, reference statistics, FID of samples, logged to MLflow.
 
-Metric names always carry the extractor (`fid_classifier`, `fid_inception`), so numbers measured
-with different features are never compared. The real-vs-real floor (as many real train images as
-samples, against the same holdout reference) is logged beside every FID: what a perfect model
-scores with that many samples.
+Metric names always carry the extractor (`fid_inception`, `fid_classifier`), so numbers measured
+with different features are never compared. With the default extractor "auto" a run logs every
+FID it can: `fid_inception` when the `inception` extra is installed (the standard, comparable with
+papers) and `fid_classifier` when the data has labels. The first of them is the run's primary
+metric (tag `fid.metric`): what promotion, compare and retrain rank by. The real-vs-real floor (as
+many real train images as samples, against the same holdout reference) is logged beside every FID:
+what a perfect model scores with that many samples.
 """
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -19,9 +23,10 @@ from prefect import task
 
 from ddpm.data import DataError, PreparedDataset, load_prepared
 from ddpm.metrics.classifier import load_or_train_classifier
-from ddpm.metrics.extractors import default_inception_weights_path, torch_fidelity_available
+from ddpm.metrics.extractors import INSTALL_HINT, inception_available, inception_weights
 from ddpm.metrics.fid import (
     FeatureExtractor,
+    FIDInputError,
     classifier_extractor,
     classifier_summary,
     frechet_distance,
@@ -43,29 +48,46 @@ def cache_dir() -> Path:
     return path
 
 
-def inception_ready(weights_path: str | None = None) -> bool:
-    path = Path(weights_path) if weights_path else default_inception_weights_path()
-    return torch_fidelity_available() and path.is_file()
+def extractor_names(kind: ExtractorKind, has_labels: bool) -> list[str]:
+    """The feature extractors an evaluation uses, the primary one first; raises before any work
+    when one that was asked for cannot run (the extra missing, a damaged file, no labels)."""
+    if kind not in ("auto", "classifier", "inception"):
+        raise ValueError(f"unknown FID feature extractor {kind!r}; choose auto, classifier or inception")
+    if kind == "inception" or (kind == "auto" and inception_available()):
+        inception_weights()   # InceptionUnavailable naming the fix, before anything is trained
+    if kind != "auto":
+        if kind == "classifier" and not has_labels:
+            raise DataError("fid_classifier needs labels and this dataset has none; use the Inception "
+                            f"features (fid_extractor='inception', {INSTALL_HINT}) or give the images "
+                            "class sub-folders")
+        return [kind]
+    names = (["inception"] if inception_available() else []) + (["classifier"] if has_labels else [])
+    if not names:
+        raise DataError(f"this dataset has no labels, so FID needs the Inception features: {INSTALL_HINT}")
+    return names
 
 
-def make_extractor(
-    dataset: PreparedDataset, kind: ExtractorKind = "auto", inception_weights: str | None = None
-) -> tuple[FeatureExtractor, dict]:
-    """The feature extractor for `kind` and facts about it (classifier accuracy, cached or not).
+def check_evaluation(kind: ExtractorKind, dataset: PreparedDataset | dict, num_samples: int) -> list[str]:
+    """Everything about an evaluation that can be checked before training: the extractors, and a
+    reference (the holdout split) at least as large as the sample count. Returns extractor_names."""
+    manifest = dataset.manifest if isinstance(dataset, PreparedDataset) else dataset
+    names = extractor_names(kind, manifest["has_labels"])
+    holdout = manifest["splits"]["holdout"]
+    if num_samples > holdout:
+        raise FIDInputError(
+            f"the FID reference (the holdout split) has {holdout} images, fewer than the {num_samples} "
+            f"samples to score: sample at most {holdout} (sampling.num_images), or prepare a larger holdout "
+            "(holdout_fraction, or split='official')")
+    return names
 
-    auto: Inception when the extra and its weights are installed, else the domain classifier
-    trained on the dataset's labelled train split (cached by the dataset fingerprint).
+
+def make_extractor(dataset: PreparedDataset, name: Literal["classifier", "inception"]) -> tuple[FeatureExtractor, dict]:
+    """The feature extractor `name` and facts about it (classifier accuracy, cached or not).
+
+    classifier: trained on the dataset's labelled train split, cached by the dataset fingerprint.
     """
-    if kind == "inception" or (kind == "auto" and inception_ready(inception_weights)):
-        return inception_extractor(inception_weights), {}
-    if kind not in ("auto", "classifier"):
-        raise ValueError(f"unknown FID feature extractor '{kind}'; choose auto, classifier or inception")
-    if dataset.labels is None:
-        raise DataError(
-            f"dataset {dataset.path} has no labels, so no domain classifier can be trained for "
-            "fid_classifier; install the Inception extra (pip install 'ddpm-pipeline[inception]') "
-            "and its weights, or give the images class sub-folders"
-        )
+    if name == "inception":
+        return inception_extractor(), {}
     train_images, train_labels = dataset.split("train")
     holdout_images, holdout_labels = dataset.split("holdout")
     num_classes = len(dataset.manifest.get("class_names") or []) or int(dataset.labels.max()) + 1
@@ -74,6 +96,22 @@ def make_extractor(
     )
     return classifier_extractor(classifier), {"classifier": classifier, "classifier_accuracy": accuracy,
                                               "classifier_cached": was_cached}
+
+
+def floor_fid(extractor: FeatureExtractor, dataset: PreparedDataset, reference, n: int) -> float:
+    """real_vs_real_fid at n, cached per (extractor weights, dataset fingerprint, n): with Inception
+    it costs as much as scoring the samples, and it depends on nothing a run changes."""
+    path = cache_dir() / f"fid-floor-{extractor.name}-{extractor.digest}-{dataset.fingerprint[:16]}-n{n}.json"
+    try:
+        return float(json.loads(path.read_text())["floor"])
+    except (OSError, ValueError, KeyError):
+        pass
+    train, _ = dataset.split("train")
+    floor = real_vs_real_fid(extractor, train, reference, n)
+    tmp = path.with_suffix(f".tmp-{time.monotonic_ns()}")
+    tmp.write_text(json.dumps({"floor": floor}))
+    tmp.replace(path)   # atomic: concurrent runs never read half a file
+    return floor
 
 
 def load_samples(npz_path: str | Path) -> torch.Tensor:
@@ -88,38 +126,36 @@ def evaluate_samples(
     run_id: str | None = None,
     step: int = 0,
     extractor: ExtractorKind = "auto",
-    inception_weights: str | None = None,
 ) -> dict:
-    """FID of the samples in `samples_npz` against the dataset's holdout split, plus the floor.
+    """FIDs of the samples in `samples_npz` against the dataset's holdout split, plus their floors.
 
-    Logs `fid_<extractor>` (and `fid_<extractor>_floor`) at `step` to MLflow run `run_id`; with
-    the classifier, also its accuracy, the mean confidence on the samples and a class histogram.
+    Logs `fid_<extractor>` and `fid_<extractor>_floor` for each extractor at `step` to MLflow run
+    `run_id`, the tags `fid.metric` (the primary one) and `fid.num_samples`; with the classifier,
+    also its accuracy, the mean confidence on the samples and a class histogram.
     """
     dataset = load_prepared(Path(dataset_path))
     samples = load_samples(samples_npz)
-    feature_extractor, facts = make_extractor(dataset, extractor, inception_weights)
+    names = check_evaluation(extractor, dataset, len(samples))
     holdout, _ = dataset.split("holdout")
-    train, _ = dataset.split("train")
-    reference = reference_statistics(feature_extractor, holdout, cache_dir(), dataset.fingerprint)
-    name = metric_name("fid", feature_extractor)
-    result = {
-        "metric": name,
-        name: frechet_distance(feature_extractor, reference, samples),
-        f"{name}_floor": real_vs_real_fid(feature_extractor, train, reference, len(samples)),
-        "num_samples": len(samples),
-        "step": step,
-    }
-    if "classifier" in facts:
-        summary = classifier_summary(facts["classifier"], samples)
-        result.update(classifier_accuracy=facts["classifier_accuracy"],
-                      sample_confidence=summary["mean_confidence"], class_histogram=summary["class_histogram"])
+    result = {"metric": metric_name("fid", names[0]), "metrics": [metric_name("fid", n) for n in names],
+              "num_samples": len(samples), "step": step}
+    for extractor_name in names:
+        feature_extractor, facts = make_extractor(dataset, extractor_name)
+        reference = reference_statistics(feature_extractor, holdout, cache_dir(), dataset.fingerprint)
+        name = metric_name("fid", feature_extractor)
+        result[name] = frechet_distance(feature_extractor, reference, samples)
+        result[f"{name}_floor"] = floor_fid(feature_extractor, dataset, reference, len(samples))
+        if "classifier" in facts:
+            summary = classifier_summary(facts["classifier"], samples)
+            result.update(classifier_accuracy=facts["classifier_accuracy"],
+                          sample_confidence=summary["mean_confidence"], class_histogram=summary["class_histogram"])
     if run_id:
         metrics = {k: v for k, v in result.items() if isinstance(v, float)}
         mlflow_client = tracking.client()
         mlflow_client.log_batch(run_id, metrics=[
             tracking.Metric(k, v, int(time.time() * 1000), step) for k, v in metrics.items()
         ])
-        mlflow_client.set_tag(run_id, "fid.metric", name)
+        mlflow_client.set_tag(run_id, "fid.metric", result["metric"])
         mlflow_client.set_tag(run_id, "fid.num_samples", str(len(samples)))
         if "class_histogram" in result:
             with tempfile.TemporaryDirectory() as tmp:

@@ -192,7 +192,7 @@ def log_ddpm_model(run_id: str, checkpoint: Path | str, registered_model_name: s
 
 
 def runs_with_fid(experiments: list[str]) -> list:
-    """FINISHED runs of `experiments` that carry an FID (tag `fid.metric` and that metric)."""
+    """FINISHED runs of `experiments` that carry an FID (tag `fid.metric` and that metric), newest first."""
     mlflow_client = tracking.client()
     ids = [e.experiment_id for name in experiments if (e := mlflow_client.get_experiment_by_name(name))]
     if not ids:
@@ -202,16 +202,38 @@ def runs_with_fid(experiments: list[str]) -> list:
     return [r for r in runs if r.data.tags.get("fid.metric") in r.data.metrics]
 
 
-def fid_of(run) -> float:
-    return float(run.data.metrics[run.data.tags["fid.metric"]])
+def comparable_runs(experiments: list[str] | str, metric: str | None = None, fingerprint: str | None = None,
+                    num_samples: int | str | None = None) -> tuple[list, dict]:
+    """The FINISHED runs of `experiments` whose FIDs can be ranked against each other, best first,
+    and what they share: one metric (features), one dataset fingerprint, one sample count. FID
+    depends on all three, so runs that differ in any are never compared. Each defaults to that
+    of the newest run with an FID (with `metric`, when given). LookupError when none qualifies.
+    """
+    experiments = [experiments] if isinstance(experiments, str) else list(experiments)
+    runs = runs_with_fid(experiments)
+    if not runs:
+        raise LookupError(f"no finished run with an FID in experiment(s) {experiments}; train one first")
+    metric = metric or runs[0].data.tags["fid.metric"]
+    runs = [r for r in runs if metric in r.data.metrics]
+    if not runs:
+        raise LookupError(f"no finished run in {experiments} has the metric {metric}")
+    fingerprint = fingerprint or runs[0].data.tags.get("dataset.fingerprint")
+    num_samples = str(num_samples or runs[0].data.tags.get("fid.num_samples"))
+    criteria = {"metric": metric, "fingerprint": fingerprint, "num_samples": num_samples}
+    same = [r for r in runs if r.data.tags.get("dataset.fingerprint") == fingerprint
+            and r.data.tags.get("fid.num_samples") == num_samples]
+    if not same:
+        raise LookupError(f"no finished run in {experiments} has {metric} at {num_samples} samples on dataset "
+                          f"{fingerprint}")
+    return sorted(same, key=lambda r: r.data.metrics[metric]), criteria
 
 
-def checkpoint_for_fid(run) -> Path | None:
-    """The checkpoint whose samples gave the run's FID (the step of the FID), else the newest one."""
+def checkpoint_for_fid(run, metric: str) -> Path | None:
+    """The checkpoint whose samples gave the run's `metric` (the step of it), else the newest one."""
     checkpoints = list_checkpoints(run_dir(run.info.run_id) / "checkpoints")
     if not checkpoints:
         return None
-    history = tracking.client().get_metric_history(run.info.run_id, run.data.tags["fid.metric"])
+    history = tracking.client().get_metric_history(run.info.run_id, metric)
     step = max(history, key=lambda m: m.timestamp).step if history else None
     by_step = {int(p.stem.split("-")[1]): p for p in checkpoints}
     return by_step.get(step, checkpoints[-1])
@@ -234,12 +256,13 @@ def champion_decision(candidate_tags: dict, champion_tags: dict | None) -> tuple
     """Whether the candidate version should take the `champion` alias, and why (or why not).
 
     Only FIDs measured on the same data (dataset fingerprint) with the same features (metric
-    name) are comparable. A champion measured otherwise is kept: replacing it would compare
+    name) and the same number of samples are comparable. A champion measured otherwise is kept: replacing it would compare
     numbers that mean different things; move the alias by hand if the new data is the point.
     """
     if champion_tags is None:
         return True, "no champion yet"
-    for key, what in (("fid.metric", "FID extractor"), ("dataset.fingerprint", "dataset")):
+    for key, what in (("fid.metric", "FID extractor"), ("dataset.fingerprint", "dataset"),
+                      ("fid.num_samples", "sample count")):
         if champion_tags.get(key) != candidate_tags[key]:
             return False, (f"champion was measured with another {what} ({key} {champion_tags.get(key)!r} "
                            f"vs {candidate_tags[key]!r}); FIDs are not comparable, champion kept")
@@ -250,28 +273,37 @@ def champion_decision(candidate_tags: dict, champion_tags: dict | None) -> tuple
     return False, f"{candidate_tags['fid.metric']} {new:.4g} {word} the champion's {old:.4g}; champion kept"
 
 
+def champion_tags(champion) -> dict:
+    """The champion version's tags; a version registered before `fid.num_samples` was tagged
+    takes it from its source run."""
+    tags = dict(champion.tags)
+    if "fid.num_samples" not in tags and tags.get("source_run_id"):
+        try:
+            run = tracking.client().get_run(tags["source_run_id"])
+            tags["fid.num_samples"] = run.data.tags.get("fid.num_samples")
+        except MlflowException:  # the source run was deleted: not comparable
+            pass
+    return tags
+
+
 def promote_best(experiments: list[str] | str = "ddpm", model_name: str = DEFAULT_MODEL_NAME,
                  fingerprint: str | None = None, metric: str | None = None, max_images: int = 64,
                  log=print) -> dict:
     """Register the best run by FID as a version of `model_name`; move `champion` to it if it wins.
 
-    Candidates: FINISHED runs of `experiments` with an FID under `metric` on data `fingerprint`.
-    Both default to those of the newest such run (the data and extractor in use now). The best
-    candidate is registered once (a run already registered reuses its version), its version
-    tagged with fid, fid.metric, schedule, dataset.fingerprint and source_run_id, and the alias
-    moves only when its FID is strictly lower than the champion's on the same data and metric.
-    The decision and its reason go in the version's tags `promotion.decision`/`promotion.reason`.
+    Candidates: comparable_runs(experiments, metric, fingerprint): FINISHED runs with `metric`
+    on data `fingerprint` at one sample count, each by default that of the newest run with an
+    FID. The best candidate is registered once (a run already registered reuses its version),
+    its version tagged with fid, fid.metric, fid.num_samples, schedule, dataset.fingerprint and
+    source_run_id, and the alias moves only when its FID is strictly lower than the champion's
+    on the same data, metric and sample count. The decision and its reason go in the version's
+    tags `promotion.decision`/`promotion.reason`.
     """
-    experiments = [experiments] if isinstance(experiments, str) else list(experiments)
-    runs = runs_with_fid(experiments)
-    if not runs:
-        raise LookupError(f"no finished run with an FID in experiment(s) {experiments}; train one first")
-    metric = metric or runs[0].data.tags["fid.metric"]
-    fingerprint = fingerprint or runs[0].data.tags.get("dataset.fingerprint")
-    candidates = sorted((r for r in runs if r.data.tags["fid.metric"] == metric
-                         and r.data.tags.get("dataset.fingerprint") == fingerprint), key=fid_of)
-    if not candidates:
-        raise LookupError(f"no finished run in {experiments} has {metric} on dataset {fingerprint}")
+    candidates, criteria = comparable_runs(experiments, metric, fingerprint)
+    metric, fingerprint = criteria["metric"], criteria["fingerprint"]
+
+    def fid_of(run) -> float:
+        return float(run.data.metrics[metric])
 
     mlflow_client = tracking.client()
     skipped = []
@@ -279,7 +311,7 @@ def promote_best(experiments: list[str] | str = "ddpm", model_name: str = DEFAUL
         version = registered_version(model_name, run.info.run_id)
         if version is not None:
             break
-        checkpoint = checkpoint_for_fid(run)
+        checkpoint = checkpoint_for_fid(run, metric)
         if checkpoint is None:
             skipped.append(run.info.run_id)
             log(f"run {run.info.run_id} ({metric} {fid_of(run):.4g}) has no checkpoint under "
@@ -291,8 +323,9 @@ def promote_best(experiments: list[str] | str = "ddpm", model_name: str = DEFAUL
     else:
         raise LookupError(f"none of the {len(candidates)} candidate runs has its checkpoint on this machine")
 
-    tags = {"fid": repr(fid_of(run)), "fid.metric": metric, "dataset.fingerprint": fingerprint,
-            "schedule": run.data.tags.get("schedule", ""), "source_run_id": run.info.run_id}
+    tags = {"fid": repr(fid_of(run)), "fid.metric": metric, "fid.num_samples": criteria["num_samples"],
+            "dataset.fingerprint": fingerprint, "schedule": run.data.tags.get("schedule", ""),
+            "source_run_id": run.info.run_id}
     for key, value in tags.items():
         mlflow_client.set_model_version_tag(model_name, version.version, key, value)
 
@@ -300,7 +333,7 @@ def promote_best(experiments: list[str] | str = "ddpm", model_name: str = DEFAUL
     if champion is not None and champion.version == version.version:
         moved, reason = False, "already the champion"
     else:
-        moved, reason = champion_decision(tags, champion.tags if champion else None)
+        moved, reason = champion_decision(tags, champion_tags(champion) if champion else None)
     if moved:
         mlflow_client.set_registered_model_alias(model_name, CHAMPION, version.version)
     mlflow_client.set_model_version_tag(model_name, version.version, "promotion.decision",
@@ -310,6 +343,7 @@ def promote_best(experiments: list[str] | str = "ddpm", model_name: str = DEFAUL
     log(f"{model_name} version {version.version} (run {run.info.run_id}, {metric} {fid_of(run):.4g}): "
         f"{'now' if moved else 'not'} {CHAMPION}: {reason}")
     return {"model_name": model_name, "version": str(version.version), "run_id": run.info.run_id,
-            "fid": fid_of(run), "metric": metric, "fingerprint": fingerprint, "moved": moved,
+            "fid": fid_of(run), "metric": metric, "num_samples": criteria["num_samples"],
+            "fingerprint": fingerprint, "moved": moved,
             "reason": reason, "champion_version": str(champion_version) if champion_version else None,
             "skipped_runs": skipped}

@@ -57,17 +57,18 @@ def test_evaluate_logs_a_fid_curve_into_the_training_run(trained, store):
     from flows.evaluate import evaluate
 
     summary, flow_run_id = trained
+    metric = summary["evaluation"]["metric"]   # fid_inception with the extra installed, else fid_classifier
     client = MlflowClient(store)
-    before = [(m.step, m.value) for m in client.get_metric_history(summary["run_id"], "fid_classifier")]
+    before = [(m.step, m.value) for m in client.get_metric_history(summary["run_id"], metric)]
     assert [step for step, _ in before] == [10]   # the pipeline's own FID, last checkpoint only
 
     # the form a deployment trigger passes: the event's resource id
     result = evaluate(prefect_flow_run_id=f"prefect.flow-run.{flow_run_id}")
-    assert result["run_id"] == summary["run_id"] and result["metric"] == "fid_classifier"
+    assert result["run_id"] == summary["run_id"] and result["metric"] == metric
     assert sorted(result["fids"]) == [5, 10]
 
     run = client.get_run(summary["run_id"])
-    history = client.get_metric_history(summary["run_id"], "fid_classifier")
+    history = client.get_metric_history(summary["run_id"], metric)
     assert sorted(m.step for m in history) == [5, 10, 10]
     # same checkpoint, same sampling settings and seed: the same FID as the pipeline measured
     assert result["fids"][10] == pytest.approx(before[0][1], rel=1e-4)
@@ -180,8 +181,9 @@ def test_retrain_uses_the_best_runs_configuration(trained, store):
     from flows.retrain import best_run_config, retrain
 
     summary, _ = trained
-    best_id, config = best_run_config("flows-test")
-    assert best_id == summary["run_id"] and config["model"]["base_channels"] == 8
+    metric = summary["evaluation"]["metric"]   # fid_inception with the extra installed, else fid_classifier
+    best_id, ranked_by, config = best_run_config("flows-test")
+    assert best_id == summary["run_id"] and ranked_by == metric and config["model"]["base_channels"] == 8
 
     result = retrain(experiment="flows-test", promote_to="retrain-test-model")
     assert result["based_on"] == summary["run_id"] and result["run_id"] != summary["run_id"]
@@ -190,13 +192,13 @@ def test_retrain_uses_the_best_runs_configuration(trained, store):
     assert run.info.status == "FINISHED"
     assert run.data.tags["retrain.based_on"] == summary["run_id"]
     assert run.data.params["train.steps"] == "10" and run.data.params["model.base_channels"] == "8"
-    assert "fid_classifier" in run.data.metrics
+    assert {metric, "fid_classifier"} <= set(run.data.metrics)
     # ... and ends by promoting the best run of the experiment (no champion yet: it becomes one)
     promotion = result["promotion"]
     scored = [r for r in MlflowClient(store).search_runs(
         [MlflowClient(store).get_experiment_by_name("flows-test").experiment_id],
-        "attributes.status = 'FINISHED' and tags.`fid.metric` = 'fid_classifier'")]
+        f"attributes.status = 'FINISHED' and tags.`fid.metric` = '{metric}'")]
     assert result["run_id"] in {r.info.run_id for r in scored}
-    best = min(scored, key=lambda r: r.data.metrics["fid_classifier"]).info.run_id
+    best = min(scored, key=lambda r: r.data.metrics[metric]).info.run_id
     assert promotion["run_id"] == best and promotion["moved"] is True
     assert MlflowClient(store).get_model_version_by_alias("retrain-test-model", "champion").run_id == best

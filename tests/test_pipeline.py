@@ -5,6 +5,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from ddpm.data import DataConfig
+from ddpm.metrics import inception_available
 from ddpm.samplers import SamplerConfig
 from ddpm.training import TrainConfig
 from ddpm.unet import preset
@@ -55,11 +56,15 @@ def test_pipeline_trains_samples_and_tracks_everything(prefect_harness, mlflow_s
     images = np.load(summary["samples"]["npz"])["images"]
     assert images.shape == (8, 1, 16, 16) and images.dtype == np.uint8
 
-    # FID against the holdout split, with the floor at the same sample count beside it
+    # FID against the holdout split, with the floor at the same sample count beside it: the standard
+    # (Inception, the primary metric) when the extra is installed, and the classifier's (labels exist)
     evaluation = summary["evaluation"]
-    assert evaluation["metric"] == "fid_classifier" and evaluation["num_samples"] == 8
-    assert run.data.metrics["fid_classifier"] == pytest.approx(evaluation["fid_classifier"])
-    assert 0 < evaluation["fid_classifier_floor"] < evaluation["fid_classifier"]  # 12 steps of training is bad
+    metrics = (["fid_inception"] if inception_available() else []) + ["fid_classifier"]
+    assert evaluation["metrics"] == metrics and evaluation["metric"] == metrics[0] and evaluation["num_samples"] == 8
+    assert run.data.tags["fid.metric"] == metrics[0] and run.data.tags["fid.num_samples"] == "8"
+    for name in metrics:
+        assert run.data.metrics[name] == pytest.approx(evaluation[name])
+        assert 0 < evaluation[f"{name}_floor"] < evaluation[name]  # 12 steps of training is bad
     assert sum(evaluation["class_histogram"]) == 8 and 0.1 <= evaluation["sample_confidence"] <= 1.0
     assert evaluation["classifier_accuracy"] > 0.8
     assert [a.path for a in client.list_artifacts(summary["run_id"], "evaluation")] == [
@@ -77,3 +82,39 @@ def test_a_failing_pipeline_marks_its_mlflow_run_failed(prefect_harness, mlflow_
         state.result()
     runs = mlflow.search_runs(experiment_names=["pipeline-fail"], output_format="list")
     assert [r.info.status for r in runs] == ["FAILED"]
+
+
+@pytest.mark.skipif(not inception_available(), reason="the inception extra is not installed")
+def test_an_unlabelled_image_folder_gets_the_standard_fid(prefect_harness, mlflow_store, tmp_path):
+    """A folder of images without class sub-folders has no labels, so no classifier: fid_inception only."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    from flows.train_pipeline import train_pipeline
+
+    folder = tmp_path / "unlabelled"
+    folder.mkdir()
+    for i, image in enumerate(load_digits().images[:60]):
+        Image.fromarray((image * 255 / 16).astype("uint8")).save(folder / f"{i:03d}.png")
+    state = train_pipeline(data=DataConfig(source=f"folder:{folder}"), model=TINY_MODEL, train=TINY_TRAIN,
+                           sampling=TINY_SAMPLING, experiment="unlabelled", return_state=True)
+    assert state.is_completed()
+    evaluation = state.result()["evaluation"]
+    assert evaluation["metrics"] == ["fid_inception"] and "fid_classifier" not in evaluation
+    run = MlflowClient(mlflow_store).get_run(state.result()["run_id"])
+    assert run.data.tags["fid.metric"] == "fid_inception"
+    assert run.data.metrics["fid_inception"] == pytest.approx(evaluation["fid_inception"]) > 0
+    assert "fid_classifier" not in run.data.metrics
+
+
+def test_checks_that_can_run_before_training_do(prefect_harness, mlflow_store):
+    """More samples than reference images: refused before the MLflow run exists or anything trains."""
+    from flows.train_pipeline import train_pipeline
+
+    state = train_pipeline(data=DataConfig(source="digits", max_images=50), model=TINY_MODEL, train=TINY_TRAIN,
+                           sampling=TINY_SAMPLING.model_copy(update={"num_images": 11}), experiment="too-many",
+                           return_state=True)
+    assert state.is_failed()
+    with pytest.raises(Exception, match="has 10 images, fewer than the 11 samples"):
+        state.result()
+    assert MlflowClient(mlflow_store).get_experiment_by_name("too-many") is None

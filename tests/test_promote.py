@@ -51,6 +51,7 @@ def test_champion_moves_only_on_a_strictly_better_fid(store, checkpoint):
     fake_trained_run(store, "ddpm", checkpoint, 0.5, status="FAILED")          # not finished: never a candidate
     fake_trained_run(store, "ddpm", checkpoint, 1.0, metric="fid_inception")   # another extractor
     fake_trained_run(store, "ddpm", checkpoint, 1.0, fingerprint="data-b")     # other data
+    fake_trained_run(store, "ddpm", checkpoint, 1.0, num_samples=1000)         # another sample count
     fake_trained_run(store, "ddpm", checkpoint, 4.5)                           # newest: data-a, fid_classifier
 
     first = promote_best("ddpm", "ddpm")
@@ -101,6 +102,18 @@ def test_a_champion_measured_on_other_data_is_not_compared(store, checkpoint):
         promote_best("ddpm", "ddpm", metric="fid_inception")
     with pytest.raises(LookupError, match="no finished run with an FID"):
         promote_best("missing-experiment", "ddpm")
+
+
+def test_a_champion_measured_at_another_sample_count_is_not_compared(store, checkpoint):
+    from tasks.registry import promote_best
+
+    fake_trained_run(store, "ddpm", checkpoint, 9.0, num_samples=500)
+    assert promote_best("ddpm", "ddpm")["moved"]
+    fake_trained_run(store, "ddpm", checkpoint, 1.0, num_samples=1000)   # lower, but at another count
+    result = promote_best("ddpm", "ddpm")
+    assert result["num_samples"] == "1000" and not result["moved"]
+    assert "another sample count" in result["reason"] and "not comparable" in result["reason"]
+    assert str(store.get_model_version_by_alias("ddpm", "champion").version) == "1"
 
 
 def test_registered_model_draws_bounded_images(store, checkpoint):

@@ -29,7 +29,7 @@ def tiny_checkpoint(directory: Path, steps: int = 2) -> Path:
 
 def fake_trained_run(client: MlflowClient, experiment: str, checkpoint: Path, fid: float,
                      fingerprint: str = "data-a", metric: str = "fid_classifier", schedule: str = "linear",
-                     status: str = "FINISHED") -> str:
+                     status: str = "FINISHED", num_samples: int = 500) -> str:
     """An MLflow run tagged and measured like train_pipeline's, its checkpoint in $DDPM_HOME/runs/<id>."""
     from tasks.settings import run_dir
 
@@ -37,7 +37,7 @@ def fake_trained_run(client: MlflowClient, experiment: str, checkpoint: Path, fi
 
     experiment_id = pipeline_experiment_id(experiment)  # as the pipeline makes it: artifacts in DDPM_HOME
     run = client.create_run(experiment_id, tags={"dataset.fingerprint": fingerprint, "schedule": schedule,
-                                                 "fid.metric": metric})
+                                                 "fid.metric": metric, "fid.num_samples": str(num_samples)})
     run_id = run.info.run_id
     step = int(checkpoint.stem.split("-")[1])
     client.log_batch(run_id, metrics=[Metric(metric, fid, int(time.time() * 1000), step)])
