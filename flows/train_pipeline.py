@@ -21,7 +21,7 @@ from ddpm.training import TrainConfig
 from ddpm.unet import UNetConfig, preset
 from tasks import settings, tracking
 from tasks.data import log_dataset_input, prepare_data
-from tasks.evaluate import ExtractorKind, evaluate_samples
+from tasks.evaluate import ExtractorKind, check_evaluation, evaluate_samples
 from tasks.sample import sample_checkpoint
 from tasks.train import train_model
 
@@ -35,7 +35,23 @@ DEFAULT_TRAIN = TrainConfig(
     steps=1500, batch_size=64, learning_rate=4e-3, warmup_steps=100, lr_schedule="cosine", ema_decay=0.999,
     log_every=25, checkpoint_every=500, keep_last=3,
 )
-DEFAULT_SAMPLING = SamplerConfig(num_images=500, batch_size=250)   # the default sampler (DDIM-50, eta 1)
+# 350 samples: FID needs a reference (the holdout split) at least as large; the digits hold out 359.
+DEFAULT_SAMPLING = SamplerConfig(num_images=350, batch_size=175)   # the default sampler (DDIM-50, eta 1)
+
+# Named recipes: the settings that differ from the defaults above for one kind of run
+# (`ddpm train --recipe NAME`; prefect.yaml's train-<NAME> deployments carry the same values).
+RECIPES: dict[str, dict] = {
+    "digits": {},   # the defaults: scikit-learn's 8x8 digits at 16x16, a few minutes on a laptop
+    # MNIST at full size, the standard split: train on the 60,000, FID against the 10,000 test
+    # images. 28x28 is padded to 32x32 (every pixel kept, no resampling blur; 32 halves twice
+    # for the UNet's levels). ~15 min of training on 2 CPU cores (docs/benchmarks.md).
+    "mnist": {
+        "data": DataConfig(source="mnist", image_size=32, resize="pad", split="official"),
+        "model": preset("tiny-32"),
+        "train": TrainConfig(**{**DEFAULT_TRAIN.model_dump(), "steps": 2000}),
+        "sampling": SamplerConfig(**{**DEFAULT_SAMPLING.model_dump(), "num_images": 1000, "batch_size": 250}),
+    },
+}
 
 CHECKPOINT_DIR_TAG = "checkpoint_dir"
 CONFIG_ARTIFACT = "config.json"
@@ -78,6 +94,7 @@ def run_pipeline(
     home = settings.ddpm_home()
     dataset_path = prepare_data.with_options(result_storage=home / "task-results")(data, out_dir=str(home / "data"))
     dataset = load_prepared(Path(dataset_path))
+    check_evaluation(fid_extractor, dataset, sampling.num_images)   # before the run exists or anything trains
     config = {"data": data.model_dump(mode="json"), "model": model.model_dump(mode="json"),
               "diffusion": diffusion.model_dump(mode="json"), "train": train.model_dump(mode="json"),
               "sampling": sampling.model_dump(mode="json"), "fid_extractor": fid_extractor}

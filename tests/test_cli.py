@@ -154,3 +154,29 @@ def test_train_options_map_onto_the_pipeline_parameters():
     with pytest.raises(argparse.ArgumentTypeError):
         from flows.cli import parse_setting
         parse_setting("no-equals-sign")
+
+
+def test_recipe_options_start_from_the_recipe_and_options_override_it():
+    from flows.cli import RECIPE_NAMES, build_parser, pipeline_arguments
+    from flows.train_pipeline import RECIPES, train_pipeline
+
+    assert RECIPE_NAMES == tuple(RECIPES)
+    args = build_parser().parse_args(["train", "--recipe", "mnist", "--source", "mnist:/data/mnist", "--steps", "7"])
+    kwargs = pipeline_arguments(train_pipeline, args)
+    mnist = RECIPES["mnist"]
+    assert kwargs["data"] == mnist["data"].model_copy(update={"source": "mnist:/data/mnist"})
+    assert kwargs["data"].split == "official" and kwargs["data"].resize == "pad" and kwargs["data"].image_size == 32
+    assert kwargs["model"] == mnist["model"] and kwargs["sampling"] == mnist["sampling"]
+    assert kwargs["train"] == mnist["train"].model_copy(update={"steps": 7})
+
+
+@pytest.mark.skipif(not (REPO.parent / "shared/data/mnist-full/train-images-idx3-ubyte.gz").exists(),
+                    reason="../shared/data/mnist-full not found")
+def test_prepare_mnist_official_split_from_the_command_line(tmp_path, env):
+    source = f"mnist:{REPO.parent / 'shared/data/mnist-full'}"
+    done = ddpm("prepare", "--recipe", "mnist", "--source", source, "--out", tmp_path / "data", env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["splits"] == {"train": 60000, "holdout": 10000}
+    bad = ddpm("prepare", "--source", "digits", "--split", "official", "--out", tmp_path / "data", env=env, cwd=tmp_path)
+    assert bad.returncode == 1 and bad.stderr.strip() == (
+        "ddpm prepare: error: source 'digits' has no official train/test split; use split='random'")

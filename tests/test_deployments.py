@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import time
+import typing
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
@@ -28,6 +29,22 @@ TINY_PARAMETERS = {
     "sampling": {"sampler": "ddim", "num_steps": 5, "num_images": 8, "batch_size": 8},
     "experiment": "deployment-test",
 }
+
+
+def test_the_mnist_deployment_carries_the_mnist_recipe():
+    """Prefect validates deployment parameters against the config classes, whose own defaults are
+    not the recipe's: every field the recipe changes must be spelled out in prefect.yaml."""
+    import yaml
+
+    from flows.train_pipeline import RECIPES, train_pipeline
+
+    deployments = {d["name"]: d for d in yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]}
+    parameters = deployments["train-mnist"]["parameters"]
+    hints = typing.get_type_hints(train_pipeline.fn)
+    assert set(parameters) == set(RECIPES["mnist"])
+    for section, config in RECIPES["mnist"].items():
+        assert hints[section].model_validate(parameters[section]) == config, section
+    assert "train-mnist" in deployments["evaluate"]["triggers"][0]["match_related"]["prefect.resource.name"]
 
 
 def free_port() -> int:
