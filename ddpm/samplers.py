@@ -1,4 +1,5 @@
-"""Reverse-process samplers: DDPM ancestral sampling (Algorithm 2) and DDIM.
+"""Reverse-process samplers: DDPM ancestral sampling (Algorithm 2) and DDIM, plus the few-step
+solvers of ddpm/solvers.py (DPM-Solver++, UniPC, Heun), all behind one SamplerConfig.
 
 Both walk a decreasing sequence of timesteps t_k > t_{k-1} > ... > 0. At each step the network's
 output gives x_0 and eps (optionally with x_0 clipped to [-1, 1]), and
@@ -26,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ddpm.diffusion import PredictionType, predict_x0_and_epsilon, q_sample
 from ddpm.schedules import NoiseSchedule
+from ddpm.solvers import DPMSolverPP, HeunKarras, UniPC, _Solver
 
 Tensor = torch.Tensor
 Spacing = Literal["leading", "trailing", "linspace"]
@@ -114,7 +116,7 @@ class DDIMSampler:
         return x_prev + sigma * noise if sigma > 0 else x_prev
 
 
-Sampler = DDPMSampler | DDIMSampler
+Sampler = DDPMSampler | DDIMSampler | DPMSolverPP | UniPC | HeunKarras
 
 
 def _alphas_cumprod_pair(schedule: NoiseSchedule, t: int, t_prev: int) -> tuple[float, float]:
@@ -158,6 +160,9 @@ def reverse_process(
     progress: Callable[[Iterable], Iterable] | None = None,
 ) -> Tensor:
     """Run the sampler from x_t at timestep `start_t` (default: the noisiest) down to x_0."""
+    if isinstance(sampler, _Solver):
+        noise = lambda: per_image_noise(generators, x_t.shape[1:], x_t.device, x_t.dtype)  # noqa: E731
+        return sampler.sample(model, x_t, noise, start_t, progress)
     timesteps = sampler.timesteps()
     if start_t is not None:  # begin at start_t, then follow the sampler's own steps below it
         timesteps = [start_t, *(t for t in timesteps if t < start_t)]
@@ -246,8 +251,17 @@ def interpolate(
     return reverse_process(model, sampler, mixed, generators, start_t=t)
 
 
+SAMPLERS = ("ddpm", "ddim", "dpm++2m", "dpm++2m-sde", "unipc", "heun")
+
+
 class SamplerConfig(BaseModel):
     """How to draw images from a trained model; `build` turns it into a sampler.
+
+    sampler: ddpm (Algorithm 2), ddim, or a few-step solver (ddpm/solvers.py): dpm++2m,
+    dpm++2m-sde, unipc (bh2), heun (Karras sigmas). num_steps: sampling steps, which is the
+    number of network evaluations for all but heun (2 per step, NFE = 2 * steps - 1, rounded
+    down to that form); None means all T steps and is only for ddpm. order: of the solvers (1 or
+    2). eta, variance and spacing are DDIM's / DDPM's.
 
     The defaults (DDIM, 50 steps, eta 1) are the cheapest setting within 10% of the best FID in
     the sampler table of docs/benchmarks.md: 18x faster than DDPM-1000 at the same quality there.
@@ -255,9 +269,10 @@ class SamplerConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    sampler: Literal["ddpm", "ddim"] = "ddim"
-    num_steps: int | None = Field(50, ge=1, description="None: all T steps (DDPM); DDIM needs a number")
+    sampler: Literal["ddpm", "ddim", "dpm++2m", "dpm++2m-sde", "unipc", "heun"] = "ddim"
+    num_steps: int | None = Field(50, ge=1, description="None: all T steps (ddpm only)")
     eta: float = Field(1.0, ge=0, description="DDIM noise scale (0 deterministic, 1 ancestral-like)")
+    order: int = Field(2, ge=1, le=2, description="solver order (dpm++2m, dpm++2m-sde, unipc, heun)")
     variance: Literal["beta", "beta_tilde"] = "beta"
     clip_x0: bool = True
     spacing: Spacing = "leading"
@@ -269,9 +284,20 @@ class SamplerConfig(BaseModel):
         if self.sampler == "ddpm":
             return DDPMSampler(schedule, self.variance, self.clip_x0, prediction_type, self.num_steps,
                                "linspace" if self.spacing == "leading" else self.spacing)
-        return DDIMSampler(schedule, self.num_steps or schedule.num_timesteps, self.eta, self.clip_x0,
-                           prediction_type, self.spacing)
+        steps = self.num_steps or schedule.num_timesteps
+        if self.sampler == "ddim":
+            return DDIMSampler(schedule, steps, self.eta, self.clip_x0, prediction_type, self.spacing)
+        if self.sampler == "unipc":
+            return UniPC(schedule, steps, self.clip_x0, prediction_type, self.order)
+        if self.sampler == "heun":
+            return HeunKarras(schedule, steps, self.clip_x0, prediction_type, self.order)
+        return DPMSolverPP(schedule, steps, self.clip_x0, prediction_type, self.order,
+                           sde=self.sampler == "dpm++2m-sde")
 
     def describe(self) -> str:
         steps = self.num_steps or "T"
-        return f"ddpm-{steps}-{self.variance}" if self.sampler == "ddpm" else f"ddim-{steps}-eta{self.eta:g}"
+        if self.sampler == "ddpm":
+            return f"ddpm-{steps}-{self.variance}"
+        if self.sampler == "ddim":
+            return f"ddim-{steps}-eta{self.eta:g}"
+        return f"{self.sampler}-{steps}" + ("" if self.order == 2 else f"-order{self.order}")

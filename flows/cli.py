@@ -263,11 +263,13 @@ def add_pipeline_options(parser: argparse.ArgumentParser, schedule_option: bool)
 # SamplerConfig's defaults (the measured pick of docs/benchmarks.md), spelled out so that building
 # the parser imports no torch; tests/test_cli.py checks that the two agree.
 SAMPLER_DEFAULTS = {"sampler": "ddim", "num_steps": 50, "eta": 1.0}
+SAMPLER_NAMES = ("ddpm", "ddim", "dpm++2m", "dpm++2m-sde", "unipc", "heun")   # ddpm.samplers.SAMPLERS
 
 
 def add_sampler_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("sampler")
-    group.add_argument("--sampler", choices=["ddim", "ddpm"], default=SAMPLER_DEFAULTS["sampler"])
+    group.add_argument("--sampler", choices=SAMPLER_NAMES, default=SAMPLER_DEFAULTS["sampler"],
+                       help="ddpm, ddim, or a few-step solver: dpm++2m, dpm++2m-sde, unipc, heun")
     group.add_argument("--steps", type=positive_int, default=SAMPLER_DEFAULTS["num_steps"],
                        help=f"sampling steps (default {SAMPLER_DEFAULTS['num_steps']})")
     group.add_argument("--eta", type=float, default=SAMPLER_DEFAULTS["eta"],

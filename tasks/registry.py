@@ -34,7 +34,7 @@ from mlflow.pyfunc import PythonModel
 
 from ddpm.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
 from ddpm.images import to_uint8
-from ddpm.samplers import SamplerConfig, generate
+from ddpm.samplers import SAMPLERS, SamplerConfig, generate
 from ddpm.training import load_model
 from tasks import tracking
 from tasks.settings import run_dir
@@ -44,7 +44,6 @@ DEFAULT_MODEL_NAME = "ddpm"
 # what a request may ask for when it says nothing; declared in the signature so MLflow passes them
 DEFAULT_PARAMS = {"seed": 0, "sampler": SamplerConfig().sampler, "steps": SamplerConfig().num_steps,
                   "eta": SamplerConfig().eta, "format": "uint8"}
-SAMPLERS = ("ddpm", "ddim")
 FORMATS = ("uint8", "png_base64")
 
 

@@ -127,8 +127,10 @@ def test_denoise_and_interpolate_write_grids(checkpoint, env, tmp_path):
 
 def test_sampler_options_default_to_the_sampler_config_defaults():
     from ddpm.samplers import SamplerConfig
-    from flows.cli import SAMPLER_DEFAULTS, build_parser
+    from ddpm.samplers import SAMPLERS
+    from flows.cli import SAMPLER_DEFAULTS, SAMPLER_NAMES, build_parser
 
+    assert SAMPLER_NAMES == SAMPLERS
     defaults = SamplerConfig()
     assert SAMPLER_DEFAULTS == {"sampler": defaults.sampler, "num_steps": defaults.num_steps, "eta": defaults.eta}
     args = build_parser().parse_args(["sample", "--checkpoint", "x.pt"])
