@@ -7,7 +7,9 @@ EMA decays of the same run (extra EMA copies cost nothing measurable at this siz
 
 A recipe is comma-separated key=value: lr, batch, warmup, schedule (noise), dropout, decay (the
 learning rate after warm-up: constant, or cosine to 0 at the step count 50 probe steps predict
-for the budget). The table and a JSON
+for the budget), minsnr (Min-SNR-gamma loss weighting with that gamma; 0: none).
+The Min-SNR comparison of docs/benchmarks.md: --recipe lr=4e-3,schedule=cosine,decay=cosine
+lr=4e-3,schedule=cosine,decay=cosine,minsnr=5 --sampler default. The table and a JSON
 record go to --out (default benchmarks/results/recipe_sweep).
 """
 from __future__ import annotations
@@ -37,7 +39,8 @@ SAMPLER = SamplerConfig(num_steps=100, eta=0.0)   # DDIM-100 eta 0, the default 
 
 
 def parse_recipe(text: str) -> dict:
-    recipe = {"lr": 1e-3, "batch": 64, "warmup": 100, "schedule": "linear", "dropout": None, "decay": "constant"}
+    recipe = {"lr": 1e-3, "batch": 64, "warmup": 100, "schedule": "linear", "dropout": None, "decay": "constant",
+              "minsnr": 0.0}
     for item in text.split(","):
         key, _, value = item.partition("=")
         if key not in recipe:
@@ -45,7 +48,7 @@ def parse_recipe(text: str) -> dict:
         if key in ("schedule", "decay"):
             recipe[key] = value
         else:
-            recipe[key] = float(value) if key in ("lr", "dropout") else int(value)
+            recipe[key] = float(value) if key in ("lr", "dropout", "minsnr") else int(value)
     return recipe
 
 
@@ -59,8 +62,8 @@ def train_for(recipe: dict, model_name: str, images, minutes: float, seed: int):
     loader = BatchLoader(images, recipe["batch"], seed=seed)
 
     def new_trainer(config):
-        return Trainer(preset(model_name, **overrides), DiffusionConfig(schedule=recipe["schedule"]), config,
-                       loader.batch)
+        diffusion = DiffusionConfig(schedule=recipe["schedule"], min_snr_gamma=recipe["minsnr"] or None)
+        return Trainer(preset(model_name, **overrides), diffusion, config, loader.batch)
 
     if recipe["decay"] != "constant":   # a decay needs the step count: predict it from 50 probe steps
         probe, start = new_trainer(train), time.perf_counter()
@@ -88,16 +91,19 @@ def main() -> None:
     parser.add_argument("--model", default="tiny-16")
     parser.add_argument("--samples", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sampler", choices=["ddim100", "default"], default="ddim100",
+                        help="ddim100: DDIM-100 eta 0 (the sweep's original); default: SamplerConfig()")
     parser.add_argument("--mnist", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/recipe_sweep"))
     args = parser.parse_args()
+    sampler_config = SAMPLER if args.sampler == "ddim100" else SamplerConfig()
 
     dataset = prepare_mnist(args.out, mnist_dir=args.mnist)
     scorer = Scorer(dataset, args.out / "cache")
     train_images, _ = dataset.split("train")
     floor = scorer.floor(args.samples)
     print(f"{machine()}\nMNIST 16x16: {len(train_images)} train images; fid_classifier floor at "
-          f"{args.samples} samples = {floor:.2f}; sampler {SAMPLER.describe()}; {args.minutes:g} min per recipe")
+          f"{args.samples} samples = {floor:.2f}; sampler {sampler_config.describe()}; {args.minutes:g} min per recipe")
     print(f"{'recipe':<40}{'min':>6}{'steps':>7}{'final loss':>12}"
           + "".join(f"{'EMA ' + str(d):>12}" for d in EMA_DECAYS))
     rows = []
@@ -105,7 +111,7 @@ def main() -> None:
         recipe = parse_recipe(text)
         trainer, emas, loss, trained_minutes = train_for(recipe, args.model, train_images, args.minutes, args.seed)
         steps = trainer.step
-        sampler = SAMPLER.build(trainer.schedule)
+        sampler = sampler_config.build(trainer.schedule)
         scores = {}
         for decay, ema in emas.items():
             model = copy.deepcopy(ema.module).eval()

@@ -140,10 +140,15 @@ def training_loss(
     generator: torch.Generator | None = None,
     t: Tensor | None = None,
     noise: Tensor | None = None,
+    min_snr_gamma: float | None = None,
 ) -> Tensor:
     """Algorithm 1: t ~ Uniform{1..T}, eps ~ N(0, I), loss = || target - model(x_t, t) ||^2.
 
-    The mean squared error over all pixels and the batch (the paper's 'simple' objective).
+    The mean squared error over all pixels and the batch (the paper's 'simple' objective). With
+    `min_snr_gamma` (Hang et al. 2023, Min-SNR-gamma), each image's error is weighted by
+    w(t) = min(SNR(t), gamma) / SNR(t) for eps-prediction, min(SNR(t), gamma) / (SNR(t) + 1) for v,
+    min(SNR(t), gamma) for x0: the same clipped-SNR weight on the x0 error for every target, so the
+    nearly clean steps (huge SNR) stop dominating the gradient.
     Randomness comes from `generator` when given, so a training step is reproducible; `t` and
     `noise`, when given, are used as drawn (the trainer draws them for a whole global batch and
     hands each micro-batch its slice).
@@ -154,7 +159,19 @@ def training_loss(
         noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
     x_t = q_sample(schedule, x0, t, noise)
     prediction = model(x_t, t)
-    return F.mse_loss(prediction.float(), training_target(schedule, x0, t, noise, prediction_type).float())
+    target = training_target(schedule, x0, t, noise, prediction_type)
+    if min_snr_gamma is None:
+        return F.mse_loss(prediction.float(), target.float())
+    per_image = (prediction.float() - target.float()).pow(2).flatten(1).mean(dim=1)
+    return (min_snr_weight(schedule, t, prediction_type, min_snr_gamma) * per_image).mean()
+
+
+def min_snr_weight(schedule: NoiseSchedule, t: Tensor, prediction_type: PredictionType, gamma: float) -> Tensor:
+    """Min-SNR-gamma loss weight of timesteps t for a network predicting `prediction_type` (float32)."""
+    snr = schedule.signal_to_noise().to(t.device)[t]
+    clipped = snr.clamp(max=gamma)
+    weight = {"epsilon": clipped / snr, "v": clipped / (snr + 1), "x0": clipped}[prediction_type]
+    return weight.float()
 
 
 class DiffusionConfig(BaseModel):
@@ -165,6 +182,8 @@ class DiffusionConfig(BaseModel):
     schedule: str = Field("linear", description=f"one of {sorted(BETA_SCHEDULES)}")
     num_timesteps: int = Field(1000, ge=1, description="T, the number of diffusion steps")
     prediction_type: PredictionType = "epsilon"
+    min_snr_gamma: float | None = Field(None, gt=0, description="Min-SNR-gamma loss weighting (5 in the paper); "
+                                                                "None: the paper's unweighted MSE")
 
     @field_validator("schedule")
     @classmethod

@@ -324,6 +324,7 @@ class Trainer:
                     loss = training_loss(
                         self.forward_model, self.schedule, x0, self.diffusion_config.prediction_type,
                         t=t_global[start : start + micro], noise=noise_global[start : start + micro],
+                        min_snr_gamma=self.diffusion_config.min_snr_gamma,
                     )
                 (loss / accum).backward()
             loss_sum += loss.detach().float()

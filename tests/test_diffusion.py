@@ -105,3 +105,31 @@ def test_diffusion_config_validation():
         DiffusionConfig(num_timesteps=0)
     with pytest.raises(ValueError, match="prediction_type"):
         DiffusionConfig(prediction_type="score")
+
+
+def test_min_snr_gamma_weights_are_the_clipped_snr_for_each_target():
+    from ddpm.diffusion import DiffusionConfig, min_snr_weight, training_loss
+
+    schedule = NoiseSchedule.from_name("linear", 1000)
+    t = torch.tensor([0, 100, 500, 999])
+    snr = schedule.signal_to_noise()[t]
+    clipped = snr.clamp(max=5.0)
+    assert torch.allclose(min_snr_weight(schedule, t, "epsilon", 5.0).double(), clipped / snr, rtol=1e-6)
+    assert torch.allclose(min_snr_weight(schedule, t, "v", 5.0).double(), clipped / (snr + 1), rtol=1e-6)
+    assert torch.allclose(min_snr_weight(schedule, t, "x0", 5.0).double(), clipped, rtol=1e-6)
+    # eps: high-SNR (nearly clean) steps are weighted down, noisy steps (SNR < gamma) keep weight 1
+    weights = min_snr_weight(schedule, t, "epsilon", 5.0)
+    assert weights[0] < 1e-3 and weights[-1] == 1.0
+
+    model = lambda x, t: x * 0.5  # noqa: E731 (any deterministic network)
+    x0 = torch.rand(4, 1, 4, 4, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    noise = torch.randn(4, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    plain = training_loss(model, schedule, x0, t=t, noise=noise)
+    # gamma above every SNR: weight 1 for eps, the plain MSE
+    assert torch.allclose(training_loss(model, schedule, x0, t=t, noise=noise, min_snr_gamma=1e9), plain)
+    weighted = training_loss(model, schedule, x0, t=t, noise=noise, min_snr_gamma=5.0)
+    x_t = schedule.sqrt_alphas_cumprod[t].float().reshape(-1, 1, 1, 1) * x0 + \
+        schedule.sqrt_one_minus_alphas_cumprod[t].float().reshape(-1, 1, 1, 1) * noise
+    errors = (model(x_t, t) - noise).pow(2).flatten(1).mean(1)
+    assert torch.allclose(weighted, (weights * errors).mean(), rtol=1e-5)
+    assert DiffusionConfig().min_snr_gamma is None and DiffusionConfig(min_snr_gamma=5).min_snr_gamma == 5
