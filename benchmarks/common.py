@@ -6,6 +6,7 @@ extra and is imported only where a benchmark needs it.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import platform
@@ -14,7 +15,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,6 +53,12 @@ DIFFUSERS_CONFIGS = {
     "tiny-16": dict(
         sample_size=16, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(16, 32),
         down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        dropout=0.0, norm_num_groups=8, attention_head_dim=None,
+    ),
+    "tiny-32": dict(
+        sample_size=32, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(16, 32, 32),
+        down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
         dropout=0.0, norm_num_groups=8, attention_head_dim=None,
     ),
 }
@@ -169,3 +178,97 @@ def cached_json(path: Path, compute, announce: bool = False):
     result = compute()
     write_json(path, result)
     return result
+
+
+# --- diffusers' unconditional training example, as the peer recipe ------------------------------
+
+PROGRESS_EVERY_S = 60
+
+
+def train_diffusers(model_name: str, images_uint8: torch.Tensor, batch: int, seed: int, minutes: float,
+                    epochs: int | None, out: Path, snapshot_minutes: tuple[float, ...] = ()) -> dict:
+    """diffusers' examples/unconditional_image_generation/train_unconditional.py, its defaults: AdamW
+    lr 1e-4, betas (0.95, 0.999), weight decay 1e-6, cosine schedule with 500 warm-up steps over
+    `epochs` (None: as many as fit in `minutes`, from the speed of 50 probe steps), grad-norm clip 1,
+    EMAModel with warm-up (inv_gamma 1, power 3/4, max 0.9999), linear betas, T=1000.
+
+    Cut off after `minutes`; saves the EMA weights to out/diffusers-ema.pt, and at each of
+    `snapshot_minutes` to out/diffusers-ema-<minutes>min.pt (listed in the result's "snapshots").
+    """
+    from diffusers import DDPMScheduler
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+
+    torch.manual_seed(seed)
+    model = diffusers_unet(model_name).train()
+    noise_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.95, 0.999), weight_decay=1e-6, eps=1e-8)
+    data = images_uint8.float() / 127.5 - 1.0   # ToTensor + Normalize([0.5], [0.5])
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data), batch_size=batch, shuffle=True,
+                                         generator=torch.Generator().manual_seed(seed))
+    if epochs is None:
+        epochs = max(1, round(60 * minutes / probe_seconds_per_step(model, noise_scheduler, batch) / len(loader)))
+    lr_scheduler = get_scheduler("cosine", optimizer=optimizer, num_warmup_steps=500,
+                                 num_training_steps=len(loader) * epochs)
+    ema = EMAModel(model.parameters(), decay=0.9999, use_ema_warmup=True, inv_gamma=1.0, power=3 / 4)
+
+    def save_ema(path: Path) -> None:
+        snapshot = copy.deepcopy(model)
+        ema.copy_to(snapshot.parameters())
+        torch.save(snapshot.state_dict(), path)
+
+    step, losses, curve, snapshots = 0, [], [], {}
+    pending = sorted(m for m in snapshot_minutes if m < minutes)
+    start = last_report = time.perf_counter()
+    deadline = start + 60 * minutes
+    done = False
+    for _ in range(epochs):
+        for (clean,) in loader:
+            noise = torch.randn(clean.shape)
+            timesteps = torch.randint(0, 1000, (clean.shape[0],)).long()
+            noisy = noise_scheduler.add_noise(clean, noise, timesteps)
+            loss = F.mse_loss(model(noisy, timesteps).sample, noise)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            lr_scheduler.step()
+            ema.step(model.parameters())
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            losses.append(loss.detach().item())
+            now = time.perf_counter()
+            if pending and now - start >= 60 * pending[0]:
+                path = out / f"diffusers-ema-{pending.pop(0):g}min.pt"
+                save_ema(path)
+                snapshots[str(path)] = {"step": step, "seconds": now - start}
+            if now - last_report >= PROGRESS_EVERY_S:
+                curve.append((step, float(np.mean(losses[-100:]))))
+                print(f"  diffusers step {step} loss {curve[-1][1]:.4f} ({(now - start) / 60:.1f} min)", flush=True)
+                last_report = now
+            if now >= deadline:
+                done = True
+                break
+        if done:
+            break
+    seconds = time.perf_counter() - start
+    save_ema(out / "diffusers-ema.pt")
+    snapshots[str(out / "diffusers-ema.pt")] = {"step": step, "seconds": seconds}
+    return {"steps": step, "seconds": seconds, "images_per_second": step * batch / seconds, "epochs": epochs,
+            "schedule_steps": len(loader) * epochs, "final_loss": float(np.mean(losses[-100:])),
+            "loss_curve": curve, "parameters": sum(p.numel() for p in model.parameters()),
+            "checkpoint": str(out / "diffusers-ema.pt"), "snapshots": snapshots}
+
+
+def probe_seconds_per_step(model, noise_scheduler, batch: int, steps: int = 50) -> float:
+    """Seconds per training step of a throwaway copy of `model` (the real one stays untouched)."""
+    probe = copy.deepcopy(model)
+    optimizer = torch.optim.AdamW(probe.parameters(), lr=1e-4)
+    size = probe.config.sample_size
+    clean = torch.randn(batch, probe.config.in_channels, size, size)
+    start = time.perf_counter()
+    for _ in range(steps):
+        noise, timesteps = torch.randn(clean.shape), torch.randint(0, 1000, (batch,))
+        F.mse_loss(probe(noise_scheduler.add_noise(clean, noise, timesteps), timesteps).sample, noise).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return (time.perf_counter() - start) / steps

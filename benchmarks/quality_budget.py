@@ -22,17 +22,16 @@ Each phase saves its result under --out and is skipped when rerun (--fresh to re
 from __future__ import annotations
 
 import argparse
-import copy
 import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from common import (
-    Scorer, cached_json, diffusers_samples, diffusers_unet, machine, prepare_mnist, timed_samples, write_json,
+    Scorer, cached_json, diffusers_samples, diffusers_unet, machine, prepare_mnist, timed_samples, train_diffusers,
+    write_json,
 )
 
 from ddpm.data import BatchLoader
@@ -43,76 +42,6 @@ from ddpm.unet import count_parameters, preset
 from flows.train_pipeline import DEFAULT_DIFFUSION, DEFAULT_TRAIN
 
 PROGRESS_EVERY_S = 60
-
-
-def train_diffusers(model_name: str, images_uint8: torch.Tensor, batch: int, seed: int, minutes: float,
-                    epochs: int | None, out: Path):
-    """The diffusers example's loop and defaults, over `epochs` (None: as many as fit in `minutes`)
-    and cut off after `minutes`; saves the EMA weights."""
-    from diffusers import DDPMScheduler
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import EMAModel
-
-    torch.manual_seed(seed)
-    model = diffusers_unet(model_name).train()
-    noise_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.95, 0.999), weight_decay=1e-6, eps=1e-8)
-    data = images_uint8.float() / 127.5 - 1.0   # ToTensor + Normalize([0.5], [0.5])
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data), batch_size=batch, shuffle=True,
-                                         generator=torch.Generator().manual_seed(seed))
-    if epochs is None:
-        epochs = max(1, round(60 * minutes / probe_seconds_per_step(model, noise_scheduler, batch) / len(loader)))
-    lr_scheduler = get_scheduler("cosine", optimizer=optimizer, num_warmup_steps=500,
-                                 num_training_steps=len(loader) * epochs)
-    ema = EMAModel(model.parameters(), decay=0.9999, use_ema_warmup=True, inv_gamma=1.0, power=3 / 4)
-
-    step, losses, curve = 0, [], []
-    start = last_report = time.perf_counter()
-    deadline = start + 60 * minutes
-    for _ in range(epochs):
-        for (clean,) in loader:
-            noise = torch.randn(clean.shape)
-            timesteps = torch.randint(0, 1000, (clean.shape[0],)).long()
-            noisy = noise_scheduler.add_noise(clean, noise, timesteps)
-            loss = F.mse_loss(model(noisy, timesteps).sample, noise)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            lr_scheduler.step()
-            ema.step(model.parameters())
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            losses.append(loss.detach().item())
-            now = time.perf_counter()
-            if now - last_report >= PROGRESS_EVERY_S:
-                curve.append((step, float(np.mean(losses[-100:]))))
-                print(f"  diffusers step {step} loss {curve[-1][1]:.4f} ({(now - start) / 60:.1f} min)", flush=True)
-                last_report = now
-            if now >= deadline:
-                break
-        if time.perf_counter() >= deadline:
-            break
-    seconds = time.perf_counter() - start
-    ema.copy_to(model.parameters())
-    torch.save(model.state_dict(), out / "diffusers-ema.pt")
-    return {"steps": step, "seconds": seconds, "images_per_second": step * batch / seconds, "epochs": epochs,
-            "schedule_steps": len(loader) * epochs, "final_loss": float(np.mean(losses[-100:])),
-            "loss_curve": curve, "parameters": count_parameters(model)}
-
-
-def probe_seconds_per_step(model, noise_scheduler, batch: int, steps: int = 50) -> float:
-    """Seconds per training step of a throwaway copy of `model` (the real one stays untouched)."""
-    probe = copy.deepcopy(model)
-    optimizer = torch.optim.AdamW(probe.parameters(), lr=1e-4)
-    size = probe.config.sample_size
-    clean = torch.randn(batch, probe.config.in_channels, size, size)
-    start = time.perf_counter()
-    for _ in range(steps):
-        noise, timesteps = torch.randn(clean.shape), torch.randint(0, 1000, (batch,))
-        F.mse_loss(probe(noise_scheduler.add_noise(clean, noise, timesteps), timesteps).sample, noise).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return (time.perf_counter() - start) / steps
 
 
 def train_ours(model_name: str, images_uint8: torch.Tensor, batch: int, seed: int, minutes: float,

@@ -1,0 +1,165 @@
+"""Few-step solvers: FID and time per image at 5, 10, 15, 20 and 50 network evaluations on the
+same weights, ours side by side with diffusers' DPMSolverMultistepScheduler and
+UniPCMultistepScheduler driving our network, against DDPM-1000 and today's default (DDIM-50, eta 1).
+
+Weights: tiny-16 trained on MNIST 16x16 (the t10k split, seeded 8000/2000 split, as the other
+benchmarks) with the pipeline's recipe for --minutes (cached in --out). Every row: --samples
+images per seed for seeds 0, 1, 2, fid_classifier against the 2000 holdout images; the table
+gives the mean over the seeds and the spread. diffusers' schedulers get our trained betas
+(`trained_betas`) and their own defaults otherwise (2nd order, linspace timesteps, last step to
+sigma 0, no thresholding); they call our UNet through an adapter.
+
+    python benchmarks/solvers.py [--minutes 5] [--samples 500] [--seeds 0 1 2]
+
+It ends with the pick: the cheapest setting whose mean FID is within 10% of DDPM-1000's, and
+whether it is at least 3x cheaper than DDIM-50 eta 1 at equal or better FID.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common import Scorer, cached_json, diffusers_samples, machine, prepare_mnist, timed_samples, write_json
+
+from ddpm.data import BatchLoader
+from ddpm.samplers import SamplerConfig
+from ddpm.training import Trainer, load_model
+from ddpm.unet import preset
+from flows.train_pipeline import DEFAULT_DIFFUSION, DEFAULT_TRAIN
+
+STEPS = (5, 10, 15, 20, 50)
+OURS = ("dpm++2m", "dpm++2m-sde", "unipc", "heun")
+
+
+class OursAsDiffusers(torch.nn.Module):
+    """Our UNet behind UNet2DModel's call convention (`.sample`, `config.sample_size`)."""
+
+    class Output:
+        def __init__(self, sample):
+            self.sample = sample
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.config = type("Config", (), {"in_channels": model.config.in_channels,
+                                          "sample_size": model.config.image_size})
+
+    def forward(self, x, t):
+        return self.Output(self.model(x, torch.as_tensor(t).reshape(-1).expand(x.shape[0])))
+
+
+def train(images_uint8: torch.Tensor, minutes: float, out: Path) -> dict:
+    """The pipeline's recipe on tiny-16, its cosine learning-rate decay sized to end with the budget."""
+    batch = DEFAULT_TRAIN.batch_size
+    probe = Trainer(preset("tiny-16"), DEFAULT_DIFFUSION, DEFAULT_TRAIN.model_copy(update={"device": "cpu"}),
+                    BatchLoader(images_uint8, batch, seed=0).batch)
+    probe.train_step()
+    start = time.perf_counter()
+    for _ in range(20):
+        probe.train_step()
+    steps = int(60 * minutes / ((time.perf_counter() - start) / 20))
+    config = DEFAULT_TRAIN.model_copy(update={"steps": steps, "device": "cpu", "checkpoint_every": 10**9})
+    shutil.rmtree(out / "weights", ignore_errors=True)
+    trainer = Trainer(preset("tiny-16"), DEFAULT_DIFFUSION, config, BatchLoader(images_uint8, batch, seed=0).batch,
+                      checkpoint_dir=out / "weights")
+    result = trainer.train()
+    return {"steps": result.step, "checkpoint": str(result.checkpoints[-1]), "final_loss": result.final_loss}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--minutes", type=float, default=5.0, help="training budget of the weights")
+    parser.add_argument("--samples", type=int, default=500)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--mnist", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/solvers"))
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
+
+    dataset = prepare_mnist(args.out, mnist_dir=args.mnist)
+    train_images, _ = dataset.split("train")
+    scorer = Scorer(dataset, args.out / "cache")
+    print(machine())
+    weights = cached_json(args.out / "weights.json", lambda: train(train_images, args.minutes, args.out), announce=True)
+    model, diffusion, _ = load_model(weights["checkpoint"])
+    schedule = diffusion.make_schedule()
+    floor = scorer.floor(args.samples)
+    print(f"tiny-16 on MNIST 16x16, {weights['steps']} steps ({args.minutes:g} min); fid_classifier at "
+          f"{args.samples} samples, floor {floor:.2f}; mean over seeds {args.seeds}")
+
+    betas = schedule.betas.double().numpy()
+    diffusers_schedulers = {
+        "diffusers dpm++2m": lambda: DPMSolverMultistepScheduler(num_train_timesteps=len(betas), trained_betas=betas),
+        "diffusers dpm++2m-sde": lambda: DPMSolverMultistepScheduler(num_train_timesteps=len(betas), trained_betas=betas,
+                                                                     algorithm_type="sde-dpmsolver++"),
+        "diffusers unipc": lambda: UniPCMultistepScheduler(num_train_timesteps=len(betas), trained_betas=betas),
+    }
+    adapter = OursAsDiffusers(model).eval()
+
+    settings = {"DDPM-1000": (SamplerConfig(sampler="ddpm", num_steps=None), 1000),
+                "DDIM-50 eta1 (default)": (SamplerConfig(), 50)}
+    for name in OURS:
+        for n in STEPS:
+            config = SamplerConfig(sampler=name, num_steps=n)
+            settings[f"{name}-{n}"] = (config, config.build(schedule).nfe)
+    rows = []
+    print(f"\n{'setting':<28}{'NFE':>5}{'FID mean':>10}{'spread':>8}{'ms/img':>9}")
+
+    def scored(draw):
+        def run(seed):
+            images, seconds = draw(seed)
+            return {"fid": scorer.fid(images), "seconds": seconds}
+        return run
+
+    for name, (config, nfe) in settings.items():
+        sampler = config.build(schedule)
+        report_cached(args, rows, name, nfe, scored(lambda seed, s=sampler: timed_samples(model, s, args.samples, seed)))
+    for name, make in diffusers_schedulers.items():
+        for n in STEPS:
+            report_cached(args, rows, f"{name}-{n}", n,
+                          scored(lambda seed, make=make, n=n: diffusers_samples(adapter, make(), n, args.samples, seed)))
+
+    reference = next(r for r in rows if r["setting"] == "DDPM-1000")
+    default = next(r for r in rows if r["setting"] == "DDIM-50 eta1 (default)")
+    ours = [r for r in rows if r["setting"].startswith(OURS)]
+    close = [r for r in ours if r["fid"] <= 1.1 * reference["fid"]]
+    print(f"\nDDPM-1000: {reference['fid']:.2f}; DDIM-50 eta 1: {default['fid']:.2f} "
+          f"({1000 * default['seconds_per_image']:.2f} ms/img)")
+    for n in (10,):
+        for name in OURS:
+            r = next(r for r in rows if r["setting"] == f"{name}-{n}")
+            print(f"{name}-{n}: FID {r['fid']:.2f} = {r['fid'] / reference['fid']:.2f}x DDPM-1000")
+    for name in ("dpm++2m", "dpm++2m-sde", "unipc"):
+        for n in STEPS:
+            a = next(r for r in rows if r["setting"] == f"{name}-{n}")
+            b = next(r for r in rows if r["setting"] == f"diffusers {name}-{n}")
+            print(f"{name}-{n}: ours {a['fid']:.2f} vs diffusers {b['fid']:.2f}")
+    if close:
+        pick = min(close, key=lambda r: r["seconds_per_image"])
+        print(f"pick: {pick['setting']} (FID {pick['fid']:.2f}, {1000 * pick['seconds_per_image']:.2f} ms/img), "
+              f"{default['seconds_per_image'] / pick['seconds_per_image']:.1f}x cheaper than DDIM-50 eta 1 "
+              f"({'better or equal' if pick['fid'] <= default['fid'] else 'worse'} FID)")
+    write_json(args.out / "results.json", {"machine": machine(), "weights": weights, "floor": floor,
+                                           "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows})
+
+
+def report_cached(args, rows, name: str, nfe: int, run) -> None:
+    """One row: `run(seed)` -> {"fid", "seconds"} for each seed (cached per seed), mean and spread."""
+    per_seed = [cached_json(args.out / "rows" / f"{name.replace(' ', '_')}-seed{seed}-{args.samples}.json",
+                            lambda seed=seed: run(seed)) for seed in args.seeds]
+    fids = [r["fid"] for r in per_seed]
+    row = {"setting": name, "nfe": nfe, "fids": fids, "fid": float(np.mean(fids)), "spread": float(np.ptp(fids)),
+           "seconds_per_image": float(np.mean([r["seconds"] for r in per_seed]))}
+    rows.append(row)
+    print(f"{name:<28}{nfe:>5}{row['fid']:>10.2f}{row['spread']:>8.2f}{1000 * row['seconds_per_image']:>9.2f}",
+          flush=True)
+
+
+if __name__ == "__main__":
+    main()
