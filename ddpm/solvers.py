@@ -165,8 +165,8 @@ class UniPC(_Solver):
         for i in progress(indices) if progress else indices:
             d = self.data_prediction(model, x, grid[i])
             if i == len(grid) - 1:
-                # UniC for the last interior step, then the final step to sigma = 0 returns D.
-                # A corrected x would need another evaluation to change D: diffusers, too, skips it.
+                # The final step to sigma = 0 returns D. No corrector here: a corrected x would need
+                # another evaluation to change D, so diffusers skips it too.
                 return d
             if last_x is not None:   # UniC: correct x_i with D_i, evaluated at the uncorrected x_i
                 x = self._corrector(last_x, x, d, outputs, lams, i, last_order)

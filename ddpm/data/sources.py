@@ -83,13 +83,17 @@ def parse_source(source: str) -> tuple[str, Path | None]:
 
 # ---------------------------------------------------------------------------- checksums
 
-def md5_file(path: Path, block: int = 1 << 20) -> str:
-    """md5 hex digest of a file, read in 1 MiB blocks."""
-    digest = hashlib.md5()
+def file_digest(path: Path, algorithm: str = "md5", block: int = 1 << 20) -> str:
+    """Hex digest of a file (any hashlib algorithm), read in 1 MiB blocks."""
+    digest = hashlib.new(algorithm)
     with open(path, "rb") as f:
         while chunk := f.read(block):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def md5_file(path: Path) -> str:
+    return file_digest(path, "md5")
 
 
 def read_md5sums(folder: Path) -> dict[str, str]:

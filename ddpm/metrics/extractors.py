@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ..data.sources import file_digest
 from .classifier import DigitClassifier, to_unit_range
 
 INSTALL_HINT = "pip install 'ddpm-pipeline[inception]'"
@@ -164,14 +165,6 @@ def inception_available() -> bool:
     return path is not None and path.is_file()
 
 
-def sha1_file(path: Path, block: int = 1 << 20) -> str:
-    digest = hashlib.sha1()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def inception_weights(weights_path: str | Path | None = None) -> Path:
     """The verified Inception file: `weights_path`, else where inception_weights_path() points.
 
@@ -186,7 +179,7 @@ def inception_weights(weights_path: str | Path | None = None) -> Path:
             f"(or set {INCEPTION_WEIGHTS_ENV} to a copy of its {INCEPTION_FILE})")
     if not path.is_file():
         raise InceptionUnavailable(f"Inception weights file {path} does not exist; reinstall with {INSTALL_HINT}")
-    actual = sha1_file(path)
+    actual = file_digest(path, "sha1")
     if actual != INCEPTION_SHA1:
         raise InceptionUnavailable(
             f"Inception weights file {path} has sha1 {actual}, expected {INCEPTION_SHA1}: it is damaged "
