@@ -297,6 +297,41 @@ def test_cifar10_archive_local_and_downloaded(tmp_path, http_dir):
     assert gray.images.shape == (16, 1, 16, 16)
 
 
+class RunsCode:
+    """What a crafted pickle carries: unpickling it calls os.system."""
+
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def test_cifar10_extracted_batches_are_verified_and_never_run_code(tmp_path):
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    x, y = fake_cifar_archive(archive, names=("data_batch_1", "test_batch"))
+    with tarfile.open(archive) as tar:
+        tar.extractall(tmp_path / "extracted", filter="data")
+    folder = tmp_path / "extracted" / "cifar-10-batches-py"
+    # protocol 2, as the published (Python 2) batches: arrays load
+    batch = pickle.loads((folder / "data_batch_1").read_bytes())
+    (folder / "data_batch_1").write_bytes(pickle.dumps(batch, protocol=2))
+    config = DataConfig(source=f"cifar10:{folder}", image_size=32, channels=3, resize="none")
+    sums = {name: md5(folder / name) for name in ("data_batch_1", "test_batch", "batches.meta")}
+    prepared = load_prepared(prepare_dataset(config, tmp_path / "out", checksums=sums))
+    assert np.array_equal(prepared.images.numpy(), x)
+
+    marker = tmp_path / "ran"
+    (folder / "data_batch_1").write_bytes(pickle.dumps({b"data": RunsCode(f"touch {marker}"), b"labels": []}))
+    with pytest.raises(DataError, match="checksum mismatch for .*data_batch_1"):   # the published sums
+        prepare_dataset(config, tmp_path / "out2")
+    sums["data_batch_1"] = md5(folder / "data_batch_1")   # even when the user vouches for the file
+    with pytest.raises(DataError, match=r"cannot unpickle CIFAR-10 batch data_batch_1 .*refusing to load posix\.system"):
+        prepare_dataset(config, tmp_path / "out3", checksums=sums)
+    assert not marker.exists()
+    assert no_output(tmp_path / "out2") and no_output(tmp_path / "out3")
+
+
 def test_cifar10_preparation_holds_one_copy_of_the_images(tmp_path):
     import tracemalloc
 
@@ -534,8 +569,10 @@ def test_prepare_task_caches_across_runs(tmp_path, prefect_harness):
     assert prepare(config)[0] == "Cached"
 
 
-def test_log_dataset_input_records_the_fingerprint(tmp_path, monkeypatch):
+def test_log_dataset_input_records_the_fingerprint_and_leaves_the_run_running(tmp_path, monkeypatch):
     import mlflow
+
+    from tasks import tracking
 
     from tasks.data import log_dataset_input
 
@@ -543,9 +580,10 @@ def test_log_dataset_input_records_the_fingerprint(tmp_path, monkeypatch):
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     data = load_prepared(prepare_dataset(DataConfig(max_images=40), tmp_path / "out"))
     experiment = mlflow.create_experiment("data-test", artifact_location=(tmp_path / "art").as_uri())
-    with mlflow.start_run(experiment_id=experiment) as run:
-        log_dataset_input(data)
+    run = tracking.client().create_run(experiment)
+    log_dataset_input(run.info.run_id, data)
     logged = mlflow.get_run(run.info.run_id)
+    assert logged.info.status == "RUNNING"   # a run still training must not read FINISHED
     (inp,) = logged.inputs.dataset_inputs
     assert inp.dataset.digest == data.fingerprint[:32]
     assert inp.dataset.name == "digits-16x16x1"

@@ -14,8 +14,9 @@ Source strings (DataConfig.source):
 
 Checksums: a file's expected md5 comes from, in order, the `checksums` argument, an MD5SUMS
 file in its folder (`md5  name` lines), then the published sums. A file with an expected sum
-is always verified; raw (un-gzipped) IDX files and extracted CIFAR batches have no published
-sum and are checked structurally (magic numbers, sizes).
+is always verified (extracted CIFAR batches against the sums torchvision publishes); raw
+(un-gzipped) IDX files have no published sum and are checked structurally (magic numbers,
+sizes). CIFAR batches are pickles: they are read by an unpickler that loads arrays and never code.
 """
 from __future__ import annotations
 
@@ -49,7 +50,12 @@ MNIST_SPLITS = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
 
 CIFAR10_MIRRORS = ("https://www.cs.toronto.edu/~kriz/",)
 CIFAR10_ARCHIVE = "cifar-10-python.tar.gz"
-CIFAR10_MD5 = {CIFAR10_ARCHIVE: "c58f30108f718f92721af3b95e74349a"}
+# The archive's published md5 (cs.toronto.edu), and the extracted files' (the sums torchvision checks).
+CIFAR10_MD5 = {CIFAR10_ARCHIVE: "c58f30108f718f92721af3b95e74349a",
+               "data_batch_1": "c99cafc152244af753f735de768cd75f", "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+               "data_batch_3": "54ebc095f3ab1f0389bbae665268c751", "data_batch_4": "634d18415352ddfa80567beed471001a",
+               "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb", "test_batch": "40351d587109b95175f43aff81a1287e",
+               "batches.meta": "5ff9c542aee3614f3951f8cda6e48888"}
 CIFAR10_BATCHES = ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5",
                    "test_batch")
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
@@ -265,17 +271,37 @@ def _cifar_location(path: Path, mirrors, checksums) -> Path:
     return path / CIFAR10_ARCHIVE
 
 
-def _cifar_batches(location: Path):
-    """Yield (name, dict) for each batch, one at a time (a streaming pass over the archive)."""
+class ArrayUnpickler(pickle.Unpickler):
+    """Unpickles dicts, lists, bytes and numpy arrays, and nothing that could run code: a crafted
+    batch naming any other callable (os.system, ...) is refused instead of executed."""
+
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"),
+               ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+               ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name} (a CIFAR-10 batch holds only arrays)")
+        return super().find_class(module, name)
+
+
+def _cifar_batches(location: Path, checksums=None):
+    """Yield (name, dict) for each batch, one at a time (a streaming pass over the archive).
+
+    Extracted batches are md5-verified before they are read (the archive was, as a whole); either
+    way they are read by ArrayUnpickler, which loads data and never code.
+    """
     def load(f, name):
-        try:   # the archive's md5 was verified; these pickles are the published format
-            return pickle.load(f, encoding="bytes")
+        try:
+            return ArrayUnpickler(f, encoding="bytes").load()
         except Exception as exc:
             raise DataError(f"cannot unpickle CIFAR-10 batch {name} in {location}: {exc}") from exc
 
     if location.is_dir():
         for name in CIFAR10_BATCHES + ("batches.meta",):
             if (location / name).is_file():
+                verify_md5(location / name, expected_md5(name, location, checksums, CIFAR10_MD5))
                 with open(location / name, "rb") as f:
                     yield name, load(f, name)
         return
@@ -296,7 +322,7 @@ def read_cifar10(path: Path, config, mirrors=None, checksums=None) -> SourceData
         verify_md5(location, expected_md5(location.name, location.parent, checksums, CIFAR10_MD5))
     images = labels = None
     count, seen, class_names = 0, {}, list(CIFAR10_CLASSES)
-    for name, batch in _cifar_batches(location):
+    for name, batch in _cifar_batches(location, checksums):
         if name == "batches.meta":
             class_names = [n.decode() for n in batch.get(b"label_names", [])] or class_names
             continue
