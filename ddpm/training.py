@@ -107,6 +107,12 @@ class TrainResult:
     resumed_from: int | None = None
 
 
+# TrainConfig fields that shape the training trajectory: a resume must not change them. The rest
+# (steps: extend a run; logging, checkpointing, device, compile) may differ between sessions.
+TRAJECTORY_FIELDS = ("batch_size", "grad_accum_steps", "learning_rate", "warmup_steps", "lr_schedule", "grad_clip",
+                     "ema_decay", "ema_warmup", "hflip", "seed", "mixed_precision")
+
+
 def lr_factor(config: TrainConfig, step: int) -> float:
     """The learning rate of optimizer step `step` (0-based) as a fraction of config.learning_rate."""
     warmup = config.warmup_steps
@@ -246,6 +252,13 @@ class Trainer:
                 f"checkpoint was trained with diffusion {state['diffusion_config']} "
                 f"but this run asks for {self.diffusion_config.model_dump()}"
             )
+        stored_train = TrainConfig(**state["train_config"]) if "train_config" in state else self.config
+        changed = [f"{name} {getattr(stored_train, name)!r} -> {getattr(self.config, name)!r}"
+                   for name in TRAJECTORY_FIELDS if getattr(stored_train, name) != getattr(self.config, name)]
+        if changed:
+            # the optimizer state would keep the old values while the checkpoints record the new
+            raise CheckpointError(f"checkpoint was trained with other settings than this run asks for: "
+                                  f"{', '.join(changed)}; resume with the same settings, or train in a new folder")
         self.model.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])

@@ -8,7 +8,7 @@ from typing import Callable
 
 from prefect import task
 
-from ddpm.checkpoint import list_checkpoints
+from ddpm.checkpoint import CheckpointError, list_checkpoints
 from ddpm.diffusion import DiffusionConfig
 from ddpm.train_ddp import dataset_trainer
 from ddpm.training import NonFiniteLossError, TrainConfig
@@ -17,10 +17,11 @@ from tasks import plots, tracking
 
 
 def _retry_unless_deterministic(task, task_run, state) -> bool:
-    """A NaN loss or a bad config fails the same way again: retry only other failures."""
+    """A NaN loss, a bad config or a checkpoint of other settings fails the same way again: retry
+    only other failures."""
     try:
         state.result()
-    except (NonFiniteLossError, ValueError):
+    except (NonFiniteLossError, ValueError, CheckpointError):
         return False
     except Exception:
         return True

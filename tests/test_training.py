@@ -19,7 +19,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from ddpm.checkpoint import file_sha256, list_checkpoints, load_checkpoint, verify_checkpoint
+from ddpm.checkpoint import CheckpointError, file_sha256, list_checkpoints, load_checkpoint, verify_checkpoint
 from ddpm.data import BatchLoader, DataConfig, prepare_dataset
 from ddpm.diffusion import DiffusionConfig
 from ddpm.train_ddp import dataset_trainer
@@ -112,6 +112,17 @@ def test_resume_in_process_is_bit_exact(tmp_path):
     assert second.step == straight.step == 6
     assert_equal_states(training_state(second.state_dict()), training_state(straight.state_dict()))
     assert second_result.loss_history == straight_result.loss_history[3:]
+
+
+def test_resume_with_a_changed_learning_rate_is_refused_and_more_steps_are_allowed(tmp_path):
+    """The optimizer state holds the old rate: a changed rate would be recorded but not applied."""
+    make_trainer(config(steps=3), tmp_path).train(progress=False)
+    before = sorted(p.read_bytes() for p in list_checkpoints(tmp_path))
+    with pytest.raises(CheckpointError, match=r"learning_rate 0\.001 -> 0\.002"):
+        make_trainer(config(steps=6, learning_rate=2e-3), tmp_path).train(progress=False)
+    assert sorted(p.read_bytes() for p in list_checkpoints(tmp_path)) == before   # nothing written
+    resumed = make_trainer(config(steps=6, log_every=2), tmp_path).train(progress=False)
+    assert resumed.resumed_from == 3 and resumed.step == 6
 
 
 def test_checkpoint_holds_everything_and_loads_weights_only(tmp_path):
