@@ -400,6 +400,11 @@ def _mixed(folder: Path) -> None:
     write_png(folder / "b.png", (28, 28), (0, 0, 0))
 
 
+def _one_pixel(folder: Path) -> None:
+    write_png(folder / "a.png", (16, 16), (0, 0, 0))
+    write_png(folder / "dot.png", (1, 1), (9, 9, 9))
+
+
 def _no_images(folder: Path) -> None:
     (folder / "readme.txt").write_text("no pictures here")
 
@@ -411,7 +416,8 @@ def _no_images(folder: Path) -> None:
     (_truncated_png, "center_crop", r"cannot read image .*broken\.png"),
     (_unreadable, "center_crop", r"cannot read image .*garbage\.jpg"),
     (_mixed, "none", r"mixed sizes 16x16 \(e\.g\. a\.png\), 28x28 \(e\.g\. b\.png\) and resize='none'"),
-], ids=["missing", "empty", "no-images", "truncated", "unreadable", "mixed-sizes"])
+    (_one_pixel, "resize", r"image .*dot\.png is 1x1: smaller than 4 px"),
+], ids=["missing", "empty", "no-images", "truncated", "unreadable", "mixed-sizes", "one-pixel"])
 def test_bad_folders_raise_clear_errors_and_leave_nothing(tmp_path, make, resize, message):
     folder = tmp_path / "missing"
     if make is not None:
@@ -421,6 +427,23 @@ def test_bad_folders_raise_clear_errors_and_leave_nothing(tmp_path, make, resize
     with pytest.raises(DataError, match=message):
         prepare_dataset(DataConfig(source=f"folder:{folder}", resize=resize), out)
     assert no_output(out)
+
+
+def test_16_bit_png_keeps_its_gray_levels(tmp_path):
+    """PIL's own conversion clips 16-bit values at 255: the image would become white."""
+    from PIL import Image
+
+    levels = np.array([[0, 257 * 64, 257 * 128, 65535]] * 4, dtype=np.uint16).repeat(4, axis=1)   # 4x16
+    wide = np.tile(levels, (4, 1))   # 16x16
+    (tmp_path / "f").mkdir()
+    for name in ("a.png", "b.png"):
+        Image.fromarray(wide).save(tmp_path / "f" / name)
+    assert Image.open(tmp_path / "f" / "a.png").mode.startswith("I")
+    for channels in (1, 3):
+        prepared = load_prepared(prepare_dataset(DataConfig(source=f"folder:{tmp_path / 'f'}", resize="none",
+                                                            channels=channels), tmp_path / f"out{channels}"))
+        assert prepared.images.shape == (2, channels, 16, 16)
+        assert prepared.images[0, 0, 0, ::4].tolist() == [0, 64, 128, 255]
 
 
 def test_uniform_size_other_than_image_size_with_resize_none(tmp_path):

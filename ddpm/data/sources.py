@@ -371,16 +371,33 @@ def list_folder_images(folder: Path) -> tuple[list[Path], list[str] | None]:
     return files, class_names
 
 
+MIN_IMAGE_SIDE = 4   # smaller "images" (icons, 1x1 pixels) are refused, not silently blown up
+
+
 def _decode(path: Path, channels: int) -> np.ndarray:
-    """One image file -> (C, H, W) uint8; DataError naming the file when it cannot be read."""
+    """One image file -> (C, H, W) uint8; DataError naming the file when it cannot be read.
+
+    16-bit gray (PIL modes I;16*, I) is scaled to 8 bits (x / 257, rounded): PIL's own
+    convert("L") clips it, turning every 16-bit image white.
+    """
     from PIL import Image
     try:
         with Image.open(path) as img:
             img.load()   # decode now: a truncated file raises here, not later
+            if img.mode.startswith("I"):
+                wide = np.array(img).astype(np.int64)
+                if wide.min() < 0 or wide.max() > 65535:
+                    raise DataError(f"image {path} holds {img.mode} values outside 0..65535")
+                img = Image.fromarray(np.rint(wide / 257).astype(np.uint8), mode="L")
             img = img.convert("L" if channels == 1 else "RGB")   # alpha is dropped
             array = np.array(img)   # a writable copy
+    except DataError:
+        raise
     except Exception as exc:
         raise DataError(f"cannot read image {path}: {exc}") from exc
+    if min(array.shape[:2]) < MIN_IMAGE_SIDE:
+        raise DataError(f"image {path} is {array.shape[0]}x{array.shape[1]}: smaller than {MIN_IMAGE_SIDE} px on a "
+                        "side, too small to train on; remove it from the folder")
     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
 
 
