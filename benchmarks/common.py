@@ -7,6 +7,7 @@ extra and is imported only where a benchmark needs it.
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import os
 import platform
@@ -131,15 +132,17 @@ def diffusers_samples(unet, scheduler, num_steps: int, num_images: int, seed: in
     """(uint8 images, seconds per image) the way DDPMPipeline / DDIMPipeline draw them: seeded
     Gaussian noise, then `scheduler.step` at each of its timesteps (step_options: eta, ...)."""
     unet.eval()
-    scheduler.set_timesteps(num_steps)
     generator = torch.Generator().manual_seed(seed)
+    if "generator" in inspect.signature(scheduler.step).parameters:   # stochastic steps (UniPC has none)
+        step_options = {"generator": generator, **step_options}
     shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
     batches = []
     start = time.perf_counter()
     for first in range(0, num_images, batch_size):
+        scheduler.set_timesteps(num_steps)   # multistep schedulers keep a step index: reset per batch
         x = torch.randn((min(batch_size, num_images - first), *shape), generator=generator)
         for t in scheduler.timesteps:
-            x = scheduler.step(unet(x, t).sample, t, x, generator=generator, **step_options).prev_sample
+            x = scheduler.step(unet(x, t).sample, t, x, **step_options).prev_sample
         batches.append(x)
     seconds = (time.perf_counter() - start) / num_images
     return to_uint8(torch.cat(batches).clamp(-1, 1)), seconds

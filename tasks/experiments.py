@@ -38,7 +38,7 @@ def sample_images(source: str, sampling: SamplerConfig) -> np.ndarray:
         except MlflowException as error:  # unknown name, alias or version
             raise LookupError(f"{source}: {error.message} (tracking URI {tracking.tracking_uri()})") from None
         return np.asarray(model.predict({"num_images": sampling.num_images}, params={
-            "seed": sampling.seed, "sampler": sampling.sampler, "steps": sampling.num_steps or 1000,
+            "seed": sampling.seed, "sampler": sampling.sampler, "steps": sampling.num_steps or 0,   # 0: the sampler's default
             "eta": sampling.eta, "format": "uint8"}))
     if not Path(source).is_file():
         raise FileNotFoundError(f"checkpoint not found: {source}")

@@ -42,8 +42,9 @@ from tasks.settings import run_dir
 CHAMPION = "champion"
 DEFAULT_MODEL_NAME = "ddpm"
 # what a request may ask for when it says nothing; declared in the signature so MLflow passes them
-DEFAULT_PARAMS = {"seed": 0, "sampler": SamplerConfig().sampler, "steps": SamplerConfig().num_steps,
-                  "eta": SamplerConfig().eta, "format": "uint8"}
+# (steps 0: the sampler's own default, ddpm.samplers.DEFAULT_STEPS; all T steps for ddpm)
+DEFAULT_PARAMS = {"seed": 0, "sampler": SamplerConfig().sampler, "steps": 0, "eta": SamplerConfig().eta,
+                  "format": "uint8"}
 FORMATS = ("uint8", "png_base64")
 
 
@@ -66,7 +67,7 @@ class DDPMImageModel(PythonModel):
     """Images from a DDPM: input one row `num_images`; params seed, sampler, steps, eta, format.
 
     Returns a uint8 array (N, C, H, W) for format "uint8", or a list of N base64 PNG strings for
-    "png_base64". Requests are bounded: 1 <= num_images <= max_images, 1 <= steps <= min(T,
+    "png_base64". Requests are bounded: 1 <= num_images <= max_images, 0 <= steps <= min(T,
     max_steps), 0 <= eta <= 1, seed >= 0; anything else is an HTTP 400 with the reason.
     """
 
@@ -103,8 +104,9 @@ class DDPMImageModel(PythonModel):
         if not 1 <= num_images <= self.max_images:
             raise invalid(f"'num_images' must be between 1 and {self.max_images}, got {num_images}")
         max_steps = min(self.diffusion_config.num_timesteps, self.max_steps)
-        if not 1 <= params["steps"] <= max_steps:
-            raise invalid(f"'steps' must be between 1 and {max_steps}, got {params['steps']}")
+        if not 0 <= params["steps"] <= max_steps:
+            raise invalid(f"'steps' must be between 1 and {max_steps} (or 0: the sampler's default), "
+                          f"got {params['steps']}")
         if params["seed"] < 0:
             raise invalid(f"'seed' must be >= 0, got {params['seed']}")
         if params["sampler"] not in SAMPLERS:
@@ -119,7 +121,7 @@ class DDPMImageModel(PythonModel):
     def predict(self, context, model_input, params: dict | None = None):
         """Draw the images the request asks for (deterministic for a given seed)."""
         num_images, params = self._request(model_input, params)
-        sampling = SamplerConfig(sampler=params["sampler"], num_steps=int(params["steps"]), eta=float(params["eta"]),
+        sampling = SamplerConfig(sampler=params["sampler"], num_steps=int(params["steps"]) or None, eta=float(params["eta"]),
                                  num_images=num_images, seed=int(params["seed"]), batch_size=num_images)
         sampler = sampling.build(self.schedule, self.diffusion_config.prediction_type)
         images = to_uint8(generate(self.model, sampler, num_images, seed=sampling.seed,
@@ -163,7 +165,8 @@ def log_ddpm_model(run_id: str, checkpoint: Path | str, registered_model_name: s
     # Model.log(run_id=...) alone files the model under the *active* experiment (Default, whose
     # artifacts go to ./mlruns of whatever directory created the store): create it in the run's.
     logged_model = mlflow.initialize_logged_model(
-        name="model", source_run_id=run_id, experiment_id=mlflow_client.get_run(run_id).info.experiment_id)
+        name="model", source_run_id=run_id, experiment_id=mlflow_client.get_run(run_id).info.experiment_id,
+        tags={"checkpoint.step": str(int(state["step"])), "max_images": str(max_images)})
     with tempfile.TemporaryDirectory() as tmp:
         bundle = Path(tmp) / "checkpoint"
         write_ema_checkpoint(checkpoint, bundle)
@@ -176,6 +179,9 @@ def log_ddpm_model(run_id: str, checkpoint: Path | str, registered_model_name: s
             python_model=DDPMImageModel(max_images=max_images, max_steps=max_steps),
             artifacts={"checkpoint": str(bundle)},
             signature=model_signature(state["model_config"], max_images),
+            # shown in the UI with the request it makes; MLflow also checks it by drawing that one
+            # image (its default sampler) before the model is logged
+            input_example=pd.DataFrame({"num_images": [1]}),
             registered_model_name=registered_model_name,
             # Written out rather than inferred: inference imports the model in a subprocess (slow)
             # and cannot name this project, which is not on PyPI. Serve with --env-manager local.
@@ -228,14 +234,32 @@ def comparable_runs(experiments: list[str] | str, metric: str | None = None, fin
 
 
 def checkpoint_for_fid(run, metric: str) -> Path | None:
-    """The checkpoint whose samples gave the run's `metric` (the step of it), else the newest one."""
-    checkpoints = list_checkpoints(run_dir(run.info.run_id) / "checkpoints")
+    """The checkpoint whose samples gave the run's `metric` (the step of it), else the newest one;
+    looked for where evaluate looks: the run's `checkpoint_dir` tag, else its run folder."""
+    folder = run.data.tags.get(tracking.CHECKPOINT_DIR_TAG)
+    checkpoints = list_checkpoints(Path(folder)) if folder and Path(folder).is_dir() else []
+    checkpoints = checkpoints or list_checkpoints(run_dir(run.info.run_id) / "checkpoints")
     if not checkpoints:
         return None
     history = tracking.client().get_metric_history(run.info.run_id, metric)
     step = max(history, key=lambda m: m.timestamp).step if history else None
     by_step = {int(p.stem.split("-")[1]): p for p in checkpoints}
     return by_step.get(step, checkpoints[-1])
+
+
+def register_logged_model(run, checkpoint: Path, model_name: str, max_images: int):
+    """Register the model the training run logged of `checkpoint` (same step, same request bound)
+    instead of logging it again; None when the run has no such model."""
+    mlflow_client = tracking.client()
+    step = str(int(checkpoint.stem.split("-")[1]))
+    models = mlflow_client.search_logged_models(
+        [run.info.experiment_id],
+        filter_string=f"source_run_id = '{run.info.run_id}' AND tags.`checkpoint.step` = '{step}' "
+                      f"AND tags.`max_images` = '{max_images}'")
+    ready = [m for m in models if m.status == LoggedModelStatus.READY]
+    if not ready:
+        return None
+    return mlflow.register_model(f"models:/{ready[0].model_id}", model_name)
 
 
 def registered_version(model_name: str, run_id: str):
@@ -298,6 +322,12 @@ def promote_best(experiments: list[str] | str = "ddpm", model_name: str = DEFAUL
     on the same data, metric and sample count. The decision and its reason go in the version's
     tags `promotion.decision`/`promotion.reason`.
     """
+    # One promotion at a time per store on this machine: two at once registered one run twice.
+    with tracking.store_lock("promote"):
+        return _promote_best(experiments, model_name, fingerprint, metric, max_images, log)
+
+
+def _promote_best(experiments, model_name, fingerprint, metric, max_images, log) -> dict:
     candidates, criteria = comparable_runs(experiments, metric, fingerprint)
     metric, fingerprint = criteria["metric"], criteria["fingerprint"]
 
@@ -316,8 +346,10 @@ def promote_best(experiments: list[str] | str = "ddpm", model_name: str = DEFAUL
             log(f"run {run.info.run_id} ({metric} {fid_of(run):.4g}) has no checkpoint under "
                 f"{run_dir(run.info.run_id) / 'checkpoints'}; trying the next best")
             continue
-        info = log_ddpm_model(run.info.run_id, checkpoint, model_name, max_images=max_images)
-        version = mlflow_client.get_model_version(model_name, str(info.registered_model_version))
+        version = register_logged_model(run, checkpoint, model_name, max_images)
+        if version is None:
+            info = log_ddpm_model(run.info.run_id, checkpoint, model_name, max_images=max_images)
+            version = mlflow_client.get_model_version(model_name, str(info.registered_model_version))
         break
     else:
         raise LookupError(f"none of the {len(candidates)} candidate runs has its checkpoint on this machine")
@@ -335,9 +367,10 @@ def promote_best(experiments: list[str] | str = "ddpm", model_name: str = DEFAUL
         moved, reason = champion_decision(tags, champion_tags(champion) if champion else None)
     if moved:
         mlflow_client.set_registered_model_alias(model_name, CHAMPION, version.version)
-    mlflow_client.set_model_version_tag(model_name, version.version, "promotion.decision",
-                                        CHAMPION if moved else "kept")
-    mlflow_client.set_model_version_tag(model_name, version.version, "promotion.reason", reason)
+    if not (champion is not None and champion.version == version.version):   # a repeat keeps its first reason
+        mlflow_client.set_model_version_tag(model_name, version.version, "promotion.decision",
+                                            CHAMPION if moved else "kept")
+        mlflow_client.set_model_version_tag(model_name, version.version, "promotion.reason", reason)
     champion_version = version.version if moved else (champion.version if champion else None)
     log(f"{model_name} version {version.version} (run {run.info.run_id}, {metric} {fid_of(run):.4g}): "
         f"{'now' if moved else 'not'} {CHAMPION}: {reason}")

@@ -5,8 +5,10 @@ import torch
 
 from ddpm.diffusion import epsilon_from_x0, q_sample
 from ddpm.samplers import (
+    DEFAULT_STEPS,
     DDIMSampler,
     DDPMSampler,
+    SamplerConfig,
     denoise,
     generate,
     image_generators,
@@ -114,3 +116,17 @@ def test_bad_sampler_options():
         DDIMSampler(schedule, eta=-1)
     with pytest.raises(ValueError, match=r"t must be in \[0, 10\)"):
         denoise(PointMassDenoiser(schedule, 0.0), DDPMSampler(schedule), torch.zeros(1, 1, 4, 4), t=10)
+
+
+def test_unset_steps_mean_each_samplers_own_default_and_ddpm_means_algorithm_2():
+    """`sampler="ddpm"` once ran a 50-step respaced DDPM because num_steps defaulted to 50."""
+    schedule = NoiseSchedule.from_name("linear", 1000)
+    full = SamplerConfig(sampler="ddpm").build(schedule)
+    assert full.timesteps() == list(range(999, -1, -1))
+    assert SamplerConfig(sampler="ddpm", num_steps=50).build(schedule).timesteps()[:2] != [999, 998]
+    for name, steps in DEFAULT_STEPS.items():
+        config = SamplerConfig(sampler=name)
+        assert config.steps(1000) == (steps or 1000)
+        assert config.model_copy(update={"num_steps": 7}).steps(1000) == 7
+    assert SamplerConfig(sampler="ddpm").describe() == "ddpm-T-beta"
+    assert SamplerConfig(sampler="ddim").describe() == "ddim-50-eta1"

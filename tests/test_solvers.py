@@ -144,3 +144,15 @@ def test_bad_solver_settings_get_a_clear_error():
     with pytest.raises(ValueError, match="unknown prediction_type 'score'"):
         SamplerConfig(sampler="dpm++2m").build(SCHEDULE, "score")
     assert SamplerConfig(sampler="heun", num_steps=10).build(SCHEDULE).nfe == 9   # 5 Heun steps
+
+
+def test_sampling_starts_where_lambda_is_minus_5_1_not_in_the_cosine_schedules_pure_noise():
+    """The cosine schedule's last steps reach lambda ~ -10: a few-step grid spanning them wasted
+    its budget there (measured FID 357 at 5 steps before, docs/benchmarks.md section 7)."""
+    cosine = NoiseSchedule.from_name("cosine", 1000)
+    for config in (SamplerConfig(sampler="dpm++2m", num_steps=10), SamplerConfig(sampler="heun", num_steps=10)):
+        sampler = config.build(cosine)
+        start = sampler.start(None)
+        assert sampler.continuous.lam(999) < -9 and sampler.continuous.lam(start) == pytest.approx(-5.1)
+        assert sampler.timesteps()[0] == 995 and sampler.start(500) == 500   # denoising from t keeps t
+    assert SamplerConfig(sampler="unipc", num_steps=10).build(SCHEDULE).start(None) == 999   # linear: -5.06
