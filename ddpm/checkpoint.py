@@ -124,8 +124,18 @@ def quarantine_checkpoint(path: Path) -> Path:
     return target
 
 
+def check_loadable(path: Path) -> None:
+    """CheckpointError unless the file unpickles (tensors memory-mapped, so this reads little): a
+    file can match its checksum and still not load (written by a broken or incompatible writer)."""
+    try:
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # noqa: BLE001
+        raise CheckpointError(f"checkpoint {path} could not be loaded: {error}") from error
+
+
 def latest_valid_checkpoint(directory: Path, warn=print, quarantine: bool = False) -> Path | None:
-    """The newest checkpoint in `directory` whose checksum holds; damaged ones are reported and skipped.
+    """The newest checkpoint in `directory` whose checksum holds and that loads; damaged ones are
+    reported and skipped.
 
     With `quarantine`, each damaged checkpoint passed over is also renamed `*.corrupt` (see
     quarantine_checkpoint), so that resuming and saving that step again cannot overwrite it.
@@ -133,6 +143,7 @@ def latest_valid_checkpoint(directory: Path, warn=print, quarantine: bool = Fals
     for path in reversed(list_checkpoints(directory)):
         try:
             verify_checkpoint(path)
+            check_loadable(path)
             return path
         except CheckpointError as error:
             if quarantine:

@@ -53,12 +53,12 @@ class TrainConfig(BaseModel):
     steps: int = Field(800_000, ge=1, description="optimizer steps in total")
     batch_size: int = Field(128, ge=1, description="images per optimizer step (all accumulation micro-batches)")
     grad_accum_steps: int = Field(1, ge=1, description="micro-batches per optimizer step")
-    learning_rate: float = Field(2e-4, gt=0, le=1)
+    learning_rate: float = Field(2e-4, gt=0, le=1, allow_inf_nan=False)
     warmup_steps: int = Field(5000, ge=0, description="linear learning-rate warm-up")
     lr_schedule: Literal["constant", "cosine"] = Field(
         "constant", description="after the warm-up: constant (the paper), or a cosine decay to 0 at `steps`")
-    grad_clip: float | None = Field(1.0, gt=0, description="max gradient norm; None disables clipping")
-    ema_decay: float = Field(0.9999, ge=0, lt=1)
+    grad_clip: float | None = Field(1.0, gt=0, allow_inf_nan=False, description="max gradient norm; None disables clipping")
+    ema_decay: float = Field(0.9999, ge=0, lt=1, allow_inf_nan=False)
     ema_warmup: bool = Field(True, description="decay = min(ema_decay, (1+n)/(10+n)) so short runs are not stuck at init")
     hflip: bool = Field(False, description="random horizontal flips (the paper's CIFAR-10 setting)")
     seed: int = 0

@@ -130,6 +130,13 @@ def test_digits_default_manifest_and_round_trip(tmp_path):
     train_x, train_y = data.split("train")
     assert train_x.shape == (1438, 1, 16, 16) and train_y.shape == (1438,)
     assert path.name.startswith("digits-16x16x1-")
+    assert path.stat().st_mode & 0o777 == 0o777 & ~current_umask()   # not mkdtemp's 0700
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def test_split_is_deterministic_disjoint_complete_and_in_the_fingerprint(tmp_path):
@@ -474,6 +481,18 @@ def test_image_size_not_supported_by_the_model(tmp_path):
     validate_for_model(data.manifest, 16, 1)
     with pytest.raises(DataError, match=r"prepared data is 16x16 with 1 channel\(s\) but the model expects 32x32 with 3"):
         validate_for_model(data, 32, 3)
+
+
+def test_preparing_again_reuses_an_intact_folder_and_repairs_a_damaged_one(tmp_path):
+    """`ddpm prepare` then `ddpm train`: the second preparation finds the first one's folder."""
+    path = prepare_dataset(DataConfig(max_images=50), tmp_path)
+    stamp = (path / "data.npz").stat().st_mtime_ns
+    assert prepare_dataset(DataConfig(max_images=50), tmp_path) == path
+    assert (path / "data.npz").stat().st_mtime_ns == stamp   # no work done
+    fingerprint_before = load_prepared(path).fingerprint
+    (path / "data.npz").write_bytes(b"damaged")
+    assert prepare_dataset(DataConfig(max_images=50), tmp_path) == path
+    assert load_prepared(path).fingerprint == fingerprint_before
 
 
 def test_tampered_prepared_file_is_detected(tmp_path):

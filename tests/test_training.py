@@ -171,6 +171,17 @@ def test_kill_9_mid_run_then_resume_equals_uninterrupted_run(tmp_path, prepared_
 # --- damaged checkpoints, NaN, keep_last ---------------------------------------------------
 
 
+def test_a_newest_checkpoint_that_matches_its_checksum_but_does_not_load_is_passed_over(tmp_path, capsys):
+    make_trainer(config(steps=6, checkpoint_every=2), tmp_path).train(progress=False)
+    newest = tmp_path / "step-0000006.pt"
+    newest.write_bytes(b"not a torch file")
+    (tmp_path / "step-0000006.pt.sha256").write_text(f"{file_sha256(newest)}  step-0000006.pt\n")
+    capsys.readouterr()
+    result = make_trainer(config(steps=6, checkpoint_every=2), tmp_path).train(progress=False)
+    assert "step-0000006.pt could not be loaded" in capsys.readouterr().out
+    assert result.resumed_from == 4 and (tmp_path / "step-0000006.pt.corrupt").read_bytes() == b"not a torch file"
+
+
 def test_corrupt_newest_checkpoint_is_named_kept_aside_and_the_previous_one_used(tmp_path, capsys):
     cfg = config(steps=6, checkpoint_every=2)
     make_trainer(cfg, tmp_path).train(progress=False, stop_at=6)

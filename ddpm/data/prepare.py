@@ -185,12 +185,20 @@ def prepare_dataset(config: DataConfig, out_dir: Path, *, download_dir: Path | N
     download_dir: where `mnist`/`cifar10` without a path look for (and download) files,
     default out_dir/downloads. mirrors: base URLs to download from instead of the standard
     ones. checksums: {file name: md5} overriding MD5SUMS files and the published sums.
-    An existing folder of the same name is replaced.
+    The folder's name hashes the config and the source's identity, so an existing folder of that
+    name that loads and matches its fingerprint is this dataset already: it is returned as it is
+    (`ddpm prepare` then `ddpm train` prepares once). A damaged one is replaced.
     """
     out_dir = Path(out_dir)
     download_dir = Path(download_dir) if download_dir else default_download_dir(out_dir)
     identity = source_identity(config.source, download_dir, checksums)
     final = out_dir / dataset_name(config, identity)
+    if final.is_dir():
+        try:
+            load_prepared(final)
+            return final
+        except DataError:
+            pass   # incomplete or damaged: prepared again below
 
     data = read_source(config, download_dir, mirrors, checksums)
     if config.split == "official":
@@ -213,6 +221,7 @@ def prepare_dataset(config: DataConfig, out_dir: Path, *, download_dir: Path | N
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=out_dir))
+    tmp.chmod(0o777 & ~_umask())   # mkdtemp makes it 0700; a prepared folder is as readable as any other
     try:
         arrays = {"images": data.images, "train_indices": train, "holdout_indices": holdout}
         if data.labels is not None:
@@ -298,6 +307,12 @@ def load_prepared(path: Path, verify: bool = True) -> PreparedDataset:
         manifest=manifest,
         path=path,
     )
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def validate_for_model(data: PreparedDataset | dict, image_size: int, channels: int) -> None:
