@@ -3,6 +3,7 @@
     ddpm prepare --source digits                       prepare (and fingerprint) a dataset
     ddpm train --steps 2000 --schedule cosine          the training pipeline (one MLflow run)
     ddpm train --recipe mnist --source mnist:DIR       MNIST at full size, official split, Inception FID
+    ddpm train --resume <mlflow run id>                continue a crashed or killed training run
     ddpm compare --schedules linear cosine             one pipeline per noise schedule
     ddpm evaluate --run-id <mlflow run id>             FID of a run's checkpoints
     ddpm promote                                       best run by FID -> registry, champion alias
@@ -22,6 +23,8 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import logging
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -36,12 +39,18 @@ class CLIError(Exception):
 # --- helpers --------------------------------------------------------------------------------
 
 
-def lazy_flow(module: str, name: str):
-    """Import flow `name` from `module` now, with a clear error if that flow is not installed."""
+def lazy_flow(module: str, name: str, args=None):
+    """Import flow `name` from `module` now, with a clear error if that flow is not installed.
+
+    Unless `args.verbose`, tracebacks then go to the log file (`args.log_file`), not the terminal.
+    """
     import importlib
 
     try:
-        return getattr(importlib.import_module(module), name)
+        flow = getattr(importlib.import_module(module), name)
+        if args is not None and not args.verbose:
+            quiet_tracebacks(args.log_file)
+        return flow
     except ModuleNotFoundError as error:
         if error.name != module:
             raise
@@ -115,13 +124,46 @@ def pipeline_arguments(flow, args) -> dict:
     return kwargs
 
 
+class WithoutTraceback(logging.Formatter):
+    """Formats a record as `inner` does, minus its traceback: on the terminal a failing flow
+    prints one line naming the problem, not Prefect's 30-180 lines of frames before it."""
+
+    def __init__(self, inner: logging.Formatter | None):
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.exc_info or record.exc_text or record.stack_info:
+            record = logging.makeLogRecord({**record.__dict__, "exc_info": None, "exc_text": None,
+                                            "stack_info": None})
+        return self.inner.format(record)
+
+
+def quiet_tracebacks(log_file: Path) -> None:
+    """Tracebacks off the terminal and into `log_file` (every record at INFO and above, in full).
+
+    Prefect (imported by the flow commands) installs its console handler on the root logger;
+    the Prefect UI still gets full tracebacks through its own API handler.
+    """
+    root = logging.getLogger()
+    for handler in root.handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.setFormatter(WithoutTraceback(handler.formatter))
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    file_handler = logging.FileHandler(log_file)
+    file_handler.setLevel(logging.INFO)
+    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(file_handler)
+
+
 def find_script(name: str) -> Path:
-    """scripts/<name> of the source checkout (this one, or the current directory's)."""
-    for root in (Path.cwd(), REPO):
-        path = root / "scripts" / name
-        if path.is_file():
-            return path
-    raise CLIError(f"scripts/{name} not found in {Path.cwd()} or {REPO}; run ddpm from a source checkout")
+    """scripts/<name> of the project this command belongs to (never the current folder's: a
+    stranger's scripts/ would run with the user's rights)."""
+    path = REPO / "scripts" / name
+    if not path.is_file():
+        raise CLIError(f"{path} not found: `ddpm {name.removesuffix('.sh')}` needs the source checkout "
+                       "(pip install -e .)")
+    return path
 
 
 def print_json(data) -> None:
@@ -152,9 +194,42 @@ def cmd_prepare(args) -> None:
     print_json({"path": str(dataset.path), "fingerprint": dataset.fingerprint, "splits": dataset.manifest["splits"]})
 
 
+def validated(flow, kwargs: dict) -> dict:
+    """`kwargs` as the flow will see them, validated here as Prefect would validate them after
+    starting its server: a bad value is one line in a second, not a failed flow run."""
+    from prefect.exceptions import ParameterTypeError
+
+    prefect_logger = logging.getLogger("prefect.flows")   # it would log the whole error dump first
+    level = prefect_logger.level
+    prefect_logger.setLevel(logging.CRITICAL)
+    try:
+        return flow.validate_parameters(kwargs)
+    except ParameterTypeError as error:
+        raise CLIError(one_line(error).removeprefix("Flow run received invalid parameters: - ")) from None
+    finally:
+        prefect_logger.setLevel(level)
+
+
+def preflight(flow, kwargs: dict) -> None:
+    """The pipeline's checks that need no data, before Prefect starts (seconds, not a training)."""
+    from flows.train_pipeline import check_config
+
+    settings = {**flow_defaults(flow), **validated(flow, kwargs)}
+    check_config(settings["data"], settings["model"], settings.get("fid_extractor", "auto"))
+
+
 def cmd_train(args) -> None:
-    flow = lazy_flow("flows.train_pipeline", "train_pipeline")
-    result = flow(**pipeline_arguments(flow, args))
+    flow = lazy_flow("flows.train_pipeline", "train_pipeline", args)
+    kwargs = pipeline_arguments(flow, args)
+    if args.resume:
+        changed = sorted(set(kwargs) - {"experiment"})   # experiment: only for --promote
+        if changed:
+            raise CLIError(f"--resume continues run {args.resume} with the configuration it was started with; "
+                           f"drop the options that set {', '.join(changed)}")
+        kwargs = {"resume": args.resume}
+    else:
+        preflight(flow, kwargs)
+    result = flow(**kwargs)
     if args.promote:
         from tasks.registry import promote_best
 
@@ -163,12 +238,14 @@ def cmd_train(args) -> None:
 
 
 def cmd_compare(args) -> None:
-    flow = lazy_flow("flows.compare_schedules", "compare_schedules")
-    print_json(flow(**pipeline_arguments(flow, args)))
+    flow = lazy_flow("flows.compare_schedules", "compare_schedules", args)
+    kwargs = pipeline_arguments(flow, args)
+    preflight(flow, kwargs)
+    print_json(flow(**kwargs))
 
 
 def cmd_evaluate(args) -> None:
-    flow = lazy_flow("flows.evaluate", "evaluate")
+    flow = lazy_flow("flows.evaluate", "evaluate", args)
     kwargs = {"mlflow_run_id": args.run_id} if args.run_id else {"prefect_flow_run_id": args.flow_run_id}
     if args.fid_extractor:
         kwargs["fid_extractor"] = args.fid_extractor
@@ -262,7 +339,7 @@ def add_pipeline_options(parser: argparse.ArgumentParser, schedule_option: bool)
 
 # SamplerConfig's defaults (the measured pick of docs/benchmarks.md), spelled out so that building
 # the parser imports no torch; tests/test_cli.py checks that the two agree.
-SAMPLER_DEFAULTS = {"sampler": "ddim", "num_steps": 50, "eta": 1.0}
+SAMPLER_DEFAULTS = {"sampler": "dpm++2m-sde", "num_steps": None, "eta": 1.0}
 SAMPLER_NAMES = ("ddpm", "ddim", "dpm++2m", "dpm++2m-sde", "unipc", "heun")   # ddpm.samplers.SAMPLERS
 
 
@@ -271,7 +348,8 @@ def add_sampler_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--sampler", choices=SAMPLER_NAMES, default=SAMPLER_DEFAULTS["sampler"],
                        help="ddpm, ddim, or a few-step solver: dpm++2m, dpm++2m-sde, unipc, heun")
     group.add_argument("--steps", type=positive_int, default=SAMPLER_DEFAULTS["num_steps"],
-                       help=f"sampling steps (default {SAMPLER_DEFAULTS['num_steps']})")
+                       help="sampling steps (default: the sampler's own; all T for ddpm, 50 for ddim, 20 for the "
+                            "solvers)")
     group.add_argument("--eta", type=float, default=SAMPLER_DEFAULTS["eta"],
                        help=f"DDIM noise scale, 0 = deterministic (default {SAMPLER_DEFAULTS['eta']:g})")
     group.add_argument("--seed", type=int, default=0)
@@ -309,6 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("train", help="run the training pipeline (prepare, train, sample, FID)")
     add_pipeline_options(p, schedule_option=True)
     p.add_argument("--run-name", help="MLflow run name")
+    p.add_argument("--resume", metavar="RUN_ID",
+                   help="continue an unfinished (crashed or killed) run from its newest valid checkpoint, "
+                        "in the same MLflow run, with the configuration it was started with")
     p.add_argument("--promote", action="store_true", help="promote the best run afterwards")
     p.add_argument("--model-name", default="ddpm", help="registered model for --promote")
     p.set_defaults(handler=cmd_train)
@@ -369,6 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("deploy", help="register the flows' Prefect deployments (scripts/deploy.sh)")
     p.add_argument("script_args", nargs=argparse.REMAINDER, help="passed on to scripts/deploy.sh")
     p.set_defaults(handler=cmd_deploy)
+    for command in commands.choices.values():
+        command.add_argument("--verbose", action="store_true",
+                             help="show full tracebacks (otherwise a failing flow's go to $DDPM_HOME/logs/ddpm.log)")
     return parser
 
 
@@ -381,9 +465,24 @@ def one_line(error: BaseException) -> str:
     return " ".join(str(message).split())
 
 
+def stop_on_sigterm() -> None:
+    """SIGTERM (systemd, `kill`, a scheduler) ends the command as Ctrl-C does: the MLflow run is
+    marked KILLED and Prefect's exit handlers stop its temporary server. Python's default would
+    die at once and leave that server running."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    expected: tuple[type[BaseException], ...] = (CLIError, FileNotFoundError, LookupError, ValueError)
+    stop_on_sigterm()
+    from tasks.settings import ddpm_home
+
+    args.log_file = ddpm_home() / "logs" / "ddpm.log"
+    # OSError: a missing file, a read-only folder, a full disk (the message names the path)
+    expected: tuple[type[BaseException], ...] = (CLIError, OSError, LookupError, ValueError, FloatingPointError)
     try:
         from mlflow.exceptions import MlflowException
 
@@ -393,10 +492,13 @@ def main(argv: list[str] | None = None) -> int:
         expected += (MlflowException, CheckpointError, InceptionUnavailable)
     except ImportError:
         pass
+    logged_before = args.log_file.stat().st_size if args.log_file.is_file() else 0
     try:
         args.handler(args)
     except expected as error:
-        print(f"ddpm {args.command}: error: {one_line(error)}", file=sys.stderr)
+        logged = args.log_file.is_file() and args.log_file.stat().st_size > logged_before
+        hint = f" (full trace: {args.log_file}, or rerun with --verbose)" if logged and not args.verbose else ""
+        print(f"ddpm {args.command}: error: {one_line(error)}{hint}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

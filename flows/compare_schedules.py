@@ -10,23 +10,24 @@ per-schedule pipelines are tasks, so they run concurrently on the flow's task ru
 
 from __future__ import annotations
 
-import traceback
 from typing import Annotated
 
 import pandas as pd
-from mlflow.entities import RunStatus
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import AfterValidator, Field
 
-from ddpm.data import DataConfig, read_manifest
+from ddpm.data import DataConfig, read_manifest, validate_for_model
 from ddpm.diffusion import DiffusionConfig
 from ddpm.samplers import SamplerConfig
 from ddpm.schedules import BETA_SCHEDULES
 from ddpm.training import TrainConfig
 from ddpm.unet import UNetConfig
-from flows.train_pipeline import DEFAULT_MODEL, DEFAULT_SAMPLING, DEFAULT_TRAIN, run_pipeline, start_run
+from flows.train_pipeline import (
+    DEFAULT_MODEL, DEFAULT_SAMPLING, DEFAULT_TRAIN, DataParam, ExperimentName, ModelParam, SamplingParam, TrainParam,
+    check_config, run_pipeline, start_run,
+)
 from tasks import plots, settings, tracking
 from tasks.data import prepare_data
 from tasks.evaluate import ExtractorKind, check_evaluation
@@ -78,12 +79,12 @@ def comparison_table(results: dict[str, dict]) -> pd.DataFrame:
 def compare_schedules(
     schedules: ScheduleList = ["linear", "cosine", "sigmoid"],  # noqa: B006 (pydantic copies it)
     num_timesteps: Annotated[int, Field(ge=1)] = 1000,
-    data: DataConfig = DataConfig(),
-    model: UNetConfig = DEFAULT_MODEL,
-    train: TrainConfig = DEFAULT_TRAIN,
-    sampling: SamplerConfig = DEFAULT_SAMPLING,
+    data: DataParam = DataConfig(),
+    model: ModelParam = DEFAULT_MODEL,
+    train: TrainParam = DEFAULT_TRAIN,
+    sampling: SamplingParam = DEFAULT_SAMPLING,
     fid_extractor: ExtractorKind = "auto",
-    experiment: str = "ddpm-schedules",
+    experiment: ExperimentName = "ddpm-schedules",
     max_parallel: Annotated[int, Field(ge=1, le=8, description="pipelines training at once")] = 1,
     promote_to: str | None = "ddpm",
 ) -> pd.DataFrame:
@@ -96,10 +97,14 @@ def compare_schedules(
     `promote_to` (None: no promotion), which moves its `champion` alias only if it is better.
     """
     diffusions = {name: DiffusionConfig(schedule=name, num_timesteps=num_timesteps) for name in schedules}
+    check_config(data, model, fid_extractor)
     home = settings.ddpm_home()
     # Prepared once here, so the concurrent pipelines all hit the cache instead of racing to write it.
     dataset_path = prepare_data.with_options(result_storage=home / "task-results")(data, out_dir=str(home / "data"))
-    check_evaluation(fid_extractor, read_manifest(dataset_path), sampling.num_images)   # before any run or training
+    # Everything checkable is checked before any run exists or anything trains.
+    manifest = read_manifest(dataset_path)
+    check_evaluation(fid_extractor, manifest, sampling.num_images)
+    validate_for_model(manifest, model.image_size, model.in_channels)
     parent_run_id = start_run(experiment, None, {"schedules": schedules, "num_timesteps": num_timesteps,
                                                  "data": data.model_dump(mode="json"),
                                                  "model": model.model_dump(mode="json"),
@@ -107,7 +112,7 @@ def compare_schedules(
                                                  "sampling": sampling.model_dump(mode="json")},
                               tags={"comparison": "noise_schedule"})
     print(f"comparison: MLflow parent run {parent_run_id} in experiment '{experiment}'")
-    try:
+    with tracking.run_lifecycle(parent_run_id):
         results: dict[str, dict] = {}
         names = list(schedules)
         for start in range(0, len(names), max_parallel):  # at most max_parallel pipelines at once
@@ -117,11 +122,6 @@ def compare_schedules(
             results.update({name: future.result() for name, future in futures.items()})
         table = comparison_table(results)
         log_comparison(parent_run_id, table, diffusions)
-    except BaseException:
-        tracking.client().set_terminated(parent_run_id, RunStatus.to_string(RunStatus.FAILED))
-        tracking.client().set_tag(parent_run_id, "error", traceback.format_exc(limit=3)[-4000:])
-        raise
-    tracking.client().set_terminated(parent_run_id)
     print(table.to_string(index=False))
     if promote_to:
         promote_best([experiment], promote_to)

@@ -21,7 +21,6 @@ from prefect import flow, runtime
 from ddpm.checkpoint import list_checkpoints
 from ddpm.data import DataConfig, read_manifest
 from ddpm.samplers import SamplerConfig
-from flows.train_pipeline import CHECKPOINT_DIR_TAG, CONFIG_ARTIFACT
 from tasks import settings, tracking
 from tasks.data import prepare_data
 from tasks.evaluate import ExtractorKind, check_evaluation, evaluate_samples
@@ -35,25 +34,17 @@ class NoCheckpointsError(FileNotFoundError):
 def checkpoints_of(run: mlflow.entities.Run) -> list[Path]:
     """The run's checkpoints: in its `checkpoint_dir` tag, else $DDPM_HOME/runs/<run id>/checkpoints."""
     run_id = run.info.run_id
-    tagged = run.data.tags.get(CHECKPOINT_DIR_TAG)
+    tagged = run.data.tags.get(tracking.CHECKPOINT_DIR_TAG)
     folders = [Path(tagged)] if tagged else []
-    folders.append(settings.ddpm_home() / "runs" / run_id / "checkpoints")
+    default = settings.ddpm_home() / "runs" / run_id / "checkpoints"
+    if default not in folders:
+        folders.append(default)
     for folder in folders:
         if folder.is_dir() and (found := list_checkpoints(folder)):
             return found
     raise NoCheckpointsError(
         f"MLflow run {run_id} has no checkpoints to evaluate (looked in {', '.join(map(str, folders))})"
     )
-
-
-def training_config(run: mlflow.entities.Run) -> dict:
-    """The configuration train_pipeline logged as config.json in the run."""
-    try:
-        return mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/{CONFIG_ARTIFACT}")
-    except Exception as error:  # MLflow raises several types for a missing artifact
-        raise FileNotFoundError(
-            f"MLflow run {run.info.run_id} has no {CONFIG_ARTIFACT}: it was not made by train_pipeline"
-        ) from error
 
 
 @flow(name="evaluate", log_prints=True)
@@ -75,7 +66,7 @@ def evaluate(
     run = tracking.find_run(mlflow_run_id, prefect_flow_run_id)
     run_id = run.info.run_id
     checkpoints = checkpoints_of(run)
-    config = training_config(run)
+    config = tracking.run_config(run)
     sampling = sampling or SamplerConfig.model_validate(config["sampling"])
     extractor = fid_extractor or config.get("fid_extractor", "auto")
     print(f"evaluating {len(checkpoints)} checkpoints of MLflow run {run_id} with {sampling.describe()}")

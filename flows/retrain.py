@@ -13,19 +13,28 @@ lowest FID (`best_run_config`); with no such run yet, the pipeline's defaults.
 
 from __future__ import annotations
 
-import mlflow
+from typing import TypeVar
+
 from prefect import flow
+from pydantic import BaseModel
 
 from ddpm.data import DataConfig
-from ddpm.diffusion import DiffusionConfig
-from ddpm.samplers import SamplerConfig
 from ddpm.training import TrainConfig
-from ddpm.unet import UNetConfig
 from flows.train_pipeline import (
-    CONFIG_ARTIFACT, DEFAULT_DIFFUSION, DEFAULT_MODEL, DEFAULT_SAMPLING, DEFAULT_TRAIN, run_pipeline,
+    DEFAULT_DIFFUSION, DEFAULT_MODEL, DEFAULT_SAMPLING, DEFAULT_TRAIN, SECTIONS, ExperimentName, run_pipeline,
 )
 from tasks import tracking
 from tasks.registry import comparable_runs, promote_best
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def overlay(base: M, changes: M | None) -> M:
+    """`base` with the fields that `changes` set explicitly (a deployment's `{"steps": 3000}`
+    sets one): retraining with more steps keeps the best run's learning rate, batch, EMA..."""
+    if changes is None:
+        return base
+    return type(base).model_validate({**base.model_dump(), **changes.model_dump(include=changes.model_fields_set)})
 
 
 def best_run_config(experiment: str, metric: str | None = None) -> tuple[str, str, dict] | None:
@@ -41,8 +50,8 @@ def best_run_config(experiment: str, metric: str | None = None) -> tuple[str, st
         return None
     for run in runs:
         try:
-            config = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/{CONFIG_ARTIFACT}")
-        except Exception:  # noqa: BLE001 (no config.json: not a pipeline run)
+            config = tracking.run_config(run)
+        except FileNotFoundError:  # not a pipeline run
             continue
         return run.info.run_id, criteria["metric"], config
     return None
@@ -50,7 +59,7 @@ def best_run_config(experiment: str, metric: str | None = None) -> tuple[str, st
 
 @flow(name="retrain", log_prints=True)
 def retrain(
-    experiment: str = "ddpm",
+    experiment: ExperimentName = "ddpm",
     data: DataConfig | None = None,
     train: TrainConfig | None = None,
     metric: str | None = None,
@@ -59,7 +68,8 @@ def retrain(
     """Retrain with the best configuration stored in `experiment` (lowest `metric`, by default the
     newest run's primary FID, among runs on the same data and sample count), on fresh data.
 
-    `data` / `train` replace the stored data or training settings (e.g. more steps); the rest
+    `data` / `train` change the fields they name in the stored data or training settings (e.g.
+    `train={"steps": 3000}`: more steps, everything else as the best run had it); the rest
     (model, schedule, sampling, FID extractor) comes from the best run, or from the defaults
     when the experiment has no finished run yet. Returns the pipeline's summary plus
     `based_on` (the run whose configuration was used, or None). Finally the best run is offered
@@ -72,12 +82,13 @@ def retrain(
     else:
         based_on, metric, config = best
         print(f"best configuration: MLflow run {based_on} (ranked by {metric})")
+    stored = {name: SECTIONS[name].model_validate(config[name]) for name in SECTIONS if name in config}
+    sections = {"data": DataConfig(), "model": DEFAULT_MODEL, "diffusion": DEFAULT_DIFFUSION, "train": DEFAULT_TRAIN,
+                "sampling": DEFAULT_SAMPLING, **stored}
+    sections["data"] = overlay(sections["data"], data)
+    sections["train"] = overlay(sections["train"], train)
     summary = run_pipeline(
-        data=data or (DataConfig.model_validate(config["data"]) if "data" in config else DataConfig()),
-        model=UNetConfig.model_validate(config["model"]) if "model" in config else DEFAULT_MODEL,
-        diffusion=DiffusionConfig.model_validate(config["diffusion"]) if "diffusion" in config else DEFAULT_DIFFUSION,
-        train=train or (TrainConfig.model_validate(config["train"]) if "train" in config else DEFAULT_TRAIN),
-        sampling=SamplerConfig.model_validate(config["sampling"]) if "sampling" in config else DEFAULT_SAMPLING,
+        **sections,
         fid_extractor=config.get("fid_extractor", "auto"),
         experiment=experiment,
         run_name=None,

@@ -26,8 +26,19 @@ BIN=$(dirname "$PYTHON_BIN")
 STACK=$DDPM_HOME/stack
 mkdir -p "$STACK"
 
-running() {  # running NAME: its PID file names a live process
-    [ -f "$STACK/$1.pid" ] && kill -0 "$(cat "$STACK/$1.pid")" 2>/dev/null
+started_at() {  # started_at PID: the process's start time (differs for a reused PID)
+    ps -o lstart= -p "$1" 2>/dev/null
+}
+
+running() {  # running NAME: its PID file names a live process, the one this script started
+    [ -f "$STACK/$1.pid" ] || return 1
+    local pid; pid=$(cat "$STACK/$1.pid")
+    kill -0 "$pid" 2>/dev/null || return 1
+    if [ "$(started_at "$pid")" != "$(cat "$STACK/$1.started" 2>/dev/null)" ]; then
+        echo "$1: stale PID file (pid $pid is another process now); ignoring it" >&2
+        rm -f "$STACK/$1.pid" "$STACK/$1.started"
+        return 1
+    fi
 }
 
 wait_for() {  # wait_for URL NAME SECONDS
@@ -45,6 +56,7 @@ launch() {  # launch NAME COMMAND...: in the background, in its own process grou
     local name=$1; shift
     "$@" > "$STACK/$name.log" 2>&1 &
     echo $! > "$STACK/$name.pid"
+    started_at $! > "$STACK/$name.started"
     echo "$name started (pid $!, log $STACK/$name.log)"
 }
 
@@ -75,7 +87,7 @@ stop() {
             fi
             echo "$name stopped"
         fi
-        rm -f "$STACK/$name.pid"
+        rm -f "$STACK/$name.pid" "$STACK/$name.started"
     done
 }
 

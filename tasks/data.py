@@ -67,14 +67,19 @@ def prepare_data(config: DataConfig, out_dir: str, download_dir: str | None = No
     return str(prepare_dataset(config, Path(out_dir), download_dir=Path(download_dir) if download_dir else None))
 
 
-def log_dataset_input(dataset: PreparedDataset, context: str = "training") -> None:
-    """Log the dataset as an input of the active MLflow run, identified by its fingerprint.
+def log_dataset_input(run_id: str, dataset: PreparedDataset, context: str = "training") -> None:
+    """Log the dataset as an input of MLflow run `run_id`, identified by its fingerprint.
 
-    The MLflow dataset's digest is the first 32 hex digits of the fingerprint (MLflow's digest
-    column is short); the full fingerprint goes in the tag `dataset.fingerprint`.
+    The run is addressed by id (MLflow's fluent `start_run` would end it, marking a run that is
+    still training FINISHED). The MLflow dataset's digest is the first 32 hex digits of the
+    fingerprint (MLflow's digest column is short); the full fingerprint goes in the tag
+    `dataset.fingerprint`.
     """
     import mlflow
     import mlflow.data
+    from mlflow.entities import DatasetInput, InputTag
+
+    from tasks import tracking
 
     manifest = dataset.manifest
     name = f"{manifest['source']}-{manifest['image_size']}x{manifest['image_size']}x{manifest['channels']}"
@@ -88,20 +93,22 @@ def log_dataset_input(dataset: PreparedDataset, context: str = "training") -> No
             name=name,
             digest=dataset.fingerprint[:32],
         )
+    tags = {"mlflow.data.context": context, "fingerprint": dataset.fingerprint, "split": "train"}
+    inputs = [DatasetInput(mlflow_dataset._to_mlflow_entity(), [InputTag(k, v) for k, v in tags.items()])]
+    client = tracking.client()
     # MLflow creates the dataset row on first use with a get-or-create that is not atomic: two
     # runs of one experiment logging the same dataset at once (compare_schedules in parallel)
     # collide on its unique key. Serialise within the process; retry once across processes,
     # when the row the other writer created is found.
     with _LOG_INPUT_LOCK:
         try:
-            mlflow.log_input(mlflow_dataset, context=context,
-                             tags={"fingerprint": dataset.fingerprint, "split": "train"})
+            client.log_inputs(run_id, datasets=inputs)
         except mlflow.exceptions.MlflowException as error:
             if "UNIQUE constraint failed" not in str(error):
                 raise
-            mlflow.log_input(mlflow_dataset, context=context,
-                             tags={"fingerprint": dataset.fingerprint, "split": "train"})
-    mlflow.set_tags({"dataset.fingerprint": dataset.fingerprint, "dataset.name": name,
-                     "dataset.path": str(dataset.path),
-                     "dataset.train_count": str(manifest["splits"]["train"]),
-                     "dataset.holdout_count": str(manifest["splits"]["holdout"])})
+            client.log_inputs(run_id, datasets=inputs)
+    for key, value in {"dataset.fingerprint": dataset.fingerprint, "dataset.name": name,
+                       "dataset.path": str(dataset.path),
+                       "dataset.train_count": str(manifest["splits"]["train"]),
+                       "dataset.holdout_count": str(manifest["splits"]["holdout"])}.items():
+        client.set_tag(run_id, key, value)

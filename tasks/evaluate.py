@@ -126,12 +126,14 @@ def evaluate_samples(
     run_id: str | None = None,
     step: int = 0,
     extractor: ExtractorKind = "auto",
+    model_id: str | None = None,
 ) -> dict:
     """FIDs of the samples in `samples_npz` against the dataset's holdout split, plus their floors.
 
     Logs `fid_<extractor>` and `fid_<extractor>_floor` for each extractor at `step` to MLflow run
-    `run_id`, the tags `fid.metric` (the primary one) and `fid.num_samples`; with the classifier,
-    also its accuracy, the mean confidence on the samples and a class histogram.
+    `run_id` (linked to its logged model `model_id`, when given), the tags `fid.metric` (the
+    primary one) and `fid.num_samples`; with the classifier, also its accuracy, the mean
+    confidence on the samples and a class histogram.
     """
     dataset = load_prepared(Path(dataset_path))
     samples = load_samples(samples_npz)
@@ -153,7 +155,7 @@ def evaluate_samples(
         metrics = {k: v for k, v in result.items() if isinstance(v, float)}
         mlflow_client = tracking.client()
         mlflow_client.log_batch(run_id, metrics=[
-            tracking.Metric(k, v, int(time.time() * 1000), step) for k, v in metrics.items()
+            tracking.Metric(k, v, int(time.time() * 1000), step, model_id=model_id) for k, v in metrics.items()
         ])
         mlflow_client.set_tag(run_id, "fid.metric", result["metric"])
         mlflow_client.set_tag(run_id, "fid.num_samples", str(len(samples)))

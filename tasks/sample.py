@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from prefect import task
 
 from ddpm.images import save_grid, to_uint8
@@ -45,7 +46,9 @@ def sample_checkpoint(
 ) -> dict:
     """Draw `sampling.num_images` images; write samples-<step>-<sampler>.npz (uint8) and a grid PNG.
 
-    With `run_id`, the grid and the sampler settings are logged to that MLflow run.
+    With `run_id`, the grid and the sampler settings are logged to that MLflow run, and the grid
+    also as the run's image `samples` at this training step: sampling every checkpoint (the
+    evaluate flow) fills the MLflow UI's image slider with the model's progress.
     """
     images_uint8, step = checkpoint_images(checkpoint, sampling, use_ema, device, progress=True)
     out = Path(out_dir)
@@ -56,6 +59,8 @@ def sample_checkpoint(
     grid_path = save_grid(images_uint8[:64], out / f"{name}.png", scale=4 if images_uint8.shape[-1] <= 32 else 1)
     if run_id:  # settings as a file beside the grid: one run may be sampled many ways
         tracking.log_file(run_id, grid_path, "samples")
+        with Image.open(grid_path) as grid:
+            tracking.client().log_image(run_id, grid, key="samples", step=step)
         tracking.log_dict(run_id, {"checkpoint": checkpoint, "step": step, "use_ema": use_ema,
                                    **sampling.model_dump()}, f"samples/{name}.json")
     return {"npz": str(npz_path), "grid": str(grid_path), "step": step, "num_images": int(images_uint8.shape[0])}

@@ -7,31 +7,79 @@ so they work the same in the flow's thread, in a task-runner thread, or in anoth
 from __future__ import annotations
 
 import json
+import os
+import socket
 import tempfile
 import time
+import traceback
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import mlflow
-from mlflow.entities import Metric
+from mlflow.entities import Metric, RunStatus
 from mlflow.tracking import MlflowClient
 
-from tasks.settings import artifact_root, tracking_uri
+from tasks.settings import artifact_root, ddpm_home, tracking_uri
+
+
+_INITIALISED_STORES: set[str] = set()
+
+
+@contextmanager
+def store_lock(name: str) -> Iterator[None]:
+    """An exclusive lock shared by every process of this machine using DDPM_HOME (fcntl)."""
+    import fcntl
+
+    folder = ddpm_home(create=True) / "locks"
+    folder.mkdir(exist_ok=True)
+    with open(folder / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def client() -> MlflowClient:
-    mlflow.set_tracking_uri(tracking_uri())
-    return MlflowClient(tracking_uri())
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    if uri in _INITIALISED_STORES or not uri.startswith("sqlite:///"):
+        return MlflowClient(uri)
+    # MLflow builds a new sqlite store's tables when the first client opens it, without a lock:
+    # two processes doing it at once crash one of them ("table ... already exists"). Serialise it.
+    import fcntl
+
+    database = Path(uri.removeprefix("sqlite:///"))
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with open(database.with_name(database.name + ".init-lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            mlflow_client = MlflowClient(uri)
+            mlflow_client.search_experiments(max_results=1)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    _INITIALISED_STORES.add(uri)
+    return mlflow_client
+
+
+# MLflow 3's UI opens an experiment without this tag in its GenAI view ("Evaluations", traces);
+# training runs belong in the model-training view (runs, metrics, charts).
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
 def experiment_id(name: str) -> str:
-    """The id of experiment `name`, created with an explicit artifact location if it is new."""
+    """The id of experiment `name`, created with an explicit artifact location if it is new, and
+    marked as a model-training experiment for the MLflow UI."""
     mlflow_client = client()
     experiment = mlflow_client.get_experiment_by_name(name)
     if experiment is not None:
+        if "mlflow.experimentKind" not in experiment.tags:   # made by an older version, or by hand
+            mlflow_client.set_experiment_tag(experiment.experiment_id, *next(iter(EXPERIMENT_KIND.items())))
         return experiment.experiment_id
     try:
-        return mlflow_client.create_experiment(name, artifact_location=f"{artifact_root()}/{name}")
+        return mlflow_client.create_experiment(name, artifact_location=f"{artifact_root()}/{name}",
+                                               tags=EXPERIMENT_KIND)
     except mlflow.exceptions.MlflowException:  # created meanwhile by a concurrent run
         return mlflow_client.get_experiment_by_name(name).experiment_id
 
@@ -58,8 +106,9 @@ class MetricBuffer:
     here, so callers can report logging's share of training time; `batches` counts log_batch calls.
     """
 
-    def __init__(self, run_id: str, flush_every: int = 10, system_metrics: bool = True):
+    def __init__(self, run_id: str, flush_every: int = 10, system_metrics: bool = True, skip_through: int = -1):
         self.run_id, self.flush_every = run_id, flush_every
+        self.skip_through = skip_through   # steps already logged (before a crash): not logged twice
         self.pending: list[Metric] = []
         self.calls = 0
         self.batches = 0
@@ -67,6 +116,8 @@ class MetricBuffer:
         self._process = _psutil_process() if system_metrics else None
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
+        if step <= self.skip_through:
+            return
         start = time.perf_counter()
         if self._process is not None:
             import psutil
@@ -144,3 +195,115 @@ def find_run(mlflow_run_id: str | None = None, prefect_flow_run_id: str | None =
     if not runs:
         raise RunNotFoundError(f"no MLflow run is tagged with Prefect flow run '{flow_run_id}' in {tracking_uri()}")
     return runs[0]
+
+
+# A pipeline run's full configuration (retrain, evaluate and resume read it back) and the folder
+# of its checkpoints (evaluate and promotion find them there, wherever DDPM_HOME is).
+CONFIG_ARTIFACT = "config.json"
+CHECKPOINT_DIR_TAG = "checkpoint_dir"
+
+
+def run_config(run: mlflow.entities.Run) -> dict:
+    """The configuration train_pipeline logged as config.json in `run`."""
+    try:
+        return mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/{CONFIG_ARTIFACT}")
+    except Exception as error:  # noqa: BLE001 (MLflow raises several types for a missing artifact)
+        raise FileNotFoundError(
+            f"MLflow run {run.info.run_id} has no {CONFIG_ARTIFACT}: it was not made by train_pipeline"
+        ) from error
+
+
+# --- the run lifecycle ------------------------------------------------------------------------
+# A run is RUNNING while its process works on it, FINISHED only when the flow completed, FAILED
+# (or KILLED on Ctrl-C) when it raised. A process killed outright (kill -9, OOM, reboot) cannot
+# say so: its run keeps RUNNING, so every run records the host and pid working on it, and
+# `mark_vanished_runs` fails the runs whose process is gone when an experiment is next used.
+
+HOST_TAG, PID_TAG = "ddpm.host", "ddpm.pid"
+
+
+def _process_tags() -> dict[str, str]:
+    return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # alive, another user's
+        return True
+    return True
+
+
+def vanished(run: mlflow.entities.Run) -> bool:
+    """A RUNNING run whose recorded process on this host no longer exists."""
+    tags = run.data.tags
+    if run.info.status != "RUNNING" or tags.get(HOST_TAG) != socket.gethostname() or not tags.get(PID_TAG):
+        return False
+    pid = int(tags[PID_TAG])
+    return pid != os.getpid() and not _process_alive(pid)
+
+
+def mark_vanished_runs(experiment: str) -> list[str]:
+    """Fail the RUNNING runs of `experiment` whose process on this host is gone; their ids."""
+    mlflow_client = client()
+    found = mlflow_client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    marked = []
+    for run in mlflow_client.search_runs([found.experiment_id], filter_string="attributes.status = 'RUNNING'"):
+        if vanished(run):
+            run_id = run.info.run_id
+            mlflow_client.set_tag(run_id, "error", f"the process training it (pid {run.data.tags[PID_TAG]}) "
+                                                   f"ended without finishing it; `ddpm train --resume {run_id}` "
+                                                   "continues it")
+            mlflow_client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
+            marked.append(run_id)
+    return marked
+
+
+def create_run(experiment: str, run_name: str | None, params: dict, tags: dict | None = None) -> str:
+    """A new RUNNING run of `experiment` with flattened `params` and `tags`; its id."""
+    mlflow_client = client()
+    run = mlflow_client.create_run(experiment_id(experiment), run_name=run_name, tags={**(tags or {}), **_process_tags()})
+    items = list(flatten_params(params).items())
+    for i in range(0, len(items), 100):  # MLflow takes at most 100 params a batch
+        mlflow_client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, v) for k, v in items[i : i + 100]])
+    return run.info.run_id
+
+
+def reopen_run(run_id: str) -> mlflow.entities.Run:
+    """Set an unfinished run RUNNING again, owned by this process (to resume it); the run as it was.
+
+    Refused for a run that FINISHED, and for one whose process is still alive.
+    """
+    mlflow_client = client()
+    run = find_run(run_id)
+    if run.info.status == "FINISHED":
+        raise ValueError(f"MLflow run {run_id} is FINISHED: nothing to resume")
+    if run.info.status == "RUNNING" and not vanished(run) and run.data.tags.get(PID_TAG) != str(os.getpid()):
+        raise ValueError(f"MLflow run {run_id} is still RUNNING in process {run.data.tags.get(PID_TAG)} on "
+                         f"{run.data.tags.get(HOST_TAG)}; stop it first")
+    mlflow_client.update_run(run_id, status="RUNNING")
+    for key, value in _process_tags().items():
+        mlflow_client.set_tag(run_id, key, value)
+    mlflow_client.set_tag(run_id, "resumed", str(int(run.data.tags.get("resumed", "0")) + 1))
+    return run
+
+
+@contextmanager
+def run_lifecycle(run_id: str) -> Iterator[str]:
+    """FINISHED when the block completes; FAILED (KILLED on Ctrl-C) with an `error` tag when it raises."""
+    mlflow_client = client()
+    try:
+        yield run_id
+    except BaseException as error:
+        status = RunStatus.KILLED if isinstance(error, KeyboardInterrupt) else RunStatus.FAILED
+        try:
+            mlflow_client.set_tag(run_id, "error", traceback.format_exc(limit=3)[-4000:])
+            mlflow_client.set_terminated(run_id, RunStatus.to_string(status))
+        except Exception:  # noqa: BLE001 (the store itself failing must not hide the first error)
+            pass
+        raise
+    mlflow_client.set_terminated(run_id)

@@ -50,7 +50,10 @@ def train_model(
     mlflow_client = tracking.client()
     mlflow_client.log_param(run_id, "model.parameters", count_parameters(trainer.model))
 
-    metrics = tracking.MetricBuffer(run_id)
+    # A resumed run (a retry, `--resume`) trains again from its checkpoint the steps it had logged
+    # after it; training is deterministic, so those points are already right: log each step once.
+    logged = mlflow_client.get_metric_history(run_id, "loss")
+    metrics = tracking.MetricBuffer(run_id, skip_through=max((m.step for m in logged), default=-1))
     start = time.perf_counter()
     try:
         result = trainer.train(on_log=metrics.log, on_checkpoint=on_checkpoint)

@@ -97,6 +97,12 @@ def test_sample_from_the_registered_champion(checkpoint, env, tmp_path, monkeypa
     (["train", "--set", "lr=1"], 2, "expected SECTION.FIELD=VALUE"),
     (["train", "--set", "optimizer.lr=1"], 1, "unknown section 'optimizer'"),
     (["train", "--set", "train.steps=-3"], 1, "steps: Input should be greater than or equal to 1"),
+    (["sample", "--checkpoint", "x.pt", "--eta", "7"], 1, "eta: Input should be less than or equal to 1"),
+    (["train", "--lr", "nan"], 1, "learning_rate: Input should be a finite number"),
+    (["train", "--image-size", "32"], 1, "the data is 32x32 with 1 channel(s) but the model takes 16x16"),
+    (["train", "--resume", "abc", "--steps", "5"], 1, "drop the options that set train"),
+    (["train", "--experiment", ""], 1, "experiment: String should have at least 1 character"),
+    (["compare", "--schedules", "linear", "wobbly"], 1, "unknown noise schedule(s) ['wobbly']"),
     (["denoise", "--checkpoint", "missing.pt"], 1, "checkpoint not found"),
     (["evaluate"], 2, "one of the arguments --run-id --flow-run-id is required"),
     (["fly"], 2, "invalid choice: 'fly'"),
@@ -105,6 +111,21 @@ def test_bad_arguments_exit_nonzero_with_one_clear_line(args, code, message, env
     result = ddpm(*args, env=env, cwd=tmp_path)
     assert result.returncode == code and message in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_failure_inside_a_flow_is_one_line_with_the_trace_in_the_log_file(env, tmp_path):
+    """Prefect logs the traceback of a failing flow run; on the terminal only the message remains."""
+    missing = "0" * 32
+    result = ddpm("train", "--resume", missing, env=env, cwd=tmp_path)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    (line,) = [x for x in result.stderr.splitlines() if x.startswith("ddpm train: error:")]
+    log = Path(env["DDPM_HOME"]) / "logs" / "ddpm.log"
+    assert line == (f"ddpm train: error: no MLflow run with id '{missing}' in {env['MLFLOW_TRACKING_URI']} "
+                    f"(full trace: {log}, or rerun with --verbose)")
+    assert "Traceback" in log.read_text()
+    verbose = ddpm("train", "--resume", missing, "--verbose", env=env, cwd=tmp_path)
+    assert verbose.returncode == 1 and "Traceback" in verbose.stderr
 
 
 def test_denoise_and_interpolate_write_grids(checkpoint, env, tmp_path):

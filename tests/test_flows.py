@@ -75,6 +75,9 @@ def test_evaluate_logs_a_fid_curve_into_the_training_run(trained, store):
     assert run.data.tags["fid.best_step"] == str(result["best_step"])
     assert result["best_step"] == min(result["fids"], key=result["fids"].get)
     assert run.info.status == "FINISHED"
+    # a sample grid per checkpoint step: the MLflow UI's image slider over training
+    images = [a.path for a in client.list_artifacts(summary["run_id"], "images")]
+    assert {step for step in (5, 10) if any(f"+step+{step}+" in path for path in images)} == {5, 10}, images
 
 
 def test_evaluate_refuses_bad_requests_and_writes_nothing(trained, store):

@@ -70,18 +70,32 @@ def test_pipeline_trains_samples_and_tracks_everything(prefect_harness, mlflow_s
     assert [a.path for a in client.list_artifacts(summary["run_id"], "evaluation")] == [
         "evaluation/class_histogram-0000012.png"]
 
+    # the run's model is logged (the run page shows it before any promotion), its FIDs linked to it
+    (model,) = client.search_logged_models([run.info.experiment_id])
+    assert model.model_id == summary["model_id"] and model.source_run_id == summary["run_id"]
+    assert model.tags["checkpoint.step"] == "12"
+    assert {m.key for m in model.metrics} >= set(metrics)
+    # ... and promotion registers that model instead of logging another
+    from tasks.registry import promote_best
 
-def test_a_failing_pipeline_marks_its_mlflow_run_failed(prefect_harness, mlflow_store):
+    promotion = promote_best("pipeline-test", "pipeline-test-model")
+    version = client.get_model_version("pipeline-test-model", promotion["version"])
+    assert version.source == f"models:/{summary['model_id']}"
+    assert len(client.search_logged_models([run.info.experiment_id])) == 1
+
+
+def test_a_failing_pipeline_marks_its_mlflow_run_failed(prefect_harness, mlflow_store, tmp_path):
     from flows.train_pipeline import train_pipeline
 
-    # a model for 32x32 RGB images cannot train on 16x16 gray digits: a clear error, a FAILED run
-    state = train_pipeline(data=DataConfig(source="digits", max_images=50), model=preset("ddpm-cifar10"),
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "runs").write_text("a file where the run folders go")   # fails once the run exists
+    state = train_pipeline(data=DataConfig(source="digits", max_images=50), model=TINY_MODEL,
                            train=TINY_TRAIN, sampling=TINY_SAMPLING, experiment="pipeline-fail", return_state=True)
     assert state.is_failed()
-    with pytest.raises(Exception, match="16x16x1|image size|channels"):
+    with pytest.raises(Exception, match="runs"):
         state.result()
-    runs = mlflow.search_runs(experiment_names=["pipeline-fail"], output_format="list")
-    assert [r.info.status for r in runs] == ["FAILED"]
+    (run,) = mlflow.search_runs(experiment_names=["pipeline-fail"], output_format="list")
+    assert run.info.status == "FAILED" and "runs" in run.data.tags["error"]
 
 
 @pytest.mark.skipif(not inception_available(), reason="the inception extra is not installed")
@@ -109,8 +123,15 @@ def test_an_unlabelled_image_folder_gets_the_standard_fid(prefect_harness, mlflo
 
 
 def test_checks_that_can_run_before_training_do(prefect_harness, mlflow_store):
-    """More samples than reference images: refused before the MLflow run exists or anything trains."""
+    """More samples than reference images, a model for other images: refused before the MLflow run
+    exists or anything trains."""
     from flows.train_pipeline import train_pipeline
+
+    state = train_pipeline(data=DataConfig(source="digits", max_images=50), model=preset("ddpm-cifar10"),
+                           train=TINY_TRAIN, sampling=TINY_SAMPLING, experiment="too-many", return_state=True)
+    assert state.is_failed()
+    with pytest.raises(Exception, match="the data is 16x16 with 1 channel.* but the model takes 32x32 with 3"):
+        state.result()
 
     state = train_pipeline(data=DataConfig(source="digits", max_images=50), model=TINY_MODEL, train=TINY_TRAIN,
                            sampling=TINY_SAMPLING.model_copy(update={"num_images": 11}), experiment="too-many",

@@ -71,6 +71,7 @@ def test_champion_moves_only_on_a_strictly_better_fid(store, checkpoint):
     again = promote_best("ddpm", "ddpm")  # idempotent: the same run is not registered twice
     assert (again["version"], again["moved"], again["reason"]) == ("1", False, "already the champion")
     assert versions(store) == [1]
+    assert store.get_model_version("ddpm", "1").tags["promotion.decision"] == "champion"   # not rewritten to kept
 
     tie = fake_trained_run(store, "ddpm", checkpoint, 3.0)  # newest of the two 3.0s comes first
     result = promote_best("ddpm", "ddpm")
@@ -86,6 +87,19 @@ def test_champion_moves_only_on_a_strictly_better_fid(store, checkpoint):
     assert str(store.get_model_version_by_alias("ddpm", "champion").version) == "3"
     assert versions(store) == [1, 2, 3]  # earlier versions stay: the alias can be moved back by hand
     assert worse not in {store.get_model_version("ddpm", str(v)).run_id for v in versions(store)}
+
+
+def test_two_promotions_at_once_register_the_best_run_once(store, checkpoint):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tasks.registry import promote_best
+
+    best = fake_trained_run(store, "ddpm", checkpoint, 3.0)
+    fake_trained_run(store, "ddpm", checkpoint, 4.0)
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda _: promote_best("ddpm", "ddpm", log=lambda _: None), range(2)))
+    assert {r["run_id"] for r in results} == {best} and versions(store) == [1]
+    assert sorted(r["moved"] for r in results) == [False, True]
 
 
 def test_a_champion_measured_on_other_data_is_not_compared(store, checkpoint):

@@ -1,0 +1,110 @@
+"""A crashed `ddpm train` continues in the same MLflow run: kill -9 through the CLI, then --resume."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from ddpm.checkpoint import list_checkpoints, load_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = ["train", "--source", "digits", "--max-images", "300", "--steps", "120", "--num-samples", "32",
+         "--fid-extractor", "classifier", "--set", "train.checkpoint_every=10", "--set", "train.log_every=10"]
+
+pytestmark = pytest.mark.slow
+
+
+def ddpm(*args, env, **kwargs):
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], env=env, cwd=REPO, capture_output=True,
+                          text=True, timeout=600, **kwargs)
+
+
+def checkpoint_folders(home: Path) -> dict[str, Path]:
+    return {p.parent.name: p for p in home.glob("runs/*/checkpoints")}
+
+
+def test_kill_9_then_resume_continues_the_same_run_and_equals_an_uninterrupted_one(tmp_path):
+    home = tmp_path / "home"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "DDPM_HOME": str(home), "MLFLOW_TRACKING_URI": uri,
+           "OMP_NUM_THREADS": "1"}
+    client = MlflowClient(uri)
+
+    # 1. train, and SIGKILL the whole process group (the CLI and its temporary Prefect server)
+    #    once a mid-run checkpoint exists
+    process = subprocess.Popen([sys.executable, "-m", "flows.cli", *TRAIN, "--run-name", "crashed"], env=env,
+                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not any(list_checkpoints(folder) for folder in checkpoint_folders(home).values()):
+        assert process.poll() is None, "training exited before its first checkpoint"
+        assert time.monotonic() < deadline, "no checkpoint within 300 s"
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)
+    ((crashed_id, folder),) = checkpoint_folders(home).items()
+    on_disk = [int(p.name[5:12]) for p in list_checkpoints(folder)]
+    assert max(on_disk) < 120, f"the run was not interrupted mid-way: {on_disk}"
+    assert client.get_run(crashed_id).info.status == "RUNNING"   # nobody could say otherwise yet
+
+    # 2. the next run in the experiment sees the crashed one's process is gone and fails it
+    straight = ddpm(*TRAIN, "--run-name", "straight", env=env)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    crashed = client.get_run(crashed_id)
+    assert crashed.info.status == "FAILED" and f"--resume {crashed_id}" in crashed.data.tags["error"]
+
+    # 3. a changed configuration is refused before anything runs; then the resume continues the run
+    refused = ddpm("train", "--resume", crashed_id, "--steps", "200", env=env)
+    assert refused.returncode == 1 and "drop the options that set train" in refused.stderr, refused.stderr
+    resumed = ddpm("train", "--resume", crashed_id, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    run = client.get_run(crashed_id)
+    assert run.info.status == "FINISHED" and run.data.tags["resumed"] == "1"
+    assert "fid_classifier" in run.data.metrics
+    steps = [m.step for m in client.get_metric_history(crashed_id, "loss")]
+    assert len(steps) == len(set(steps)) and max(steps) == 120   # the retrained steps are not logged twice
+    assert len(client.search_runs([run.info.experiment_id])) == 2   # no third run
+    again = ddpm("train", "--resume", crashed_id, env=env)
+    assert again.returncode == 1 and "FINISHED: nothing to resume" in again.stderr, again.stderr
+
+    # 4. the resumed run's final weights equal the uninterrupted run's, bit for bit
+    straight_id = next(i for i in checkpoint_folders(home) if i != crashed_id)
+    final = {i: load_checkpoint(list_checkpoints(checkpoint_folders(home)[i])[-1]) for i in (crashed_id, straight_id)}
+    assert final[crashed_id]["step"] == final[straight_id]["step"] == 120
+    for part in ("model", "ema"):
+        for key, value in final[straight_id][part].items():
+            assert torch.equal(final[crashed_id][part][key], value), f"{part}.{key} differs"
+
+
+def test_sigterm_marks_the_run_killed_and_leaves_no_server_behind(tmp_path):
+    home = tmp_path / "home"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "DDPM_HOME": str(home), "MLFLOW_TRACKING_URI": uri,
+           "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "flows.cli", *TRAIN], env=env, cwd=REPO,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not any(list_checkpoints(folder) for folder in checkpoint_folders(home).values()):
+            assert process.poll() is None and time.monotonic() < deadline, "no checkpoint"
+            time.sleep(0.05)
+        children = [int(pid) for pid in
+                    Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()]
+        assert children, "the temporary Prefect server should be a child of the command"
+        process.send_signal(signal.SIGTERM)   # the command alone, as systemd or `kill` would
+        stderr = process.communicate(timeout=120)[1]
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 130, stderr[-2000:]
+    ((run_id, _),) = checkpoint_folders(home).items()
+    assert MlflowClient(uri).get_run(run_id).info.status == "KILLED"
+    deadline = time.monotonic() + 30
+    while any(Path(f"/proc/{pid}").exists() for pid in children):
+        assert time.monotonic() < deadline, f"processes {children} outlived the command"
+        time.sleep(0.2)
