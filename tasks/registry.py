@@ -20,6 +20,7 @@ import base64
 import io
 import math
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,12 @@ def png_base64(image_chw: np.ndarray) -> str:
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG")
     return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+# MLflow warns, on every import of this module (so on every command), that `predict` has no type
+# hints; its own `catch_warnings` + `simplefilter("once")` defeats warning filters. The model's
+# schema is the signature logged with it, on purpose: the warning is dropped while the class is made.
+_showwarning, warnings.showwarning = warnings.showwarning, lambda *args, **kwargs: None
 
 
 class DDPMImageModel(PythonModel):
@@ -121,14 +128,18 @@ class DDPMImageModel(PythonModel):
     def predict(self, context, model_input, params: dict | None = None):
         """Draw the images the request asks for (deterministic for a given seed)."""
         num_images, params = self._request(model_input, params)
-        sampling = SamplerConfig(sampler=params["sampler"], num_steps=int(params["steps"]) or None, eta=float(params["eta"]),
-                                 num_images=num_images, seed=int(params["seed"]), batch_size=num_images)
+        sampling = SamplerConfig(sampler=params["sampler"], num_steps=int(params["steps"]) or None,
+                                 eta=float(params["eta"]), num_images=num_images, seed=int(params["seed"]),
+                                 batch_size=num_images)
         sampler = sampling.build(self.schedule, self.diffusion_config.prediction_type)
         images = to_uint8(generate(self.model, sampler, num_images, seed=sampling.seed,
                                    batch_size=num_images)).numpy()
         if params["format"] == "png_base64":
             return [png_base64(image) for image in images]
         return images
+
+
+warnings.showwarning = _showwarning
 
 
 def write_ema_checkpoint(checkpoint: Path | str, out_dir: Path | str) -> Path:
