@@ -19,6 +19,7 @@ from typing import Any, Iterator
 import mlflow
 from mlflow.entities import Metric, RunStatus
 from mlflow.tracking import MlflowClient
+from prefect.exceptions import TerminationSignal
 
 from tasks.settings import artifact_root, ddpm_home, tracking_uri
 
@@ -294,12 +295,14 @@ def reopen_run(run_id: str) -> mlflow.entities.Run:
 
 @contextmanager
 def run_lifecycle(run_id: str) -> Iterator[str]:
-    """FINISHED when the block completes; FAILED (KILLED on Ctrl-C) with an `error` tag when it raises."""
+    """FINISHED when the block completes; FAILED (KILLED on Ctrl-C or SIGTERM) with an `error` tag
+    when it raises."""
     mlflow_client = client()
     try:
         yield run_id
     except BaseException as error:
-        status = RunStatus.KILLED if isinstance(error, KeyboardInterrupt) else RunStatus.FAILED
+        # Ctrl-C, or SIGTERM (Prefect turns it into TerminationSignal inside a flow run)
+        status = RunStatus.KILLED if isinstance(error, (KeyboardInterrupt, TerminationSignal)) else RunStatus.FAILED
         try:
             mlflow_client.set_tag(run_id, "error", traceback.format_exc(limit=3)[-4000:])
             mlflow_client.set_terminated(run_id, RunStatus.to_string(status))

@@ -28,7 +28,9 @@ def dead_pid() -> int:
 
 
 def test_a_run_is_finished_failed_or_killed_by_how_its_block_ends(store):
-    ids = [tracking.create_run("lifecycle", None, {"train": {"lr": 1e-3}}) for _ in range(3)]
+    from prefect.exceptions import TerminationSignal
+
+    ids = [tracking.create_run("lifecycle", None, {"train": {"lr": 1e-3}}) for _ in range(4)]
     assert store.get_run(ids[0]).info.status == "RUNNING"
     assert store.get_run(ids[0]).data.params == {"train.lr": "0.001"}
     with tracking.run_lifecycle(ids[0]):
@@ -37,7 +39,9 @@ def test_a_run_is_finished_failed_or_killed_by_how_its_block_ends(store):
         raise ValueError("bad")
     with pytest.raises(KeyboardInterrupt), tracking.run_lifecycle(ids[2]):
         raise KeyboardInterrupt
-    assert [store.get_run(i).info.status for i in ids] == ["FINISHED", "FAILED", "KILLED"]
+    with pytest.raises(TerminationSignal), tracking.run_lifecycle(ids[3]):   # SIGTERM inside a flow run
+        raise TerminationSignal(15)
+    assert [store.get_run(i).info.status for i in ids] == ["FINISHED", "FAILED", "KILLED", "KILLED"]
     # the MLflow UI opens the experiment in its model-training view, not the GenAI one
     assert store.get_experiment_by_name("lifecycle").tags["mlflow.experimentKind"] == "custom_model_development"
     assert "ValueError: bad" in store.get_run(ids[1]).data.tags["error"]

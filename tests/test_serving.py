@@ -84,7 +84,7 @@ def test_served_champion_returns_png_images_and_400_for_bad_requests(tmp_path, m
         assert [(image.shape, image.dtype) for image in images] == [((16, 16), np.uint8)] * 2
 
         status, body = post(f"{base}/invocations", {"dataframe_records": [{"num_images": 1}],
-                                                    "params": {"steps": 5, "seed": 1}})
+                                                    "params": {"sampler": "ddim", "steps": 5, "seed": 1}})
         assert status == 200 and np.array(body["predictions"]).shape == (1, 1, 16, 16)
         assert np.array_equal(np.array(body["predictions"])[0, 0], images[0])  # same seed, same image
 
