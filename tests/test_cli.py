@@ -124,8 +124,6 @@ def test_a_failure_inside_a_flow_is_one_line_with_the_trace_in_the_log_file(env,
     assert line == (f"ddpm train: error: no MLflow run with id '{missing}' in {env['MLFLOW_TRACKING_URI']} "
                     f"(full trace: {log}, or rerun with --verbose)")
     assert "Traceback" in log.read_text()
-    verbose = ddpm("train", "--resume", missing, "--verbose", env=env, cwd=tmp_path)
-    assert verbose.returncode == 1 and "Traceback" in verbose.stderr
 
 
 def test_denoise_and_interpolate_write_grids(checkpoint, env, tmp_path):

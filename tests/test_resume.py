@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 from ddpm.checkpoint import list_checkpoints, load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
-TRAIN = ["train", "--source", "digits", "--max-images", "300", "--steps", "120", "--num-samples", "32",
+TRAIN = ["train", "--source", "digits", "--max-images", "300", "--steps", "60", "--num-samples", "32",
          "--fid-extractor", "classifier", "--set", "train.checkpoint_every=10", "--set", "train.log_every=10"]
 
 pytestmark = pytest.mark.slow
@@ -49,7 +49,7 @@ def test_kill_9_then_resume_continues_the_same_run_and_equals_an_uninterrupted_o
     process.wait(timeout=30)
     ((crashed_id, folder),) = checkpoint_folders(home).items()
     on_disk = [int(p.name[5:12]) for p in list_checkpoints(folder)]
-    assert max(on_disk) < 120, f"the run was not interrupted mid-way: {on_disk}"
+    assert max(on_disk) < 60, f"the run was not interrupted mid-way: {on_disk}"
     assert client.get_run(crashed_id).info.status == "RUNNING"   # nobody could say otherwise yet
 
     # 2. the next run in the experiment sees the crashed one's process is gone and fails it
@@ -58,24 +58,21 @@ def test_kill_9_then_resume_continues_the_same_run_and_equals_an_uninterrupted_o
     crashed = client.get_run(crashed_id)
     assert crashed.info.status == "FAILED" and f"--resume {crashed_id}" in crashed.data.tags["error"]
 
-    # 3. a changed configuration is refused before anything runs; then the resume continues the run
-    refused = ddpm("train", "--resume", crashed_id, "--steps", "200", env=env)
-    assert refused.returncode == 1 and "drop the options that set train" in refused.stderr, refused.stderr
+    # 3. the resume continues the run (a changed setting with --resume, and a second resume of the
+    #    finished run, are refused: tests/test_cli.py, tests/test_run_lifecycle.py)
     resumed = ddpm("train", "--resume", crashed_id, env=env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     run = client.get_run(crashed_id)
     assert run.info.status == "FINISHED" and run.data.tags["resumed"] == "1"
     assert "fid_classifier" in run.data.metrics
     steps = [m.step for m in client.get_metric_history(crashed_id, "loss")]
-    assert len(steps) == len(set(steps)) and max(steps) == 120   # the retrained steps are not logged twice
+    assert len(steps) == len(set(steps)) and max(steps) == 60   # the retrained steps are not logged twice
     assert len(client.search_runs([run.info.experiment_id])) == 2   # no third run
-    again = ddpm("train", "--resume", crashed_id, env=env)
-    assert again.returncode == 1 and "FINISHED: nothing to resume" in again.stderr, again.stderr
 
     # 4. the resumed run's final weights equal the uninterrupted run's, bit for bit
     straight_id = next(i for i in checkpoint_folders(home) if i != crashed_id)
     final = {i: load_checkpoint(list_checkpoints(checkpoint_folders(home)[i])[-1]) for i in (crashed_id, straight_id)}
-    assert final[crashed_id]["step"] == final[straight_id]["step"] == 120
+    assert final[crashed_id]["step"] == final[straight_id]["step"] == 60
     for part in ("model", "ema"):
         for key, value in final[straight_id][part].items():
             assert torch.equal(final[crashed_id][part][key], value), f"{part}.{key} differs"
