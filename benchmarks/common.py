@@ -29,7 +29,7 @@ from ddpm.data.prepare import DataConfig, prepare_dataset  # noqa: E402
 from ddpm.images import to_uint8  # noqa: E402
 from ddpm.metrics.classifier import load_or_train_classifier  # noqa: E402
 from ddpm.metrics.fid import (  # noqa: E402
-    classifier_extractor, frechet_distance, real_vs_real_fid, reference_statistics,
+    classifier_extractor, frechet_distance, inception_extractor, real_vs_real_fid, reference_statistics,
 )
 from ddpm.samplers import generate  # noqa: E402
 
@@ -100,23 +100,37 @@ def prepare_mnist(out_dir: Path, image_size: int = 16, mnist_dir: Path | None = 
 
 
 class Scorer:
-    """fid_classifier against the holdout split, and the real-vs-real floor at the same count."""
+    """FID against the holdout split, and the real-vs-real floor at the same count.
 
-    def __init__(self, dataset: PreparedDataset, cache_dir: Path):
+    `fid` / `floor`: fid_classifier (the domain classifier's features). With `inception`, also
+    fid_inception: `score` / `floors` give every metric by name.
+    """
+
+    def __init__(self, dataset: PreparedDataset, cache_dir: Path, inception: bool = False):
         cache_dir.mkdir(parents=True, exist_ok=True)
         train_images, train_labels = dataset.split("train")
         holdout_images, holdout_labels = dataset.split("holdout")
         classifier, self.classifier_accuracy, _ = load_or_train_classifier(
             cache_dir, dataset.fingerprint, train_images, train_labels, holdout_images, holdout_labels, 10)
-        self.extractor = classifier_extractor(classifier)
-        self.reference = reference_statistics(self.extractor, holdout_images, cache_dir, dataset.fingerprint)
+        self.extractors = {"fid_inception": inception_extractor()} if inception else {}
+        self.extractors["fid_classifier"] = classifier_extractor(classifier)
+        self.references = {name: reference_statistics(e, holdout_images, cache_dir, dataset.fingerprint)
+                           for name, e in self.extractors.items()}
         self.train_images = train_images
 
+    def score(self, images_uint8: torch.Tensor) -> dict:
+        return {name: frechet_distance(e, self.references[name], images_uint8) for name, e in self.extractors.items()}
+
+    def floors(self, n: int) -> dict:
+        return {name: real_vs_real_fid(e, self.train_images, self.references[name], n)
+                for name, e in self.extractors.items()}
+
     def fid(self, images_uint8: torch.Tensor) -> float:
-        return frechet_distance(self.extractor, self.reference, images_uint8)
+        return frechet_distance(self.extractors["fid_classifier"], self.references["fid_classifier"], images_uint8)
 
     def floor(self, n: int) -> float:
-        return real_vs_real_fid(self.extractor, self.train_images, self.reference, n)
+        return real_vs_real_fid(self.extractors["fid_classifier"], self.train_images,
+                                self.references["fid_classifier"], n)
 
 
 def timed_samples(model, sampler, num_images: int, seed: int = 0, batch_size: int = 250) -> tuple[torch.Tensor, float]:

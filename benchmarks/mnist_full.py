@@ -33,24 +33,20 @@ import numpy as np
 import torch
 
 from common import (
-    DiffusersEpsModel, ROOT, cached_json, diffusers_samples, diffusers_unet, machine, timed_samples,
+    DiffusersEpsModel, ROOT, Scorer, cached_json, diffusers_samples, diffusers_unet, machine, timed_samples,
     train_diffusers, write_json,
 )
 
 from ddpm.data import BatchLoader, DataConfig, PreparedDataset, load_prepared, prepare_dataset
 from ddpm.diffusion import DiffusionConfig
 from ddpm.images import save_grid
-from ddpm.metrics.classifier import load_or_train_classifier
-from ddpm.metrics.fid import (
-    classifier_extractor, frechet_distance, inception_extractor, real_vs_real_fid, reference_statistics,
-)
 from ddpm.samplers import SamplerConfig
 from ddpm.training import Trainer, load_model
 from ddpm.unet import count_parameters
 from flows.train_pipeline import DEFAULT_DIFFUSION, RECIPES
 
 MNIST_FULL_DIR = ROOT.parent / "shared" / "data" / "mnist-full"
-SAMPLER = SamplerConfig(num_steps=50, eta=1.0)   # the pipeline's default sampler, for both sides' weights
+SAMPLER = SamplerConfig(sampler="ddim", num_steps=50, eta=1.0)   # DDIM-50 eta 1 (section 6's sampler), both sides
 PROGRESS_EVERY_S = 60
 
 
@@ -101,30 +97,6 @@ def train_ours(images_uint8: torch.Tensor, seed: int, minutes: float, snapshot_m
             "recipe": train.model_dump(mode="json")}
 
 
-class Scorers:
-    """fid_inception and fid_classifier against the holdout (the 10,000 test images), with floors."""
-
-    def __init__(self, dataset: PreparedDataset, cache_dir: Path):
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        train_images, train_labels = dataset.split("train")
-        holdout_images, holdout_labels = dataset.split("holdout")
-        classifier, self.classifier_accuracy, _ = load_or_train_classifier(
-            cache_dir, dataset.fingerprint, train_images, train_labels, holdout_images, holdout_labels, 10)
-        self.extractors = {"fid_inception": inception_extractor(), "fid_classifier": classifier_extractor(classifier)}
-        start = time.perf_counter()
-        self.references = {name: reference_statistics(e, holdout_images, cache_dir, dataset.fingerprint)
-                           for name, e in self.extractors.items()}
-        self.reference_seconds = time.perf_counter() - start
-        self.train_images = train_images
-
-    def score(self, images_uint8: torch.Tensor) -> dict:
-        return {name: frechet_distance(e, self.references[name], images_uint8) for name, e in self.extractors.items()}
-
-    def floors(self, n: int) -> dict:
-        return {name: real_vs_real_fid(e, self.train_images, self.references[name], n)
-                for name, e in self.extractors.items()}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=15.0, help="training wall clock for each side")
@@ -157,7 +129,7 @@ def main() -> None:
         train_images, args.seed, args.minutes, args.curve, args.out), announce=True)
 
     print("reference statistics (Inception on the 10,000 test images: cached after the first run) ...", flush=True)
-    scorers = Scorers(dataset, args.cache or args.out / "cache")
+    scorers = Scorer(dataset, args.cache or args.out / "cache", inception=True)
     floors = cached_json(args.out / f"floors-{args.samples}.json", lambda: scorers.floors(args.samples))
 
     linear = DiffusionConfig(schedule="linear").make_schedule()   # what DDPMScheduler(beta_schedule="linear") is

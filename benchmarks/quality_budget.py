@@ -134,7 +134,7 @@ def main() -> None:
             "DDPM-1000": lambda m=model, s=schedule: timed_samples(
                 m, SamplerConfig(sampler="ddpm", num_steps=None).build(s), args.samples, args.seed),
             "DDIM-100": lambda m=model, s=schedule: timed_samples(
-                m, SamplerConfig(num_steps=100, eta=0.0).build(s), args.samples, args.seed),
+                m, SamplerConfig(sampler="ddim", num_steps=100, eta=0.0).build(s), args.samples, args.seed),
         }
 
     floor = scorer.floor(args.samples)

@@ -35,7 +35,8 @@ DEFAULT_RECIPES = [   # the sweep of docs/benchmarks.md, in the order it was run
     "lr=4e-3,schedule=cosine,decay=cosine",
 ]
 EMA_DECAYS = (0.99, 0.995, 0.999)   # with the warm-up (1+n)/(10+n), a short run never reaches more
-SAMPLER = SamplerConfig(num_steps=100, eta=0.0)   # DDIM-100 eta 0, the default sampler when the sweep ran
+# DDIM-100 eta 0, the default sampler when the sweep ran
+SAMPLER = SamplerConfig(sampler="ddim", num_steps=100, eta=0.0)
 
 
 def parse_recipe(text: str) -> dict:

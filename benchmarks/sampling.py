@@ -99,7 +99,8 @@ def main() -> None:
             unet, DDIMScheduler.from_config(ddpm_config, clip_sample=False), 100, args.samples, args.seed)),
         row("diffusers DDIM-100 eta=1", lambda: diffusers_samples(unet, ddim, 100, args.samples, args.seed, eta=1.0)),
         row("our DDIM-100 eta0 clip-on", lambda: timed_samples(   # over the schedule diffusers trained with
-            DiffusersEpsModel(unet).eval(), SamplerConfig(num_steps=100, eta=0.0).build(DiffusionConfig().make_schedule()),
+            DiffusersEpsModel(unet).eval(),
+            SamplerConfig(sampler="ddim", num_steps=100, eta=0.0).build(DiffusionConfig().make_schedule()),
             args.samples, args.seed)),
     ]
 

@@ -128,11 +128,12 @@ def main() -> None:
 
     for name, (config, nfe) in settings.items():
         sampler = config.build(schedule)
-        report_cached(args, rows, name, nfe, scored(lambda seed, s=sampler: timed_samples(model, s, args.samples, seed)))
+        report_cached(args, rows, name, nfe,
+                      scored(lambda seed, s=sampler: timed_samples(model, s, args.samples, seed)))
     for name, make in diffusers_schedulers.items():
         for n in STEPS:
-            report_cached(args, rows, f"{name}-{n}", n,
-                          scored(lambda seed, make=make, n=n: diffusers_samples(adapter, make(), n, args.samples, seed)))
+            draw = lambda seed, make=make, n=n: diffusers_samples(adapter, make(), n, args.samples, seed)  # noqa: E731
+            report_cached(args, rows, f"{name}-{n}", n, scored(draw))
 
     reference = next(r for r in rows if r["setting"] == "DDPM-1000")
     default = next(r for r in rows if r["setting"] == "DDIM-50 eta1")
