@@ -28,18 +28,22 @@ _INITIALISED_STORES: set[str] = set()
 
 
 @contextmanager
-def store_lock(name: str) -> Iterator[None]:
-    """An exclusive lock shared by every process of this machine using DDPM_HOME (fcntl)."""
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock on `path` shared by every process of this machine (fcntl)."""
     import fcntl
 
-    folder = ddpm_home(create=True) / "locks"
-    folder.mkdir(exist_ok=True)
-    with open(folder / f"{name}.lock", "w") as lock:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def store_lock(name: str):
+    """`file_lock` shared by every process using this DDPM_HOME."""
+    return file_lock(ddpm_home(create=True) / "locks" / f"{name}.lock")
 
 
 def client() -> MlflowClient:
@@ -49,17 +53,10 @@ def client() -> MlflowClient:
         return MlflowClient(uri)
     # MLflow builds a new sqlite store's tables when the first client opens it, without a lock:
     # two processes doing it at once crash one of them ("table ... already exists"). Serialise it.
-    import fcntl
-
     database = Path(uri.removeprefix("sqlite:///"))
-    database.parent.mkdir(parents=True, exist_ok=True)
-    with open(database.with_name(database.name + ".init-lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            mlflow_client = MlflowClient(uri)
-            mlflow_client.search_experiments(max_results=1)
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    with file_lock(database.with_name(database.name + ".init-lock")):
+        mlflow_client = MlflowClient(uri)
+        mlflow_client.search_experiments(max_results=1)
     _INITIALISED_STORES.add(uri)
     return mlflow_client
 

@@ -92,3 +92,13 @@ def test_two_processes_opening_a_new_store_at_once_both_succeed(tmp_path):
                      for _ in range(2)]
         errors = [p.communicate(timeout=120)[1] for p in processes]
         assert [p.returncode for p in processes] == [0, 0], "\n".join(e[-500:] for e in errors)
+
+
+def test_steps_already_logged_before_a_crash_are_not_logged_again(store):
+    """A resumed run retrains the steps after its checkpoint; their metrics are logged once."""
+    run_id = tracking.create_run("lifecycle", None, {})
+    buffer = tracking.MetricBuffer(run_id, system_metrics=False, skip_through=20)
+    for step in (10, 20, 30):
+        buffer.log(step, {"loss": float(step)})
+    buffer.flush()
+    assert [m.step for m in store.get_metric_history(run_id, "loss")] == [30]
