@@ -110,10 +110,10 @@ class Scorer:
         cache_dir.mkdir(parents=True, exist_ok=True)
         train_images, train_labels = dataset.split("train")
         holdout_images, holdout_labels = dataset.split("holdout")
-        classifier, self.classifier_accuracy, _ = load_or_train_classifier(
+        self.classifier, self.classifier_accuracy, _ = load_or_train_classifier(
             cache_dir, dataset.fingerprint, train_images, train_labels, holdout_images, holdout_labels, 10)
         self.extractors = {"fid_inception": inception_extractor()} if inception else {}
-        self.extractors["fid_classifier"] = classifier_extractor(classifier)
+        self.extractors["fid_classifier"] = classifier_extractor(self.classifier)
         self.references = {name: reference_statistics(e, holdout_images, cache_dir, dataset.fingerprint)
                            for name, e in self.extractors.items()}
         self.train_images = train_images

@@ -141,6 +141,7 @@ def training_loss(
     t: Tensor | None = None,
     noise: Tensor | None = None,
     min_snr_gamma: float | None = None,
+    class_labels: Tensor | None = None,
 ) -> Tensor:
     """Algorithm 1: t ~ Uniform{1..T}, eps ~ N(0, I), loss = || target - model(x_t, t) ||^2.
 
@@ -151,14 +152,15 @@ def training_loss(
     nearly clean steps (huge SNR) stop dominating the gradient.
     Randomness comes from `generator` when given, so a training step is reproducible; `t` and
     `noise`, when given, are used as drawn (the trainer draws them for a whole global batch and
-    hands each micro-batch its slice).
+    hands each micro-batch its slice). `class_labels` go to a class-conditional model as they
+    are (the trainer has already replaced the dropped ones by the null class).
     """
     if t is None:
         t = torch.randint(0, schedule.num_timesteps, (x0.shape[0],), device=x0.device, generator=generator)
     if noise is None:
         noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
     x_t = q_sample(schedule, x0, t, noise)
-    prediction = model(x_t, t)
+    prediction = model(x_t, t) if class_labels is None else model(x_t, t, class_labels)
     target = training_target(schedule, x0, t, noise, prediction_type)
     if min_snr_gamma is None:
         return F.mse_loss(prediction.float(), target.float())

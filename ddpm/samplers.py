@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Callable, Iterable, Literal
+from typing import Annotated, Callable, Iterable, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from ddpm.diffusion import PredictionType, predict_x0_and_epsilon, q_sample
+from ddpm.guidance import (DEFAULT_GUIDANCE_SCALE, MAX_GUIDANCE_SCALE, ClassifierFreeGuidance, balanced_labels,
+                           check_class_labels)
 from ddpm.schedules import NoiseSchedule
 from ddpm.solvers import DPMSolverPP, HeunKarras, UniPC, _Solver
 
@@ -184,14 +186,23 @@ def generate(
     batch_size: int = 64,
     device: str | torch.device = "cpu",
     progress: Callable[[Iterable], Iterable] | None = None,
+    class_labels: Tensor | None = None,
+    guidance_scale: float = 1.0,
 ) -> Tensor:
     """Draw `num_images` samples in [-1, 1] (float32, on the CPU), in batches that fit memory.
 
-    Image i depends only on (seed, i): the same seed gives the same images for any batch size.
+    Image i depends only on (seed, i) (and its class): the same seed gives the same images for
+    any batch size. `class_labels` (num_images,) ask a class-conditional model for those classes,
+    with classifier-free guidance of scale `guidance_scale` (ddpm.guidance); without them a
+    class-conditional model draws from its null class, unconditionally.
     """
     if num_images < 1:
         raise ValueError(f"num_images must be >= 1, got {num_images}")
     config = model.config
+    if class_labels is not None:
+        class_labels = check_class_labels(class_labels, config.num_classes)
+        if len(class_labels) != num_images:
+            raise ValueError(f"{len(class_labels)} class labels for {num_images} images")
     shape = (config.in_channels, config.image_size, config.image_size)
     param = next(model.parameters())
     images = []
@@ -199,7 +210,9 @@ def generate(
         indices = range(start, min(start + batch_size, num_images))
         generators = image_generators(seed, indices)
         x_T = per_image_noise(generators, shape, device, param.dtype)
-        images.append(reverse_process(model, sampler, x_T, generators, progress=progress).float().cpu())
+        network = model if class_labels is None else \
+            ClassifierFreeGuidance(model, class_labels[indices.start:indices.stop].to(device), guidance_scale)
+        images.append(reverse_process(network, sampler, x_T, generators, progress=progress).float().cpu())
     return torch.cat(images)
 
 
@@ -288,6 +301,31 @@ class SamplerConfig(BaseModel):
     num_images: int = Field(64, ge=1)
     seed: int = 0
     batch_size: int = Field(64, ge=1)
+    classes: tuple[Annotated[int, Field(ge=0)], ...] | None = Field(
+        None, min_length=1, description="class-conditional models: the classes to draw, image i of class "
+                                        "classes[i mod len]; None: every class in turn")
+    guidance_scale: float | None = Field(
+        None, ge=0, le=MAX_GUIDANCE_SCALE, allow_inf_nan=False,
+        description="classifier-free guidance w (0 unconditional, 1 conditional, > 1 guided); None: "
+                    f"{DEFAULT_GUIDANCE_SCALE:g} for class-conditional models")
+
+    def class_labels(self, num_classes: int | None) -> Tensor | None:
+        """The label of each of the num_images images for a model of `num_classes` classes (None:
+        unconditional); ValueError when classes or guidance are asked of an unconditional model."""
+        if num_classes is None:
+            if self.classes is not None or self.guidance_scale is not None:
+                asked = "classes" if self.classes is not None else "guidance"
+                raise ValueError(f"{asked} asked for, but this model is unconditional (num_classes None): "
+                                 "train it with num_classes (ddpm train --conditional) to sample a class")
+            return None
+        if self.classes is None:
+            return balanced_labels(self.num_images, num_classes)
+        classes = check_class_labels(self.classes, num_classes)
+        return classes[torch.arange(self.num_images) % len(classes)]
+
+    def guidance(self) -> float:
+        """The guidance scale of a class-conditional model (the default when none was asked)."""
+        return DEFAULT_GUIDANCE_SCALE if self.guidance_scale is None else self.guidance_scale
 
     def steps(self, num_timesteps: int) -> int:
         """The sampling steps this config means for a model of `num_timesteps` diffusion steps."""
@@ -310,7 +348,11 @@ class SamplerConfig(BaseModel):
     def describe(self) -> str:
         steps = self.num_steps or DEFAULT_STEPS[self.sampler] or "T"
         if self.sampler == "ddpm":
-            return f"ddpm-{steps}-{self.variance}"
-        if self.sampler == "ddim":
-            return f"ddim-{steps}-eta{self.eta:g}"
-        return f"{self.sampler}-{steps}" + ("" if self.order == 2 else f"-order{self.order}")
+            name = f"ddpm-{steps}-{self.variance}"
+        elif self.sampler == "ddim":
+            name = f"ddim-{steps}-eta{self.eta:g}"
+        else:
+            name = f"{self.sampler}-{steps}" + ("" if self.order == 2 else f"-order{self.order}")
+        if self.classes is not None:
+            name += "-class" + "_".join(map(str, self.classes[:8])) + ("_etc" if len(self.classes) > 8 else "")
+        return name + (f"-cfg{self.guidance_scale:g}" if self.guidance_scale is not None else "")

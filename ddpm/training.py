@@ -7,7 +7,8 @@ Randomness. All randomness of step k is seeded from (seed, k) at the start of th
     t and the noise  drawn for the whole global batch from a generator seeded step_seed(seed, k)
                      (every micro-batch and every DDP rank takes its slice, so the draws do not
                      depend on how the batch is split: grad accumulation and DDP are equivalent
-                     to one big batch)
+                     to one big batch); for a class-conditional model, after them, which labels
+                     are dropped to the null class (p_uncond)
     dropout          the global torch RNG, seeded from (step_seed(seed, k), rank)
     the batch        batch_fn(micro-batch index), a pure function of the index (BatchLoader)
 So a run resumed from the checkpoint of step k draws exactly what an uninterrupted run would
@@ -59,6 +60,10 @@ class TrainConfig(BaseModel):
         "constant", description="after the warm-up: constant (the paper), or a cosine decay to 0 at `steps`")
     grad_clip: float | None = Field(1.0, gt=0, allow_inf_nan=False, description="max gradient norm; None disables clipping")
     ema_decay: float = Field(0.9999, ge=0, lt=1, allow_inf_nan=False)
+    p_uncond: float = Field(0.1, ge=0, lt=1, allow_inf_nan=False,
+                            description="class-conditional models: the share of images trained with the null "
+                                        "class instead of their label (classifier-free guidance's unconditional "
+                                        "branch)")
     ema_warmup: bool = Field(True, description="decay = min(ema_decay, (1+n)/(10+n)) so short runs are not stuck at init")
     hflip: bool = Field(False, description="random horizontal flips (the paper's CIFAR-10 setting)")
     seed: int = 0
@@ -110,7 +115,7 @@ class TrainResult:
 # TrainConfig fields that shape the training trajectory: a resume must not change them. The rest
 # (steps: extend a run; logging, checkpointing, device, compile) may differ between sessions.
 TRAJECTORY_FIELDS = ("batch_size", "grad_accum_steps", "learning_rate", "warmup_steps", "lr_schedule", "grad_clip",
-                     "ema_decay", "ema_warmup", "hflip", "seed", "mixed_precision")
+                     "ema_decay", "ema_warmup", "hflip", "seed", "mixed_precision", "p_uncond")
 
 
 def lr_factor(config: TrainConfig, step: int) -> float:
@@ -161,7 +166,8 @@ def rank_seed(seed: int, rank: int) -> int:
 
 
 class Trainer:
-    """Trains a UNet on batches given by `batch_fn(index) -> float images in [-1, 1]`.
+    """Trains a UNet on batches given by `batch_fn(index) -> float images in [-1, 1]`, or for a
+    class-conditional model (model_config.num_classes) `-> (images, int64 labels)`.
 
     `batch_fn` must be a pure function of its index (micro-batch number: step * grad_accum_steps
     + micro) returning this rank's micro-batch; BatchLoader(batch_size=config.rank_micro_batch_size
@@ -315,12 +321,20 @@ class Trainer:
             0, self.schedule.num_timesteps, (cfg.batch_size,), device=self.device, generator=self.generator
         )
         noise_global = torch.randn((cfg.batch_size, *self.image_shape), device=self.device, generator=self.generator)
+        num_classes = self.model_config.num_classes
+        if num_classes:   # label dropout, drawn after t and the noise so unconditional runs draw as before
+            drop_global = torch.rand(cfg.batch_size, device=self.device, generator=self.generator) < cfg.p_uncond
 
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=self.device)
         for m in range(accum):
-            x0 = self.batch_fn(self.step * accum + m).to(self.device, non_blocking=True)
+            batch = self.batch_fn(self.step * accum + m)
+            x0, labels = batch if isinstance(batch, tuple) else (batch, None)
+            x0 = x0.to(self.device, non_blocking=True)
+            if num_classes and labels is None:
+                raise ValueError("the model is class-conditional (num_classes set) but batch_fn gave no labels: "
+                                 "it must return (images, labels)")
             if tuple(x0.shape) != (micro, *self.image_shape):
                 raise ValueError(
                     f"batch_fn gave a batch of shape {tuple(x0.shape)}; this rank's micro-batches are "
@@ -330,6 +344,10 @@ class Trainer:
             if self.device.type == "cuda":
                 x0 = x0.contiguous(memory_format=torch.channels_last)
             start = (m * self.world_size + self.rank) * micro
+            if num_classes:
+                labels = torch.where(drop_global[start : start + micro], num_classes, labels.to(self.device))
+            else:
+                labels = None
             # DDP all-reduces gradients in backward: only once per step, on the last micro-batch
             sync = self.ddp_model is None or m == accum - 1
             with nullcontext() if sync else self.ddp_model.no_sync():
@@ -337,7 +355,7 @@ class Trainer:
                     loss = training_loss(
                         self.forward_model, self.schedule, x0, self.diffusion_config.prediction_type,
                         t=t_global[start : start + micro], noise=noise_global[start : start + micro],
-                        min_snr_gamma=self.diffusion_config.min_snr_gamma,
+                        min_snr_gamma=self.diffusion_config.min_snr_gamma, class_labels=labels,
                     )
                 (loss / accum).backward()
             loss_sum += loss.detach().float()

@@ -5,7 +5,9 @@
     eps ◄──conv_out── [ResBlock x (n+1) on concat(h, skip) (+Attention) ─► Upsample] per level
 
 The timestep enters as a sinusoidal embedding, passed through an MLP, and is added inside every
-residual block. Channels at level i are `base_channels * channel_mults[i]` (the paper's
+residual block. A class-conditional model (`num_classes`) adds a learned class embedding to it,
+emb = MLP(sinusoid(t)) + E[y], with one more row E[num_classes] for the null class that
+classifier-free guidance trains with and samples the unconditional branch from. Channels at level i are `base_channels * channel_mults[i]` (the paper's
 convention). Attention treats the pixels of a feature map as tokens and runs at the
 resolutions listed in `attention_resolutions`.
 """
@@ -41,6 +43,9 @@ class UNetConfig(BaseModel):
         "nearest", description="nearest x2 + 3x3 conv (paper) or 4x4 stride-2 ConvTranspose (labml article)"
     )
     middle_attention: bool = True
+    num_classes: int | None = Field(None, ge=1, description="classes of a class-conditional model (plus a learned "
+                                                            "null class for classifier-free guidance); None: "
+                                                            "unconditional")
 
     @model_validator(mode="after")
     def _check(self) -> "UNetConfig":
@@ -208,7 +213,9 @@ class Level(nn.Module):
 
 
 class UNet(nn.Module):
-    """eps_theta(x_t, t): maps a noisy batch (B, C, H, W) and timesteps (B,) to (B, C, H, W)."""
+    """eps_theta(x_t, t[, y]): maps a noisy batch (B, C, H, W), timesteps (B,) and, for a
+    class-conditional model, class labels (B,) to (B, C, H, W). Label `null_class` (and no labels
+    at all) means unconditional."""
 
     def __init__(self, config: UNetConfig):
         super().__init__()
@@ -218,6 +225,8 @@ class UNet(nn.Module):
         self.time_mlp = nn.Sequential(
             nn.Linear(c.base_channels, time_channels), nn.SiLU(), nn.Linear(time_channels, time_channels)
         )
+        # row num_classes is the null class: "no label" (label dropout, the unconditional branch)
+        self.class_embedding = nn.Embedding(c.num_classes + 1, time_channels) if c.num_classes else None
         self.conv_in = nn.Conv2d(c.in_channels, c.base_channels, 3, padding=1)
 
         def res(cin: int, cout: int) -> ResidualBlock:
@@ -268,7 +277,12 @@ class UNet(nn.Module):
         self.norm_out = nn.GroupNorm(c.num_groups, channels)
         self.conv_out = nn.Conv2d(channels, c.in_channels, 3, padding=1)
 
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+    @property
+    def null_class(self) -> int | None:
+        """The label of the null class ("no label"), or None for an unconditional model."""
+        return self.config.num_classes
+
+    def forward(self, x: Tensor, t: Tensor, class_labels: Tensor | None = None) -> Tensor:
         c = self.config
         if x.shape[1:] != (c.in_channels, c.image_size, c.image_size):
             raise ValueError(
@@ -277,6 +291,12 @@ class UNet(nn.Module):
         if t.dim() == 0:
             t = t.expand(x.shape[0])
         time_emb = self.time_mlp(timestep_embedding(t, c.base_channels).to(x.dtype))
+        if self.class_embedding is not None:
+            if class_labels is None:
+                class_labels = torch.full((x.shape[0],), c.num_classes, device=x.device, dtype=torch.long)
+            time_emb = time_emb + self.class_embedding(class_labels)
+        elif class_labels is not None:
+            raise ValueError("this UNet is unconditional (num_classes is None): it takes no class labels")
 
         h = self.conv_in(x)
         skips = [h]

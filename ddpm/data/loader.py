@@ -20,19 +20,23 @@ class BatchLoader:
     its r-th slice. Horizontal flips (the paper's only augmentation) are drawn per image of
     the global batch from (seed, step), so the ranks' slices together equal the batch a single
     process with batch_size * world_size would see. The images tensor is moved to `device`
-    once; each batch is then a gather, a flip and a scale to [-1, 1] on that device.
+    once; each batch is then a gather, a flip and a scale to [-1, 1] on that device. With
+    `labels` (one per image), `labelled_batch` gives the batch's labels too.
     """
 
     def __init__(self, images_uint8: torch.Tensor, batch_size: int, seed: int = 0, hflip: bool = False,
                  device: str | torch.device = "cpu", rank: int = 0, world_size: int = 1,
-                 drop_last: bool = True):
+                 drop_last: bool = True, labels: torch.Tensor | None = None):
         if images_uint8.dtype != torch.uint8 or images_uint8.dim() != 4:
             raise ValueError(f"images_uint8 must be a uint8 (N, C, H, W) tensor, got "
                              f"{images_uint8.dtype} {tuple(images_uint8.shape)}")
         if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need batch_size >= 1 and 0 <= rank < world_size, got "
                              f"batch_size={batch_size}, rank={rank}, world_size={world_size}")
+        if labels is not None and labels.shape != (len(images_uint8),):
+            raise ValueError(f"labels must have shape ({len(images_uint8)},), one per image, got {tuple(labels.shape)}")
         self.images = images_uint8.to(device)
+        self.labels = labels.long().to(device) if labels is not None else None
         self.batch_size, self.seed, self.hflip = batch_size, seed, hflip
         self.device = torch.device(device)
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
@@ -71,6 +75,12 @@ class BatchLoader:
             flip = flip[self.rank * self.batch_size:][:len(x)].to(self.device)
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         return x.float().mul_(2.0 / 255.0).sub_(1.0)
+
+    def labelled_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images as `batch` gives them, their int64 labels): a class-conditional model's batch."""
+        if self.labels is None:
+            raise ValueError("this BatchLoader was given no labels")
+        return self.batch(step), self.labels.index_select(0, self.indices(step))
 
     def __iter__(self):
         """One epoch from step 0 (convenience; training loops should call batch(step))."""

@@ -315,8 +315,10 @@ def _umask() -> int:
     return mask
 
 
-def validate_for_model(data: PreparedDataset | dict, image_size: int, channels: int) -> None:
-    """DataError when prepared data (dataset or manifest) does not have the model's size/channels."""
+def validate_for_model(data: PreparedDataset | dict, image_size: int, channels: int,
+                       num_classes: int | None = None) -> None:
+    """DataError when prepared data (dataset or manifest) does not fit the model: another size or
+    channel count, or, for a class-conditional model (`num_classes`), no labels or more classes."""
     manifest = data.manifest if isinstance(data, PreparedDataset) else data
     got = (manifest["image_size"], manifest["channels"])
     if got != (image_size, channels):
@@ -324,3 +326,13 @@ def validate_for_model(data: PreparedDataset | dict, image_size: int, channels: 
             f"prepared data is {got[0]}x{got[0]} with {got[1]} channel(s) but the model expects "
             f"{image_size}x{image_size} with {channels}: prepare with image_size={image_size}, "
             f"channels={channels}")
+    if num_classes is None:
+        return
+    if not manifest["has_labels"]:
+        raise DataError(f"a class-conditional model (num_classes={num_classes}) needs labelled data, and "
+                        f"{manifest['source']!r} has no labels (a folder source has them when its images sit in "
+                        "one sub-folder per class); train an unconditional model (num_classes None) instead")
+    count = len(manifest.get("class_names") or [])
+    if count > num_classes:
+        raise DataError(f"the data has {count} classes but the model was given num_classes={num_classes}; "
+                        f"set num_classes={count} (ddpm train --conditional takes it from the data)")
