@@ -4,10 +4,12 @@
     ddpm train --steps 2000 --schedule cosine          the training pipeline (one MLflow run)
     ddpm train --recipe mnist --source mnist:DIR       MNIST at full size, official split, Inception FID
     ddpm train --resume <mlflow run id>                continue a crashed or killed training run
+    ddpm train --conditional                           class-conditional, classifier-free guidance
     ddpm compare --schedules linear cosine             one pipeline per noise schedule
     ddpm evaluate --run-id <mlflow run id>             FID of a run's checkpoints
     ddpm promote                                       best run by FID -> registry, champion alias
     ddpm sample --model models:/ddpm@champion --out samples/
+    ddpm sample --checkpoint step-0001500.pt --class 3 --guidance 3
     ddpm interpolate --checkpoint step-0001500.pt --a 0 --b 1
     ddpm denoise --checkpoint step-0001500.pt --indices 0 1 2 3 --t 100 500
     ddpm stack start|stop|status                       the local Prefect + MLflow stack
@@ -106,6 +108,9 @@ def pipeline_arguments(flow, args) -> dict:
 
     if args.preset:
         kwargs["model"] = preset(args.preset)
+    if getattr(args, "conditional", False):
+        data = update_config(kwargs.get("data", defaults["data"]), changes["data"])
+        changes["model"].setdefault("num_classes", data_class_count(data))
     for section, fields in changes.items():
         if not fields:
             continue
@@ -122,6 +127,19 @@ def pipeline_arguments(flow, args) -> dict:
     if unknown:
         raise CLIError(f"{flow.name} does not take {sorted(unknown)}")
     return kwargs
+
+
+def data_class_count(data) -> int:
+    """How many classes the data of DataConfig `data` has: prepared here (or found prepared; the
+    pipeline then reuses it), so that `--conditional` needs no number from the user."""
+    from ddpm.data import load_prepared, prepare_dataset
+    from tasks.settings import ddpm_home
+
+    manifest = load_prepared(prepare_dataset(data, ddpm_home(create=True) / "data")).manifest
+    if not manifest["has_labels"]:
+        raise CLIError(f"--conditional needs labelled data and {data.source!r} has no labels (a folder source has "
+                       "them when its images sit in one sub-folder per class)")
+    return len(manifest["class_names"])
 
 
 class WithoutTraceback(logging.Formatter):
@@ -173,8 +191,10 @@ def print_json(data) -> None:
 def sampler_config(args, num_images: int = 1):
     from ddpm.samplers import SamplerConfig
 
+    class_label, guidance = getattr(args, "class_label", None), getattr(args, "guidance", None)
     return SamplerConfig(sampler=args.sampler, num_steps=args.steps, eta=args.eta, num_images=num_images,
-                         seed=args.seed, batch_size=min(num_images, args.batch_size))
+                         seed=args.seed, batch_size=min(num_images, args.batch_size),
+                         classes=None if class_label is None else (class_label,), guidance_scale=guidance)
 
 
 # --- commands -------------------------------------------------------------------------------
@@ -215,7 +235,7 @@ def preflight(flow, kwargs: dict) -> None:
     from flows.train_pipeline import check_config
 
     settings = {**flow_defaults(flow), **validated(flow, kwargs)}
-    check_config(settings["data"], settings["model"], settings.get("fid_extractor", "auto"))
+    check_config(settings["data"], settings["model"], settings.get("fid_extractor", "auto"), settings.get("sampling"))
 
 
 def cmd_train(args) -> None:
@@ -233,7 +253,8 @@ def cmd_train(args) -> None:
     if args.promote:
         from tasks.registry import promote_best
 
-        result["promotion"] = promote_best(args.experiment or "ddpm", args.model_name)
+        result["promotion"] = promote_best(args.experiment or "ddpm", args.model_name,
+                                           conditional=result.get("conditional"))
     print_json({k: result[k] for k in ("run_id", "checkpoints", "evaluation", "promotion") if k in result})
 
 
@@ -256,7 +277,8 @@ def cmd_promote(args) -> None:
     from flows.promote import PromoteConfig, promote
 
     config = PromoteConfig(experiments=args.experiment or ["ddpm"], model_name=args.model_name,
-                           fingerprint=args.fingerprint, metric=args.metric, max_images=args.max_images)
+                           fingerprint=args.fingerprint, metric=args.metric, max_images=args.max_images,
+                           conditional=args.conditional)
     print_json(promote(config))
 
 
@@ -312,7 +334,7 @@ def positive_int(text: str) -> int:
 
 # The names of flows.train_pipeline.RECIPES, spelled out so that building the parser imports no
 # torch; tests/test_cli.py checks that the two agree.
-RECIPE_NAMES = ("digits", "mnist")
+RECIPE_NAMES = ("digits", "mnist", "digits-conditional")
 
 
 def add_pipeline_options(parser: argparse.ArgumentParser, schedule_option: bool) -> None:
@@ -328,6 +350,9 @@ def add_pipeline_options(parser: argparse.ArgumentParser, schedule_option: bool)
     group.add_argument("--lr", type=float, help="learning rate")
     if schedule_option:
         group.add_argument("--schedule", help="noise schedule: linear, cosine, sigmoid, ...")
+    group.add_argument("--conditional", action="store_true",
+                       help="a class-conditional model (as many classes as the data has) with classifier-free "
+                            "guidance; its run adds the guidance sweep")
     group.add_argument("--num-samples", type=positive_int, help="images sampled for the FID")
     group.add_argument("--sample-steps", type=positive_int, help="sampler steps for the FID samples")
     group.add_argument("--fid-extractor", choices=["auto", "classifier", "inception"])
@@ -339,7 +364,8 @@ def add_pipeline_options(parser: argparse.ArgumentParser, schedule_option: bool)
 
 # SamplerConfig's defaults (the measured pick of docs/benchmarks.md), spelled out so that building
 # the parser imports no torch; tests/test_cli.py checks that the two agree.
-SAMPLER_DEFAULTS = {"sampler": "dpm++2m-sde", "num_steps": None, "eta": 1.0}
+SAMPLER_DEFAULTS = {"sampler": "dpm++2m-sde", "num_steps": None, "eta": 1.0,
+                    "guidance_scale": 1.5}   # ddpm.guidance.DEFAULT_GUIDANCE_SCALE
 SAMPLER_NAMES = ("ddpm", "ddim", "dpm++2m", "dpm++2m-sde", "unipc", "heun")   # ddpm.samplers.SAMPLERS
 
 
@@ -414,6 +440,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fingerprint", help="dataset fingerprint (default: the newest run's)")
     p.add_argument("--metric", help="fid_classifier or fid_inception (default: the newest run's)")
     p.add_argument("--max-images", type=positive_int, default=64, help="largest request the served model accepts")
+    kind = p.add_mutually_exclusive_group()
+    kind.add_argument("--conditional", action="store_const", const=True,
+                      help="promote class-conditional models (default: the kind of the newest run)")
+    kind.add_argument("--unconditional", dest="conditional", action="store_const", const=False,
+                      help="promote unconditional models")
     p.set_defaults(handler=cmd_promote)
 
     p = commands.add_parser("sample", help="images from a checkpoint or a registered model -> PNGs + grid.png")
@@ -423,6 +454,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-images", type=positive_int, default=16)
     p.add_argument("--out", default="samples", help="output folder (default ./samples)")
     add_sampler_options(p)
+    guided = p.add_argument_group("class-conditional models")
+    guided.add_argument("--class", dest="class_label", type=int, metavar="K",
+                        help="draw class K (default: every class in turn)")
+    guided.add_argument("--guidance", type=float, metavar="W",
+                        help="classifier-free guidance scale: 0 unconditional, 1 conditional, >1 guided "
+                             f"(default {SAMPLER_DEFAULTS['guidance_scale']:g})")
     p.set_defaults(handler=cmd_sample)
 
     p = commands.add_parser("interpolate", help="interpolate two real images through the diffused latent")

@@ -104,7 +104,7 @@ def compare_schedules(
     # Everything checkable is checked before any run exists or anything trains.
     manifest = read_manifest(dataset_path)
     check_evaluation(fid_extractor, manifest, sampling.num_images)
-    validate_for_model(manifest, model.image_size, model.in_channels)
+    validate_for_model(manifest, model.image_size, model.in_channels, model.num_classes)
     parent_run_id = start_run(experiment, None, {"schedules": schedules, "num_timesteps": num_timesteps,
                                                  "data": data.model_dump(mode="json"),
                                                  "model": model.model_dump(mode="json"),

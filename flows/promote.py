@@ -27,13 +27,15 @@ class PromoteConfig(BaseModel):
     fingerprint: str | None = Field(None, description="dataset fingerprint; default: that of the newest run with an FID")
     metric: str | None = Field(None, description="fid_classifier or fid_inception; default: that of the newest run")
     max_images: int = Field(64, ge=1, le=1024, description="largest num_images one serving request may ask for")
+    conditional: bool | None = Field(None, description="promote class-conditional models (True) or unconditional "
+                                                        "ones (False); default: the kind of the newest run")
 
 
 @flow(name="promote", log_prints=True)
 def promote(config: PromoteConfig = PromoteConfig()) -> dict:
     """Register the best run of `config.experiments` by FID; move `champion` only if it is strictly better."""
     return promote_best(config.experiments, config.model_name, config.fingerprint, config.metric,
-                        max_images=config.max_images)
+                        max_images=config.max_images, conditional=config.conditional)
 
 
 if __name__ == "__main__":

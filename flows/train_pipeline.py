@@ -20,7 +20,7 @@ from ddpm.training import TrainConfig
 from ddpm.unet import UNetConfig, preset
 from tasks import settings, tracking
 from tasks.data import log_dataset_input, prepare_data
-from tasks.evaluate import ExtractorKind, check_evaluation, evaluate_samples, extractor_names
+from tasks.evaluate import ExtractorKind, check_evaluation, evaluate_samples, extractor_names, guidance_sweep
 from tasks.registry import log_ddpm_model
 from tasks.sample import sample_checkpoint
 from tasks.train import train_model
@@ -71,10 +71,14 @@ RECIPES: dict[str, dict] = {
         "train": TrainConfig(**{**DEFAULT_TRAIN.model_dump(), "steps": 2000}),
         "sampling": SamplerConfig(**{**DEFAULT_SAMPLING.model_dump(), "num_images": 1000, "batch_size": 250}),
     },
+    # The defaults, class-conditional: one model for the ten digits, sampled with classifier-free
+    # guidance; the run adds conditional accuracy and the guidance sweep (docs/benchmarks.md).
+    "digits-conditional": {"model": preset("tiny-16", num_classes=10)},
 }
 
 # Re-exported: where a run keeps its configuration and checkpoint folder (tasks.tracking).
 CHECKPOINT_DIR_TAG, CONFIG_ARTIFACT = tracking.CHECKPOINT_DIR_TAG, tracking.CONFIG_ARTIFACT
+CONDITIONAL_TAG = tracking.CONDITIONAL_TAG
 SECTIONS = {"data": DataConfig, "model": UNetConfig, "diffusion": DiffusionConfig, "train": TrainConfig,
             "sampling": SamplerConfig}
 
@@ -89,9 +93,11 @@ def start_run(experiment: str, run_name: str | None, params: dict, tags: dict | 
     )
 
 
-def check_config(data: DataConfig, model: UNetConfig, fid_extractor: ExtractorKind = "auto") -> None:
+def check_config(data: DataConfig, model: UNetConfig, fid_extractor: ExtractorKind = "auto",
+                 sampling: SamplerConfig | None = None) -> None:
     """The checks that need no data, for callers to run before anything starts (the CLI runs them
-    before Prefect): the model's input matches the images, the FID extractor asked for is here."""
+    before Prefect): the model's input matches the images, the FID extractor asked for is here,
+    classes and guidance are asked only of a class-conditional model, within its classes."""
     if (data.image_size, data.channels) != (model.image_size, model.in_channels):
         raise ValueError(
             f"the data is {data.image_size}x{data.image_size} with {data.channels} channel(s) but the model "
@@ -99,6 +105,8 @@ def check_config(data: DataConfig, model: UNetConfig, fid_extractor: ExtractorKi
             f"size (--preset tiny-32 for 32x32) or --image-size {model.image_size}")
     if fid_extractor != "auto":
         extractor_names(fid_extractor, has_labels=True)   # the extra missing: said now, not after training
+    if sampling is not None:
+        sampling.class_labels(model.num_classes)
 
 
 def resumed_config(run_id: str, given: dict, defaults: dict) -> dict:
@@ -153,9 +161,9 @@ def run_pipeline(
     dataset_path = prepare_data.with_options(result_storage=home / "task-results")(data, out_dir=str(home / "data"))
     dataset = load_prepared(Path(dataset_path))
     # Everything checkable is checked before a run exists or anything trains.
-    check_config(data, model, fid_extractor)
+    check_config(data, model, fid_extractor, sampling)
     check_evaluation(fid_extractor, dataset, sampling.num_images)
-    validate_for_model(dataset, model.image_size, model.in_channels)
+    validate_for_model(dataset, model.image_size, model.in_channels, model.num_classes)
     config = {"data": data.model_dump(mode="json"), "model": model.model_dump(mode="json"),
               "diffusion": diffusion.model_dump(mode="json"), "train": train.model_dump(mode="json"),
               "sampling": sampling.model_dump(mode="json"), "fid_extractor": fid_extractor}
@@ -164,7 +172,8 @@ def run_pipeline(
         run_id = run.info.run_id
         print(f"resuming MLflow run {run_id} from its newest valid checkpoint")
     else:
-        run_tags = {"dataset.fingerprint": dataset.fingerprint, "schedule": diffusion.schedule, **(tags or {})}
+        run_tags = {"dataset.fingerprint": dataset.fingerprint, "schedule": diffusion.schedule,
+                    CONDITIONAL_TAG: str(model.num_classes is not None).lower(), **(tags or {})}
         if parent_run_id:
             run_tags["mlflow.parentRunId"] = parent_run_id
         run_id = start_run(experiment, run_name, config, tags=run_tags)
@@ -187,7 +196,11 @@ def run_pipeline(
         samples = sample_checkpoint(final, sampling, str(out / "samples"), run_id)
         evaluation = evaluate_samples(samples["npz"], dataset_path, run_id, samples["step"], fid_extractor,
                                       model_id=model_id)
-    summary = {"run_id": run_id, "dataset": dataset_path, "fingerprint": dataset.fingerprint, **trained,
+        if model.num_classes is not None:   # FID and conditional accuracy against the guidance scale
+            evaluation["guidance_sweep"] = guidance_sweep(final, sampling, dataset_path, run_id,
+                                                          extractor=fid_extractor)
+    summary = {"run_id": run_id, "dataset": dataset_path, "fingerprint": dataset.fingerprint,
+               "conditional": model.num_classes is not None, **trained,
                "samples": samples, "evaluation": evaluation}
     metric = evaluation["metric"]
     print(json.dumps({k: summary[k] for k in ("run_id", "final_loss", "images_per_second", "steps")}

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -22,7 +23,7 @@ import torch
 from prefect import task
 
 from ddpm.data import DataError, PreparedDataset, load_prepared
-from ddpm.metrics.classifier import load_or_train_classifier
+from ddpm.metrics.classifier import accuracy, load_or_train_classifier
 from ddpm.metrics.extractors import INSTALL_HINT, inception_available, inception_weights
 from ddpm.metrics.fid import (
     FeatureExtractor,
@@ -36,7 +37,10 @@ from ddpm.metrics.fid import (
     real_vs_real_fid,
     reference_statistics,
 )
+from ddpm.progress import progress_bar
+from ddpm.samplers import SamplerConfig
 from tasks import plots, tracking
+from tasks.sample import checkpoint_images
 from tasks.settings import ddpm_home
 
 ExtractorKind = Literal["auto", "classifier", "inception"]
@@ -91,10 +95,10 @@ def make_extractor(dataset: PreparedDataset, name: Literal["classifier", "incept
     train_images, train_labels = dataset.split("train")
     holdout_images, holdout_labels = dataset.split("holdout")
     num_classes = len(dataset.manifest.get("class_names") or []) or int(dataset.labels.max()) + 1
-    classifier, accuracy, was_cached = load_or_train_classifier(
+    classifier, holdout_accuracy, was_cached = load_or_train_classifier(
         cache_dir(), dataset.fingerprint, train_images, train_labels, holdout_images, holdout_labels, num_classes
     )
-    return classifier_extractor(classifier), {"classifier": classifier, "classifier_accuracy": accuracy,
+    return classifier_extractor(classifier), {"classifier": classifier, "classifier_accuracy": holdout_accuracy,
                                               "classifier_cached": was_cached}
 
 
@@ -114,9 +118,68 @@ def floor_fid(extractor: FeatureExtractor, dataset: PreparedDataset, reference, 
     return floor
 
 
-def load_samples(npz_path: str | Path) -> torch.Tensor:
+def load_samples(npz_path: str | Path) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(uint8 images, the class each was asked to show, or None for unconditional samples)."""
     with np.load(npz_path) as data:
-        return torch.from_numpy(data["images"])
+        labels = torch.from_numpy(data["labels"]) if "labels" in data.files else None
+        return torch.from_numpy(data["images"]), labels
+
+
+@dataclass
+class Scoring:
+    """What scoring samples of one dataset needs, built once: each extractor with its reference
+    statistics (the holdout split), and the dataset's classifier when it has labels."""
+
+    dataset: PreparedDataset
+    extractors: dict[str, tuple[FeatureExtractor, object]]   # metric name -> (extractor, reference stats)
+    facts: dict
+
+    @classmethod
+    def build(cls, dataset: PreparedDataset, names: list[str], conditional: bool = False) -> "Scoring":
+        """Scoring with the extractors `names`; `conditional`: class-conditional samples, which
+        the classifier checks even when its FID was not asked for."""
+        holdout, _ = dataset.split("holdout")
+        extractors, facts = {}, {}
+        for extractor_name in names:
+            feature_extractor, extractor_facts = make_extractor(dataset, extractor_name)
+            reference = reference_statistics(feature_extractor, holdout, cache_dir(), dataset.fingerprint)
+            extractors[metric_name("fid", feature_extractor)] = (feature_extractor, reference)
+            facts.update(extractor_facts)
+        if conditional and "classifier" not in facts and dataset.labels is not None:
+            facts.update(make_extractor(dataset, "classifier")[1])
+        return cls(dataset, extractors, facts)
+
+    def score(self, samples: torch.Tensor, class_labels: torch.Tensor | None = None) -> dict:
+        """Every FID and its floor; with the classifier, its accuracy and the samples' mean
+        confidence and class histogram; for class-conditional samples (`class_labels`) also the
+        conditional accuracy and the per-class fid_classifier."""
+        result = {}
+        for name, (feature_extractor, reference) in self.extractors.items():
+            result[name] = frechet_distance(feature_extractor, reference, samples)
+            result[f"{name}_floor"] = floor_fid(feature_extractor, self.dataset, reference, len(samples))
+        classifier = self.facts.get("classifier")
+        if classifier is not None:
+            summary = classifier_summary(classifier, samples)
+            result.update(classifier_accuracy=self.facts["classifier_accuracy"],
+                          sample_confidence=summary["mean_confidence"], class_histogram=summary["class_histogram"])
+        if class_labels is not None and classifier is not None:
+            result["conditional_accuracy"] = accuracy(classifier, samples, class_labels)
+            result.update(self.per_class_fid(samples, class_labels))
+        return result
+
+    def per_class_fid(self, samples: torch.Tensor, class_labels: torch.Tensor) -> dict:
+        """fid_classifier of each class's samples against the holdout images of that class, and
+        their mean (classifier features only: Inception would need a second pass over the holdout)."""
+        feature_extractor = classifier_extractor(self.facts["classifier"])
+        holdout, holdout_labels = self.dataset.split("holdout")
+        per_class = {}
+        for k in class_labels.unique().tolist():
+            real, generated = holdout[holdout_labels == k], samples[class_labels == k]
+            if len(real) >= 2 and len(generated) >= 2:
+                per_class[str(k)] = frechet_distance(feature_extractor, real, generated)
+        if not per_class:
+            return {}
+        return {"fid_classifier_class_mean": float(np.mean(list(per_class.values()))), "fid_classifier_per_class": per_class}
 
 
 @task(retries=1, retry_delay_seconds=2)
@@ -133,24 +196,17 @@ def evaluate_samples(
     Logs `fid_<extractor>` and `fid_<extractor>_floor` for each extractor at `step` to MLflow run
     `run_id` (linked to its logged model `model_id`, when given), the tags `fid.metric` (the
     primary one) and `fid.num_samples`; with the classifier, also its accuracy, the mean
-    confidence on the samples and a class histogram.
+    confidence on the samples and a class histogram. Samples of a class-conditional model (the
+    npz holds their `labels`) add `conditional_accuracy` (the share the classifier assigns to
+    the class asked for) and the per-class fid_classifier (`fid_classifier_class_mean`, each
+    class in evaluation/per_class_fid-<step>.json).
     """
     dataset = load_prepared(Path(dataset_path))
-    samples = load_samples(samples_npz)
+    samples, class_labels = load_samples(samples_npz)
     names = check_evaluation(extractor, dataset, len(samples))
-    holdout, _ = dataset.split("holdout")
-    result = {"metric": metric_name("fid", names[0]), "metrics": [metric_name("fid", n) for n in names],
-              "num_samples": len(samples), "step": step}
-    for extractor_name in names:
-        feature_extractor, facts = make_extractor(dataset, extractor_name)
-        reference = reference_statistics(feature_extractor, holdout, cache_dir(), dataset.fingerprint)
-        name = metric_name("fid", feature_extractor)
-        result[name] = frechet_distance(feature_extractor, reference, samples)
-        result[f"{name}_floor"] = floor_fid(feature_extractor, dataset, reference, len(samples))
-        if "classifier" in facts:
-            summary = classifier_summary(facts["classifier"], samples)
-            result.update(classifier_accuracy=facts["classifier_accuracy"],
-                          sample_confidence=summary["mean_confidence"], class_histogram=summary["class_histogram"])
+    scoring = Scoring.build(dataset, names, conditional=class_labels is not None)
+    result = {"metric": metric_name("fid", names[0]), "metrics": list(scoring.extractors),
+              "num_samples": len(samples), "step": step, **scoring.score(samples, class_labels)}
     if run_id:
         metrics = {k: v for k, v in result.items() if isinstance(v, float)}
         mlflow_client = tracking.client()
@@ -159,6 +215,9 @@ def evaluate_samples(
         ])
         mlflow_client.set_tag(run_id, "fid.metric", result["metric"])
         mlflow_client.set_tag(run_id, "fid.num_samples", str(len(samples)))
+        if "fid_classifier_per_class" in result:
+            tracking.log_dict(run_id, result["fid_classifier_per_class"],
+                              f"evaluation/per_class_fid-{step:07d}.json")
         if "class_histogram" in result:
             with tempfile.TemporaryDirectory() as tmp:
                 with plots.RENDER_LOCK:  # matplotlib text layout is not thread-safe
@@ -166,3 +225,44 @@ def evaluate_samples(
                                                 Path(tmp) / f"class_histogram-{step:07d}.png")
                 tracking.log_file(run_id, path, "evaluation")
     return result
+
+
+# The guidance scales a class-conditional run is scored at (0 unconditional, 1 conditional; 1.5
+# the default, ddpm.guidance.DEFAULT_GUIDANCE_SCALE).
+GUIDANCE_SWEEP = (0.0, 1.0, 1.5, 2.0, 3.0, 5.0)
+
+
+@task
+def guidance_sweep(
+    checkpoint: str,
+    sampling: SamplerConfig,
+    dataset_path: str,
+    run_id: str | None = None,
+    scales: tuple[float, ...] = GUIDANCE_SWEEP,
+    extractor: ExtractorKind = "auto",
+) -> dict:
+    """Sample a class-conditional checkpoint at each guidance scale and score each set: FIDs and
+    conditional accuracy against w. With `run_id`, logged as the table evaluation/guidance_sweep.json,
+    the plot plots/guidance_sweep.png and the tag `guidance.best_scale` (the lowest primary FID)."""
+    dataset = load_prepared(Path(dataset_path))
+    names = check_evaluation(extractor, dataset, sampling.num_images)
+    scoring = Scoring.build(dataset, names, conditional=True)
+    metric = metric_name("fid", names[0])
+    rows = []
+    for scale in progress_bar(list(scales), desc="guidance sweep", unit="w"):
+        images, step, class_labels = checkpoint_images(
+            checkpoint, SamplerConfig(**{**sampling.model_dump(), "guidance_scale": scale}))
+        if class_labels is None:
+            raise ValueError("the guidance sweep needs a class-conditional model; this checkpoint is unconditional")
+        scores = scoring.score(images, class_labels)
+        rows.append({"guidance_scale": scale, **{name: scores[name] for name in scoring.extractors},
+                     "conditional_accuracy": scores.get("conditional_accuracy"),
+                     "fid_classifier_class_mean": scores.get("fid_classifier_class_mean")})
+    best = min(rows, key=lambda r: r[metric])
+    if run_id:
+        mlflow_client = tracking.client()
+        mlflow_client.log_table(run_id, data={key: [r[key] for r in rows] for key in rows[0]},
+                                artifact_file="evaluation/guidance_sweep.json")
+        plots.log_figure(run_id, lambda: plots.guidance_sweep_plot(rows, metric), "plots/guidance_sweep.png")
+        mlflow_client.set_tag(run_id, "guidance.best_scale", f"{best['guidance_scale']:g}")
+    return {"metric": metric, "rows": rows, "best_scale": best["guidance_scale"], "step": step}

@@ -39,7 +39,9 @@ def sample_images(source: str, sampling: SamplerConfig) -> np.ndarray:
             raise LookupError(f"{source}: {error.message} (tracking URI {tracking.tracking_uri()})") from None
         return np.asarray(model.predict({"num_images": sampling.num_images}, params={
             "seed": sampling.seed, "sampler": sampling.sampler, "steps": sampling.num_steps or 0,   # 0: the sampler's default
-            "eta": sampling.eta, "format": "uint8"}))
+            "eta": sampling.eta, "format": "uint8",
+            "class": sampling.classes[0] if sampling.classes else -1,   # -1: every class in turn
+            "guidance": -1.0 if sampling.guidance_scale is None else sampling.guidance_scale}))
     if not Path(source).is_file():
         raise FileNotFoundError(f"checkpoint not found: {source}")
     return checkpoint_images(source, sampling)[0].numpy()

@@ -1,4 +1,4 @@
-"""Figures logged to MLflow: loss curves and noise schedules.
+"""Figures logged to MLflow: loss curves, noise schedules, the guidance sweep.
 
 Figures are plain `matplotlib.figure.Figure` objects (no pyplot global state, nothing to
 close). Matplotlib's text layout is not thread-safe and runs of a schedule comparison plot in
@@ -48,6 +48,23 @@ def schedule_plot(schedules: dict[str, "object"], annotations: dict[str, str] | 
     axis.set_ylabel("alphas_cumprod (signal kept)")
     axis.legend()
     axis.grid(alpha=0.3)
+    figure.tight_layout()
+    return figure
+
+
+def guidance_sweep_plot(rows: list[dict], metric: str) -> Figure:
+    """FID (`metric`, left axis) and conditional accuracy (right axis) against the guidance scale w."""
+    figure, axis = _new_figure()
+    scales = [r["guidance_scale"] for r in rows]
+    axis.plot(scales, [r[metric] for r in rows], "o-", color="tab:blue", label=metric)
+    axis.set_xlabel("guidance scale w (0 unconditional, 1 conditional)")
+    axis.set_ylabel(metric, color="tab:blue")
+    axis.grid(alpha=0.3)
+    if all(r.get("conditional_accuracy") is not None for r in rows):
+        right = axis.twinx()
+        right.plot(scales, [100 * r["conditional_accuracy"] for r in rows], "s--", color="tab:red")
+        right.set_ylabel("conditional accuracy (%)", color="tab:red")
+    axis.set_title("classifier-free guidance: quality against fidelity to the class")
     figure.tight_layout()
     return figure
 

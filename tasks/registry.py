@@ -34,6 +34,7 @@ from mlflow.models import infer_signature
 from mlflow.pyfunc import PythonModel
 
 from ddpm.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
+from ddpm.guidance import MAX_GUIDANCE_SCALE
 from ddpm.images import to_uint8
 from ddpm.samplers import SAMPLERS, SamplerConfig, generate
 from ddpm.training import load_model
@@ -44,8 +45,9 @@ CHAMPION = "champion"
 DEFAULT_MODEL_NAME = "ddpm"
 # what a request may ask for when it says nothing; declared in the signature so MLflow passes them
 # (steps 0: the sampler's own default, ddpm.samplers.DEFAULT_STEPS; all T steps for ddpm)
+# class -1: every class in turn (a class-conditional model); guidance -1: the default scale
 DEFAULT_PARAMS = {"seed": 0, "sampler": SamplerConfig().sampler, "steps": 0, "eta": SamplerConfig().eta,
-                  "format": "uint8"}
+                  "format": "uint8", "class": -1, "guidance": -1.0}
 FORMATS = ("uint8", "png_base64")
 
 
@@ -71,11 +73,14 @@ _showwarning, warnings.showwarning = warnings.showwarning, lambda *args, **kwarg
 
 
 class DDPMImageModel(PythonModel):
-    """Images from a DDPM: input one row `num_images`; params seed, sampler, steps, eta, format.
+    """Images from a DDPM: input one row `num_images`; params seed, sampler, steps, eta, format,
+    and for a class-conditional model class and guidance.
 
     Returns a uint8 array (N, C, H, W) for format "uint8", or a list of N base64 PNG strings for
     "png_base64". Requests are bounded: 1 <= num_images <= max_images, 0 <= steps <= min(T,
-    max_steps), 0 <= eta <= 1, seed >= 0; anything else is an HTTP 400 with the reason.
+    max_steps), 0 <= eta <= 1, seed >= 0, class in the model's classes (-1: each in turn),
+    0 <= guidance <= 20 (-1: the default scale); anything else, and a class or guidance asked of
+    an unconditional model, is an HTTP 400 with the reason.
     """
 
     def __init__(self, max_images: int = 64, max_steps: int = 1000):
@@ -123,17 +128,42 @@ class DDPMImageModel(PythonModel):
             raise invalid(f"'eta' must be a number between 0 and 1, got {eta!r}")
         if params["format"] not in FORMATS:
             raise invalid(f"'format' must be one of {list(FORMATS)}, got {params['format']!r}")
+        self._check_conditioning(params["class"], params["guidance"])
         return int(num_images), params
+
+    def _check_conditioning(self, class_label, guidance) -> None:
+        num_classes = self.model.config.num_classes
+        if isinstance(class_label, (bool, np.bool_)) or not isinstance(class_label, (int, np.integer)):
+            raise invalid(f"'class' must be an integer, got {class_label!r}")
+        if isinstance(guidance, bool) or not isinstance(guidance, (int, float, np.number)) or math.isnan(guidance):
+            raise invalid(f"'guidance' must be a number, got {guidance!r}")
+        if num_classes is None:
+            if class_label != -1 or guidance != -1:
+                raise invalid(f"'{'class' if class_label != -1 else 'guidance'}' needs a class-conditional model; "
+                              "this one is unconditional")
+            return
+        if not -1 <= class_label < num_classes:
+            raise invalid(f"'class' must be one of this model's classes 0..{num_classes - 1} (or -1: each in turn), "
+                          f"got {class_label}")
+        if guidance != -1 and not 0 <= guidance <= MAX_GUIDANCE_SCALE:
+            raise invalid(f"'guidance' must be between 0 and {MAX_GUIDANCE_SCALE:g} (or -1: the default), "
+                          f"got {guidance!r}")
 
     def predict(self, context, model_input, params: dict | None = None):
         """Draw the images the request asks for (deterministic for a given seed)."""
         num_images, params = self._request(model_input, params)
+        conditioning = {}
+        if params["class"] != -1:
+            conditioning["classes"] = (int(params["class"]),)
+        if params["guidance"] != -1:
+            conditioning["guidance_scale"] = float(params["guidance"])
         sampling = SamplerConfig(sampler=params["sampler"], num_steps=int(params["steps"]) or None,
                                  eta=float(params["eta"]), num_images=num_images, seed=int(params["seed"]),
-                                 batch_size=num_images)
+                                 batch_size=num_images, **conditioning)
         sampler = sampling.build(self.schedule, self.diffusion_config.prediction_type)
-        images = to_uint8(generate(self.model, sampler, num_images, seed=sampling.seed,
-                                   batch_size=num_images)).numpy()
+        images = to_uint8(generate(self.model, sampler, num_images, seed=sampling.seed, batch_size=num_images,
+                                   class_labels=sampling.class_labels(self.model.config.num_classes),
+                                   guidance_scale=sampling.guidance())).numpy()
         if params["format"] == "png_base64":
             return [png_base64(image) for image in images]
         return images
@@ -218,12 +248,19 @@ def runs_with_fid(experiments: list[str]) -> list:
     return [r for r in runs if r.data.tags.get("fid.metric") in r.data.metrics]
 
 
+def is_conditional(run) -> str:
+    """"true" for a class-conditional model's run, else "false" (runs from before the tag included)."""
+    return run.data.tags.get(tracking.CONDITIONAL_TAG, "false")
+
+
 def comparable_runs(experiments: list[str] | str, metric: str | None = None, fingerprint: str | None = None,
-                    num_samples: int | str | None = None) -> tuple[list, dict]:
+                    num_samples: int | str | None = None, conditional: bool | None = None) -> tuple[list, dict]:
     """The FINISHED runs of `experiments` whose FIDs can be ranked against each other, best first,
-    and what they share: one metric (features), one dataset fingerprint, one sample count. FID
-    depends on all three, so runs that differ in any are never compared. Each defaults to that
-    of the newest run with an FID (with `metric`, when given). LookupError when none qualifies.
+    and what they share: one metric (features), one dataset fingerprint, one sample count, one
+    kind of model (class-conditional or not: guided class-balanced samples and unconditional
+    ones are different products). FID depends on all of these, so runs that differ in any are
+    never compared. Each defaults to that of the newest run with an FID (with `metric`, when
+    given). LookupError when none qualifies.
     """
     experiments = [experiments] if isinstance(experiments, str) else list(experiments)
     runs = runs_with_fid(experiments)
@@ -235,12 +272,14 @@ def comparable_runs(experiments: list[str] | str, metric: str | None = None, fin
         raise LookupError(f"no finished run in {experiments} has the metric {metric}")
     fingerprint = fingerprint or runs[0].data.tags.get("dataset.fingerprint")
     num_samples = str(num_samples or runs[0].data.tags.get("fid.num_samples"))
-    criteria = {"metric": metric, "fingerprint": fingerprint, "num_samples": num_samples}
+    kind = is_conditional(runs[0]) if conditional is None else str(bool(conditional)).lower()
+    criteria = {"metric": metric, "fingerprint": fingerprint, "num_samples": num_samples, "conditional": kind}
     same = [r for r in runs if r.data.tags.get("dataset.fingerprint") == fingerprint
-            and r.data.tags.get("fid.num_samples") == num_samples]
+            and r.data.tags.get("fid.num_samples") == num_samples and is_conditional(r) == kind]
     if not same:
-        raise LookupError(f"no finished run in {experiments} has {metric} at {num_samples} samples on dataset "
-                          f"{fingerprint}")
+        what = "class-conditional" if kind == "true" else "unconditional"
+        raise LookupError(f"no finished run of a {what} model in {experiments} has {metric} at {num_samples} "
+                          f"samples on dataset {fingerprint}")
     return sorted(same, key=lambda r: r.data.metrics[metric]), criteria
 
 
@@ -291,13 +330,15 @@ def champion_decision(candidate_tags: dict, champion_tags: dict | None) -> tuple
 
     Only FIDs measured on the same data (dataset fingerprint) with the same features (metric
     name) and the same number of samples are comparable. A champion measured otherwise is kept: replacing it would compare
-    numbers that mean different things; move the alias by hand if the new data is the point.
+    numbers that mean different things; move the alias by hand if the new data is the point. A
+    class-conditional model never replaces an unconditional champion, nor the reverse (tag
+    model.conditional): promote each kind into its own registered model.
     """
     if champion_tags is None:
         return True, "no champion yet"
     for key, what in (("fid.metric", "FID extractor"), ("dataset.fingerprint", "dataset"),
-                      ("fid.num_samples", "sample count")):
-        if champion_tags.get(key) != candidate_tags[key]:
+                      ("fid.num_samples", "sample count"), (tracking.CONDITIONAL_TAG, "kind of model")):
+        if champion_tags.get(key, "false" if key == tracking.CONDITIONAL_TAG else None) != candidate_tags[key]:
             return False, (f"champion was measured with another {what} ({key} {champion_tags.get(key)!r} "
                            f"vs {candidate_tags[key]!r}); FIDs are not comparable, champion kept")
     new, old = float(candidate_tags["fid"]), float(champion_tags["fid"])
@@ -322,12 +363,12 @@ def champion_tags(champion) -> dict:
 
 def promote_best(experiments: list[str] | str = "ddpm", model_name: str = DEFAULT_MODEL_NAME,
                  fingerprint: str | None = None, metric: str | None = None, max_images: int = 64,
-                 log=print) -> dict:
+                 log=print, conditional: bool | None = None) -> dict:
     """Register the best run by FID as a version of `model_name`; move `champion` to it if it wins.
 
-    Candidates: comparable_runs(experiments, metric, fingerprint): FINISHED runs with `metric`
-    on data `fingerprint` at one sample count, each by default that of the newest run with an
-    FID. The best candidate is registered once (a run already registered reuses its version),
+    Candidates: comparable_runs(experiments, metric, fingerprint, conditional=conditional):
+    FINISHED runs with `metric` on data `fingerprint` at one sample count, of one kind of model
+    (class-conditional or not), each by default that of the newest run with an FID. The best candidate is registered once (a run already registered reuses its version),
     its version tagged with fid, fid.metric, fid.num_samples, schedule, dataset.fingerprint and
     source_run_id, and the alias moves only when its FID is strictly lower than the champion's
     on the same data, metric and sample count. The decision and its reason go in the version's
@@ -335,11 +376,11 @@ def promote_best(experiments: list[str] | str = "ddpm", model_name: str = DEFAUL
     """
     # One promotion at a time per store on this machine: two at once registered one run twice.
     with tracking.store_lock("promote"):
-        return _promote_best(experiments, model_name, fingerprint, metric, max_images, log)
+        return _promote_best(experiments, model_name, fingerprint, metric, max_images, log, conditional)
 
 
-def _promote_best(experiments, model_name, fingerprint, metric, max_images, log) -> dict:
-    candidates, criteria = comparable_runs(experiments, metric, fingerprint)
+def _promote_best(experiments, model_name, fingerprint, metric, max_images, log, conditional) -> dict:
+    candidates, criteria = comparable_runs(experiments, metric, fingerprint, conditional=conditional)
     metric, fingerprint = criteria["metric"], criteria["fingerprint"]
 
     def fid_of(run) -> float:
@@ -367,7 +408,7 @@ def _promote_best(experiments, model_name, fingerprint, metric, max_images, log)
 
     tags = {"fid": repr(fid_of(run)), "fid.metric": metric, "fid.num_samples": criteria["num_samples"],
             "dataset.fingerprint": fingerprint, "schedule": run.data.tags.get("schedule", ""),
-            "source_run_id": run.info.run_id}
+            "source_run_id": run.info.run_id, tracking.CONDITIONAL_TAG: criteria["conditional"]}
     for key, value in tags.items():
         mlflow_client.set_model_version_tag(model_name, version.version, key, value)
 
@@ -387,6 +428,6 @@ def _promote_best(experiments, model_name, fingerprint, metric, max_images, log)
         f"{'now' if moved else 'not'} {CHAMPION}: {reason}")
     return {"model_name": model_name, "version": str(version.version), "run_id": run.info.run_id,
             "fid": fid_of(run), "metric": metric, "num_samples": criteria["num_samples"],
-            "fingerprint": fingerprint, "moved": moved,
+            "fingerprint": fingerprint, "conditional": criteria["conditional"] == "true", "moved": moved,
             "reason": reason, "champion_version": str(champion_version) if champion_version else None,
             "skipped_runs": skipped}

@@ -25,14 +25,26 @@ def load_sampler(checkpoint: str, sampling: SamplerConfig, use_ema: bool = True,
 
 
 def checkpoint_images(checkpoint: str, sampling: SamplerConfig, use_ema: bool = True, device: str = "cpu",
-                      progress: bool = False) -> tuple[torch.Tensor, int]:
-    """`sampling.num_images` uint8 images (N, C, H, W) from a checkpoint, and its training step."""
+                      progress: bool = False) -> tuple[torch.Tensor, int, torch.Tensor | None]:
+    """`sampling.num_images` uint8 images (N, C, H, W) from a checkpoint, its training step, and
+    the class each image was asked to show (None for an unconditional model)."""
     device = resolve_device(device)
     model, sampler, step = load_sampler(checkpoint, sampling, use_ema, device)
+    class_labels = sampling.class_labels(model.config.num_classes)
     bar = (lambda steps: progress_bar(steps, desc=f"sample {sampling.describe()}", leave=False)) if progress else None
     images = generate(model, sampler, sampling.num_images, seed=sampling.seed, batch_size=sampling.batch_size,
-                      device=device, progress=bar)
-    return to_uint8(images), step
+                      device=device, progress=bar, class_labels=class_labels, guidance_scale=sampling.guidance())
+    return to_uint8(images), step, class_labels
+
+
+def grid_images(images_uint8: torch.Tensor, class_labels: torch.Tensor | None) -> tuple[torch.Tensor, int | None]:
+    """(the images a grid shows, its row length): the first 64, or for class-conditional samples
+    one row per class (up to 16 classes, up to 8 images each)."""
+    if class_labels is None:
+        return images_uint8[:64], None
+    classes = class_labels.unique().tolist()[:16]
+    per_class = min(8, *(int((class_labels == k).sum()) for k in classes))
+    return torch.cat([images_uint8[class_labels == k][:per_class] for k in classes]), per_class
 
 
 @task
@@ -44,19 +56,23 @@ def sample_checkpoint(
     use_ema: bool = True,
     device: str = "auto",
 ) -> dict:
-    """Draw `sampling.num_images` images; write samples-<step>-<sampler>.npz (uint8) and a grid PNG.
+    """Draw `sampling.num_images` images; write samples-<step>-<sampler>.npz (uint8 `images`, and
+    for a class-conditional model the `labels` asked for and the `guidance_scale`) and a grid PNG.
 
     With `run_id`, the grid and the sampler settings are logged to that MLflow run, and the grid
     also as the run's image `samples` at this training step: sampling every checkpoint (the
     evaluate flow) fills the MLflow UI's image slider with the model's progress.
     """
-    images_uint8, step = checkpoint_images(checkpoint, sampling, use_ema, device, progress=True)
+    images_uint8, step, class_labels = checkpoint_images(checkpoint, sampling, use_ema, device, progress=True)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     name = f"samples-{step:07d}-{sampling.describe()}"
     npz_path = out / f"{name}.npz"
-    np.savez(npz_path, images=images_uint8.numpy())
-    grid_path = save_grid(images_uint8[:64], out / f"{name}.png", scale=4 if images_uint8.shape[-1] <= 32 else 1)
+    conditioning = {} if class_labels is None else {"labels": class_labels.numpy(),
+                                                    "guidance_scale": np.float64(sampling.guidance())}
+    np.savez(npz_path, images=images_uint8.numpy(), **conditioning)
+    shown, row_length = grid_images(images_uint8, class_labels)
+    grid_path = save_grid(shown, out / f"{name}.png", nrow=row_length, scale=4 if images_uint8.shape[-1] <= 32 else 1)
     if run_id:  # settings as a file beside the grid: one run may be sampled many ways
         tracking.log_file(run_id, grid_path, "samples")
         with Image.open(grid_path) as grid:

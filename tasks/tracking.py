@@ -199,6 +199,8 @@ def find_run(mlflow_run_id: str | None = None, prefect_flow_run_id: str | None =
 # of its checkpoints (evaluate and promotion find them there, wherever DDPM_HOME is).
 CONFIG_ARTIFACT = "config.json"
 CHECKPOINT_DIR_TAG = "checkpoint_dir"
+# "true" for a class-conditional model's run, "false" otherwise: the two kinds never compete in promotion
+CONDITIONAL_TAG = "model.conditional"
 
 
 def run_config(run: mlflow.entities.Run) -> dict:

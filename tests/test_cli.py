@@ -98,6 +98,9 @@ def test_sample_from_the_registered_champion(checkpoint, env, tmp_path, monkeypa
     (["train", "--set", "optimizer.lr=1"], 1, "unknown section 'optimizer'"),
     (["train", "--set", "train.steps=-3"], 1, "steps: Input should be greater than or equal to 1"),
     (["sample", "--checkpoint", "x.pt", "--eta", "7"], 1, "eta: Input should be less than or equal to 1"),
+    (["sample", "--checkpoint", "x.pt", "--guidance", "25"], 1, "guidance_scale: Input should be less than or equal"),
+    (["train", "--set", "train.p_uncond=1"], 1, "p_uncond: Input should be less than 1"),
+    (["train", "--set", "sampling.classes=[3]"], 1, "classes asked for, but this model is unconditional"),
     (["train", "--lr", "nan"], 1, "learning_rate: Input should be a finite number"),
     (["train", "--image-size", "32"], 1, "the data is 32x32 with 1 channel(s) but the model takes 16x16"),
     (["train", "--resume", "abc", "--steps", "5"], 1, "drop the options that set train"),
@@ -126,6 +129,20 @@ def test_a_failure_inside_a_flow_is_one_line_with_the_trace_in_the_log_file(env,
     assert "Traceback" in log.read_text()
 
 
+def test_sample_a_class_with_guidance_and_refuse_it_for_an_unconditional_model(checkpoint, env, tmp_path):
+    conditional = tiny_checkpoint(tmp_path / "conditional", num_classes=3)
+    result = ddpm("sample", "--checkpoint", conditional, "--num-images", 2, "--steps", 3, "--class", 2,
+                  "--guidance", 3, "--out", "out", env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert len(json.loads(result.stdout)["images"]) == 2
+    refused = ddpm("sample", "--checkpoint", conditional, "--steps", 3, "--class", 3, env=env, cwd=tmp_path)
+    assert refused.returncode == 1 and "class(es) [3] outside this model's classes 0..2" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    for args in (["--class", 1], ["--guidance", 2]):
+        refused = ddpm("sample", "--checkpoint", checkpoint, "--steps", 3, *args, env=env, cwd=tmp_path)
+        assert refused.returncode == 1 and "this model is unconditional" in refused.stderr, refused.stderr
+
+
 def test_denoise_and_interpolate_write_grids(checkpoint, env, tmp_path):
     common = ["--checkpoint", checkpoint, "--dataset", "digits", "--steps", 3]
     result = ddpm("denoise", *common, "--indices", 0, 1, 2, "--t", 20, 60, "--out", "d.png", env=env, cwd=tmp_path)
@@ -151,7 +168,8 @@ def test_sampler_options_default_to_the_sampler_config_defaults():
 
     assert SAMPLER_NAMES == SAMPLERS
     defaults = SamplerConfig()
-    assert SAMPLER_DEFAULTS == {"sampler": defaults.sampler, "num_steps": defaults.num_steps, "eta": defaults.eta}
+    assert SAMPLER_DEFAULTS == {"sampler": defaults.sampler, "num_steps": defaults.num_steps, "eta": defaults.eta,
+                                "guidance_scale": defaults.guidance()}
     args = build_parser().parse_args(["sample", "--checkpoint", "x.pt"])
     assert (args.sampler, args.steps, args.eta) == (defaults.sampler, defaults.num_steps, defaults.eta)
 

@@ -13,6 +13,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 from ddpm.unet import preset
@@ -30,7 +31,8 @@ TINY_PARAMETERS = {
 }
 
 
-def test_the_mnist_deployment_carries_the_mnist_recipe():
+@pytest.mark.parametrize("recipe", ["mnist", "digits-conditional"])
+def test_a_recipe_deployment_carries_its_recipe(recipe):
     """prefect.yaml names only what the recipe changes; Prefect validates the run's parameters
     against the flow, which fills in the pipeline's defaults (not the config classes')."""
     import yaml
@@ -38,12 +40,12 @@ def test_the_mnist_deployment_carries_the_mnist_recipe():
     from flows.train_pipeline import RECIPES, train_pipeline
 
     deployments = {d["name"]: d for d in yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]}
-    parameters = deployments["train-mnist"]["parameters"]
-    assert set(parameters) == set(RECIPES["mnist"])
+    parameters = deployments[f"train-{recipe}"]["parameters"]
+    assert set(parameters) == set(RECIPES[recipe])
     validated = train_pipeline.validate_parameters(parameters)
-    for section, config in RECIPES["mnist"].items():
+    for section, config in RECIPES[recipe].items():
         assert validated[section] == config, section
-    assert "train-mnist" in deployments["evaluate"]["triggers"][0]["match_related"]["prefect.resource.name"]
+    assert f"train-{recipe}" in deployments["evaluate"]["triggers"][0]["match_related"]["prefect.resource.name"]
 
 
 def free_port() -> int:
