@@ -280,7 +280,8 @@ class SamplerConfig(BaseModel):
     number of network evaluations for all but heun (2 per step, NFE = 2 * steps - 1); None means
     the sampler's own default (DEFAULT_STEPS): all T steps for ddpm, so `sampler="ddpm"` is
     Algorithm 2 unless steps are asked for. order: of the solvers (1 or 2). eta, variance and
-    spacing are DDIM's / DDPM's.
+    spacing are DDIM's / DDPM's. classes and guidance_scale are for class-conditional models
+    (ddpm.guidance): every sampler is guided by the same classifier-free mix.
 
     The default (DPM-Solver++ 2M SDE, 20 steps) is the cheapest setting within 10% of the best
     FID in the solver table of docs/benchmarks.md (section 7): FID 16.65 against DDIM-50 eta 1's
