@@ -219,3 +219,12 @@ def test_prepare_mnist_official_split_from_the_command_line(tmp_path, env):
     bad = ddpm("prepare", "--source", "digits", "--split", "official", "--out", tmp_path / "data", env=env, cwd=tmp_path)
     assert bad.returncode == 1 and bad.stderr.strip() == (
         "ddpm prepare: error: source 'digits' has no official train/test split; use split='random'")
+
+
+def test_conditional_takes_the_class_count_from_the_data(tmp_path, monkeypatch):
+    from flows.cli import build_parser, lazy_flow, pipeline_arguments
+
+    monkeypatch.setenv("DDPM_HOME", str(tmp_path / "home"))
+    flow = lazy_flow("flows.train_pipeline", "train_pipeline")
+    kwargs = pipeline_arguments(flow, build_parser().parse_args(["train", "--conditional", "--steps", "5"]))
+    assert kwargs["model"].num_classes == 10 and kwargs["train"].steps == 5
