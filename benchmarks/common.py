@@ -133,6 +133,23 @@ class Scorer:
                                 self.references["fid_classifier"], n)
 
 
+def recipe_steps(images_uint8: torch.Tensor, minutes: float, probe_steps: int = 20) -> int:
+    """How many steps of the pipeline's recipe on tiny-16 fit in `minutes` on this machine (timed
+    over `probe_steps` steps of a throwaway trainer, after one warm-up step)."""
+    from ddpm.data import BatchLoader
+    from ddpm.training import Trainer
+    from ddpm.unet import preset
+    from flows.train_pipeline import DEFAULT_DIFFUSION, DEFAULT_TRAIN
+
+    probe = Trainer(preset("tiny-16"), DEFAULT_DIFFUSION, DEFAULT_TRAIN.model_copy(update={"device": "cpu"}),
+                    BatchLoader(images_uint8, DEFAULT_TRAIN.batch_size, seed=0).batch)
+    probe.train_step()
+    start = time.perf_counter()
+    for _ in range(probe_steps):
+        probe.train_step()
+    return int(60 * minutes / ((time.perf_counter() - start) / probe_steps))
+
+
 def timed_samples(model, sampler, num_images: int, seed: int = 0, batch_size: int = 250) -> tuple[torch.Tensor, float]:
     """(uint8 images, seconds per image) from our `generate`."""
     start = time.perf_counter()

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import Scorer, cached_json, machine, prepare_mnist, write_json
+from common import Scorer, cached_json, machine, prepare_mnist, recipe_steps, write_json
 
 from ddpm.data import BatchLoader
 from ddpm.images import to_uint8
@@ -50,17 +50,6 @@ def train(images: torch.Tensor, labels: torch.Tensor | None, steps: int, out: Pa
             "seconds": time.perf_counter() - start}
 
 
-def probe_steps(images: torch.Tensor, minutes: float) -> int:
-    """How many steps of the unconditional recipe fit in `minutes` on this machine."""
-    trainer = Trainer(preset("tiny-16"), DEFAULT_DIFFUSION, DEFAULT_TRAIN.model_copy(update={"device": "cpu"}),
-                      BatchLoader(images, DEFAULT_TRAIN.batch_size, seed=0).batch)
-    trainer.train_step()
-    start = time.perf_counter()
-    for _ in range(20):
-        trainer.train_step()
-    return int(60 * minutes / ((time.perf_counter() - start) / 20))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=5.0, help="training budget of each model")
@@ -77,7 +66,7 @@ def main() -> None:
     dataset = prepare_mnist(args.out, mnist_dir=args.mnist)
     images, labels = dataset.split("train")
     print(machine())
-    steps = cached_json(args.out / "steps.json", lambda: {"steps": probe_steps(images, args.minutes)})["steps"]
+    steps = cached_json(args.out / "steps.json", lambda: {"steps": recipe_steps(images, args.minutes)})["steps"]
     weights = {
         "unconditional": cached_json(args.out / "unconditional.json",
                                      lambda: train(images, None, steps, args.out / "unconditional"), announce=True),

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from common import Scorer, cached_json, diffusers_samples, machine, prepare_mnist, timed_samples, write_json
+from common import (Scorer, cached_json, diffusers_samples, machine, prepare_mnist, recipe_steps, timed_samples,
+                    write_json)
 
 from ddpm.data import BatchLoader
 from ddpm.samplers import SamplerConfig
@@ -56,13 +56,7 @@ class OursAsDiffusers(torch.nn.Module):
 def train(images_uint8: torch.Tensor, minutes: float, out: Path) -> dict:
     """The pipeline's recipe on tiny-16, its cosine learning-rate decay sized to end with the budget."""
     batch = DEFAULT_TRAIN.batch_size
-    probe = Trainer(preset("tiny-16"), DEFAULT_DIFFUSION, DEFAULT_TRAIN.model_copy(update={"device": "cpu"}),
-                    BatchLoader(images_uint8, batch, seed=0).batch)
-    probe.train_step()
-    start = time.perf_counter()
-    for _ in range(20):
-        probe.train_step()
-    steps = int(60 * minutes / ((time.perf_counter() - start) / 20))
+    steps = recipe_steps(images_uint8, minutes)
     config = DEFAULT_TRAIN.model_copy(update={"steps": steps, "device": "cpu", "checkpoint_every": 10**9})
     shutil.rmtree(out / "weights", ignore_errors=True)
     trainer = Trainer(preset("tiny-16"), DEFAULT_DIFFUSION, config, BatchLoader(images_uint8, batch, seed=0).batch,

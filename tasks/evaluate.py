@@ -40,7 +40,7 @@ from ddpm.metrics.fid import (
 from ddpm.progress import progress_bar
 from ddpm.samplers import SamplerConfig
 from tasks import plots, tracking
-from tasks.sample import checkpoint_images
+from tasks.sample import draw_images, load_sampler
 from tasks.settings import ddpm_home
 
 ExtractorKind = Literal["auto", "classifier", "inception"]
@@ -248,12 +248,14 @@ def guidance_sweep(
     names = check_evaluation(extractor, dataset, sampling.num_images)
     scoring = Scoring.build(dataset, names, conditional=True)
     metric = metric_name("fid", names[0])
+    # the model is loaded once; the sampler does not depend on the guidance scale
+    model, sampler, step = load_sampler(checkpoint, sampling)
+    if model.config.num_classes is None:
+        raise ValueError("the guidance sweep needs a class-conditional model; this checkpoint is unconditional")
     rows = []
     for scale in progress_bar(list(scales), desc="guidance sweep", unit="w"):
-        images, step, class_labels = checkpoint_images(
-            checkpoint, SamplerConfig(**{**sampling.model_dump(), "guidance_scale": scale}))
-        if class_labels is None:
-            raise ValueError("the guidance sweep needs a class-conditional model; this checkpoint is unconditional")
+        images, class_labels = draw_images(model, sampler, SamplerConfig(**{**sampling.model_dump(),
+                                                                           "guidance_scale": scale}), "cpu")
         scores = scoring.score(images, class_labels)
         rows.append({"guidance_scale": scale, **{name: scores[name] for name in scoring.extractors},
                      "conditional_accuracy": scores.get("conditional_accuracy"),

@@ -30,11 +30,19 @@ def checkpoint_images(checkpoint: str, sampling: SamplerConfig, use_ema: bool = 
     the class each image was asked to show (None for an unconditional model)."""
     device = resolve_device(device)
     model, sampler, step = load_sampler(checkpoint, sampling, use_ema, device)
+    images, class_labels = draw_images(model, sampler, sampling, device, progress)
+    return images, step, class_labels
+
+
+def draw_images(model, sampler, sampling: SamplerConfig, device, progress: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`sampling.num_images` uint8 images from a loaded model and sampler (load_sampler), and the
+    class each was asked to show (None for an unconditional model)."""
     class_labels = sampling.class_labels(model.config.num_classes)
     bar = (lambda steps: progress_bar(steps, desc=f"sample {sampling.describe()}", leave=False)) if progress else None
     images = generate(model, sampler, sampling.num_images, seed=sampling.seed, batch_size=sampling.batch_size,
                       device=device, progress=bar, class_labels=class_labels, guidance_scale=sampling.guidance())
-    return to_uint8(images), step, class_labels
+    return to_uint8(images), class_labels
 
 
 def grid_images(images_uint8: torch.Tensor, class_labels: torch.Tensor | None) -> tuple[torch.Tensor, int | None]:

@@ -37,3 +37,12 @@ def prefect_harness(tmp_path_factory):
     with temporary_settings({PREFECT_HOME: str(tmp_path_factory.mktemp("prefect-home"))}):
         with prefect_test_harness(server_startup_timeout=90):
             yield
+
+
+@pytest.fixture
+def mlflow_store(tmp_path, monkeypatch):
+    """A fresh MLflow sqlite store and DDPM_HOME in tmp_path for one test; returns the tracking URI."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("DDPM_HOME", str(tmp_path / "home"))
+    return uri

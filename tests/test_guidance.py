@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from ddpm.data import BatchLoader, DataError, validate_for_model
 from ddpm.diffusion import DiffusionConfig, predict_x0_and_epsilon
 from ddpm.guidance import ClassifierFreeGuidance
+from ddpm.images import to_uint8
 from ddpm.samplers import SAMPLERS, SamplerConfig, generate
 from ddpm.schedules import NoiseSchedule
 from ddpm.training import Trainer, TrainConfig, load_model
@@ -186,24 +187,16 @@ def test_conditional_training_resumes_bit_exactly_and_needs_labels(tmp_path):
 # --- promotion and the served model ---------------------------------------------------------
 
 
-@pytest.fixture
-def store(tmp_path, monkeypatch):
-    from mlflow.tracking import MlflowClient
-
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.setenv("DDPM_HOME", str(tmp_path / "home"))
-    return MlflowClient(uri)
-
-
 def test_conditional_and_unconditional_models_never_compete_and_the_served_one_takes_class_and_guidance(
-        store, tmp_path):
+        mlflow_store, tmp_path):
     import mlflow.pyfunc
     from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
 
     from tasks.registry import champion_decision, promote_best
     from trained_runs import fake_trained_run, tiny_checkpoint
 
+    store = MlflowClient(mlflow_store)
     unconditional = tiny_checkpoint(tmp_path / "u")
     conditional = tiny_checkpoint(tmp_path / "c", num_classes=3)
     champion = fake_trained_run(store, "ddpm", unconditional, 5.0)   # a run from before the tag: unconditional
@@ -228,7 +221,6 @@ def test_conditional_and_unconditional_models_never_compete_and_the_served_one_t
     images = served.predict({"num_images": 2}, params=params)
     model, diffusion, _ = load_model(conditional)
     sampling = SamplerConfig(sampler="ddim", num_steps=4, seed=3, num_images=2, classes=(2,), guidance_scale=3.0)
-    from ddpm.images import to_uint8
     expected = to_uint8(generate(model, sampling.build(diffusion.make_schedule()), 2, seed=3,
                                  class_labels=sampling.class_labels(3), guidance_scale=3.0))
     assert np.array_equal(images, expected.numpy())
@@ -243,14 +235,6 @@ def test_conditional_and_unconditional_models_never_compete_and_the_served_one_t
 
 
 # --- the pipeline ---------------------------------------------------------------------------
-
-
-@pytest.fixture
-def mlflow_store(tmp_path, monkeypatch):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.setenv("DDPM_HOME", str(tmp_path / "home"))
-    return uri
 
 
 PIPELINE_TRAIN = TrainConfig(steps=12, batch_size=16, warmup_steps=2, log_every=4, checkpoint_every=12,

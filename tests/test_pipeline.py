@@ -16,14 +16,6 @@ TINY_SAMPLING = SamplerConfig(sampler="ddim", num_steps=5, num_images=8, batch_s
 TINY_MODEL = preset("tiny-16", base_channels=8, num_groups=4)
 
 
-@pytest.fixture
-def mlflow_store(tmp_path, monkeypatch):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.setenv("DDPM_HOME", str(tmp_path / "home"))
-    return uri
-
-
 def test_pipeline_trains_samples_and_tracks_everything(prefect_harness, mlflow_store, tmp_path):
     from flows.train_pipeline import train_pipeline
 
