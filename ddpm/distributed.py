@@ -13,11 +13,15 @@ How the work is split (see ddpm.training.Trainer):
                      each rank takes its slice, so the draws do not depend on the split
     gradients      = averaged over ranks by DDP (mean over the global batch, as in one process)
     checkpoints    = written by rank 0 only; every rank loads the one rank 0 picked
+
+`torchrun_command` builds the torchrun command line the pipeline's training task runs when
+TrainConfig asks for more than one process (`num_processes` per node, `nnodes` nodes).
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -91,3 +95,70 @@ def broadcast_object(obj, src: int = 0):
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+# --- launching --------------------------------------------------------------------------------
+
+# Rank 0 of `python -m ddpm.train_ddp --events` prints one line per event, this prefix and a JSON
+# object ({"event": "log" | "checkpoint" | "error", ...}), for the process that launched it.
+EVENT_PREFIX = "@ddpm-event "
+
+
+def device_slots(device: str = "auto") -> tuple[int, str]:
+    """How many training processes this machine can give a device each, and what they are:
+    the CUDA GPUs (device 'auto' or 'cuda...' on a CUDA machine), else the CPU cores."""
+    if device != "cpu" and torch.cuda.is_available():
+        return torch.cuda.device_count(), "CUDA GPU(s)"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return cores, "CPU core(s)" + ("" if device == "cpu" else " and no CUDA device")
+
+
+def check_num_processes(num_processes: int, device: str = "auto") -> None:
+    """A ValueError, before anything starts, when this node cannot give each process a device."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"train.device is {device!r} but torch sees no CUDA device here")
+    slots, kind = device_slots(device)
+    if num_processes > slots:
+        raise ValueError(f"train.num_processes={num_processes} but this machine has {slots} {kind}: "
+                         f"use at most {slots} processes per node")
+
+
+def torchrun_command(
+    module_args: list[str],
+    num_processes: int,
+    nnodes: int = 1,
+    rdzv_endpoint: str | None = None,
+    rdzv_id: str = "ddpm",
+    rdzv_timeout: float = 300.0,
+) -> list[str]:
+    """`python -m torch.distributed.run ...` starting `module_args` in `num_processes` processes on this
+    node, one node of `nnodes`. One node: a standalone rendezvous on a free local port. Several: the
+    c10d rendezvous at `rdzv_endpoint` (host:port of one node), which every node's torchrun joins
+    with the same `rdzv_id`; a node that is not there within `rdzv_timeout` seconds fails the job.
+    torchrun never restarts a failed worker: the pipeline's task retry resumes from a checkpoint."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(num_processes),
+               "--max-restarts", "0", "--monitor-interval", "1"]
+    if nnodes == 1:
+        command.append("--standalone")
+    else:
+        if not rdzv_endpoint:
+            raise ValueError(f"train.nnodes={nnodes} needs train.rdzv_endpoint (host:port every node can reach)")
+        timeout = int(max(1, rdzv_timeout))
+        command += ["--nnodes", str(nnodes), "--rdzv-backend", "c10d", "--rdzv-endpoint", rdzv_endpoint,
+                    "--rdzv-id", rdzv_id, "--rdzv-conf", f"join_timeout={timeout},read_timeout={timeout}"]
+    return command + module_args
+
+
+def exit_with_parent() -> None:
+    """Ask Linux to SIGTERM this process when its parent dies (kill -9 included), so a killed
+    launcher leaves no training process behind. A no-op elsewhere."""
+    if sys.platform != "linux":
+        return
+    import ctypes
+    import signal
+
+    PR_SET_PDEATHSIG = 1
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
+    except OSError:
+        pass

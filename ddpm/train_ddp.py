@@ -9,17 +9,21 @@ or file. batch_size is the global batch: each of the world_size ranks trains on 
 (batch_size / world_size, in grad_accum_steps micro-batches). Rerunning the same command
 resumes from the newest valid checkpoint in CKPT_DIR. Rank 0 writes the checkpoints and the
 --result JSON (step, resumed_from, loss_history, checkpoints, images_per_second, world_size).
+With --events, rank 0 prints each log window and checkpoint as a line `@ddpm-event {json}` and
+any rank prints its error the same way before it exits (the pipeline's training task reads them).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from ddpm.data import BatchLoader, load_prepared, validate_for_model
 from ddpm.diffusion import DiffusionConfig
-from ddpm.distributed import DistributedContext, cleanup, init_distributed
+from ddpm.distributed import (EVENT_PREFIX, DistributedContext, cleanup, exit_with_parent, init_distributed,
+                              launched_by_torchrun)
 from ddpm.training import Trainer, TrainConfig
 from ddpm.unet import PRESETS, UNetConfig, preset
 
@@ -54,6 +58,11 @@ def _json_arg(text: str) -> dict:
     return json.loads(text if text.startswith("{") else Path(text).read_text())
 
 
+def emit_event(kind: str, **fields) -> None:
+    """One event line for the launching process (stdout, flushed at once)."""
+    print(EVENT_PREFIX + json.dumps({"event": kind, **fields}), flush=True)
+
+
 def _model_arg(text: str) -> UNetConfig:
     return preset(text) if text in PRESETS else UNetConfig(**_json_arg(text))
 
@@ -67,15 +76,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train", default="{}", help="TrainConfig as a JSON object or file")
     parser.add_argument("--result", help="write a JSON summary here (rank 0)")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--events", action="store_true", help="print log, checkpoint and error events (JSON lines)")
     args = parser.parse_args(argv)
 
     model_config = _model_arg(args.model)
     diffusion_config = DiffusionConfig(**_json_arg(args.diffusion))
     train_config = TrainConfig(**_json_arg(args.train))
-    ctx = init_distributed()
+    if launched_by_torchrun():
+        exit_with_parent()   # a killed torchrun takes its workers with it
+    ctx = DistributedContext()
     try:
+        ctx = init_distributed()
         trainer = dataset_trainer(args.data, model_config, diffusion_config, train_config, args.checkpoint_dir, ctx)
-        result = trainer.train(progress=not args.no_progress)
+        hooks = {}
+        if args.events:
+            hooks = {"on_log": lambda step, metrics: emit_event("log", step=step, metrics=metrics),
+                     "on_checkpoint": lambda step, path: emit_event("checkpoint", step=step, path=str(path))}
+        result = trainer.train(progress=not args.no_progress, **hooks)
         if ctx.is_main and args.result:
             Path(args.result).write_text(json.dumps({
                 "step": result.step,
@@ -85,6 +102,10 @@ def main(argv: list[str] | None = None) -> int:
                 "images_per_second": result.images_per_second,
                 "world_size": ctx.world_size,
             }, indent=1))
+    except BaseException as error:
+        if args.events and not isinstance(error, KeyboardInterrupt):
+            emit_event("error", rank=int(os.environ.get("RANK", ctx.rank)), type=type(error).__name__, message=str(error).split("\n")[0])
+        raise
     finally:
         cleanup()
     return 0

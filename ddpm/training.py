@@ -73,6 +73,15 @@ class TrainConfig(BaseModel):
     device: str = Field("auto", description="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1', ...")
     mixed_precision: Literal["auto", "bf16", "no"] = Field("auto", description="auto: bf16 autocast on CUDA only")
     compile: bool = Field(False, description="torch.compile the model (CUDA)")
+    # Data-parallel training (ddpm.distributed): the pipeline launches torchrun when world_size > 1.
+    # batch_size stays the global batch, so the trajectory does not depend on these.
+    num_processes: int = Field(1, ge=1, description="training processes per node, one device each (GPUs, or CPU "
+                                                    "cores); more than 1 launches torchrun")
+    nnodes: int = Field(1, ge=1, description="nodes training together; more than 1 needs rdzv_endpoint")
+    rdzv_endpoint: str | None = Field(None, pattern=r"^[^\s:]+:\d{1,5}$",
+                                      description="host:port of the c10d rendezvous every node joins (nnodes > 1)")
+    rdzv_timeout: float = Field(300.0, gt=0, allow_inf_nan=False,
+                                description="seconds to wait for every node at the rendezvous before failing")
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
@@ -81,7 +90,17 @@ class TrainConfig(BaseModel):
                 f"batch_size {self.batch_size} is not divisible by grad_accum_steps {self.grad_accum_steps}: "
                 "every micro-batch must hold the same number of images"
             )
+        if self.world_size > 1:
+            self.rank_micro_batch_size(self.world_size)
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ValueError(f"nnodes={self.nnodes} needs rdzv_endpoint, the host:port of the rendezvous "
+                             "(one of the nodes, reachable from all)")
         return self
+
+    @property
+    def world_size(self) -> int:
+        """Training processes in all: num_processes x nnodes."""
+        return self.num_processes * self.nnodes
 
     @property
     def micro_batch_size(self) -> int:

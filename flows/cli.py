@@ -96,6 +96,7 @@ def pipeline_arguments(flow, args) -> dict:
     options = {("data", "source"): args.source, ("data", "max_images"): args.max_images,
                ("data", "image_size"): args.image_size, ("train", "steps"): args.steps,
                ("train", "batch_size"): args.batch_size, ("train", "learning_rate"): args.lr,
+               ("train", "num_processes"): args.processes,
                ("sampling", "num_images"): args.num_samples, ("sampling", "num_steps"): args.sample_steps,
                ("diffusion", "schedule"): getattr(args, "schedule", None)}
     for (section, field), value in options.items():
@@ -235,7 +236,8 @@ def preflight(flow, kwargs: dict) -> None:
     from flows.train_pipeline import check_config
 
     settings = {**flow_defaults(flow), **validated(flow, kwargs)}
-    check_config(settings["data"], settings["model"], settings.get("fid_extractor", "auto"), settings.get("sampling"))
+    check_config(settings["data"], settings["model"], settings.get("fid_extractor", "auto"), settings.get("sampling"),
+                 settings.get("train"))
 
 
 def cmd_train(args) -> None:
@@ -348,6 +350,9 @@ def add_pipeline_options(parser: argparse.ArgumentParser, schedule_option: bool)
     group.add_argument("--steps", type=positive_int, help="optimizer steps")
     group.add_argument("--batch-size", type=positive_int, help="images per optimizer step")
     group.add_argument("--lr", type=float, help="learning rate")
+    group.add_argument("--processes", type=positive_int,
+                       help="data-parallel training processes (torchrun; one GPU or CPU core each); several "
+                            "nodes: --set train.nnodes=N --set train.rdzv_endpoint=HOST:PORT")
     if schedule_option:
         group.add_argument("--schedule", help="noise schedule: linear, cosine, sigmoid, ...")
     group.add_argument("--conditional", action="store_true",

@@ -97,7 +97,7 @@ def compare_schedules(
     `promote_to` (None: no promotion), which moves its `champion` alias only if it is better.
     """
     diffusions = {name: DiffusionConfig(schedule=name, num_timesteps=num_timesteps) for name in schedules}
-    check_config(data, model, fid_extractor)
+    check_config(data, model, fid_extractor, train=train)
     home = settings.ddpm_home()
     # Prepared once here, so the concurrent pipelines all hit the cache instead of racing to write it.
     dataset_path = prepare_data.with_options(result_storage=home / "task-results")(data, out_dir=str(home / "data"))

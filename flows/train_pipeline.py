@@ -15,6 +15,7 @@ from pydantic import BaseModel, BeforeValidator, Field
 
 from ddpm.data import DataConfig, load_prepared, validate_for_model
 from ddpm.diffusion import DiffusionConfig
+from ddpm.distributed import check_num_processes
 from ddpm.samplers import SamplerConfig
 from ddpm.training import TrainConfig
 from ddpm.unet import UNetConfig, preset
@@ -94,10 +95,11 @@ def start_run(experiment: str, run_name: str | None, params: dict, tags: dict | 
 
 
 def check_config(data: DataConfig, model: UNetConfig, fid_extractor: ExtractorKind = "auto",
-                 sampling: SamplerConfig | None = None) -> None:
+                 sampling: SamplerConfig | None = None, train: TrainConfig | None = None) -> None:
     """The checks that need no data, for callers to run before anything starts (the CLI runs them
     before Prefect): the model's input matches the images, the FID extractor asked for is here,
-    classes and guidance are asked only of a class-conditional model, within its classes."""
+    classes and guidance are asked only of a class-conditional model, within its classes, and
+    this machine has a device for each training process asked for."""
     if (data.image_size, data.channels) != (model.image_size, model.in_channels):
         raise ValueError(
             f"the data is {data.image_size}x{data.image_size} with {data.channels} channel(s) but the model "
@@ -107,6 +109,8 @@ def check_config(data: DataConfig, model: UNetConfig, fid_extractor: ExtractorKi
         extractor_names(fid_extractor, has_labels=True)   # the extra missing: said now, not after training
     if sampling is not None:
         sampling.class_labels(model.num_classes)
+    if train is not None and train.world_size > 1:
+        check_num_processes(train.num_processes, train.device)
 
 
 def resumed_config(run_id: str, given: dict, defaults: dict) -> dict:
@@ -161,7 +165,7 @@ def run_pipeline(
     dataset_path = prepare_data.with_options(result_storage=home / "task-results")(data, out_dir=str(home / "data"))
     dataset = load_prepared(Path(dataset_path))
     # Everything checkable is checked before a run exists or anything trains.
-    check_config(data, model, fid_extractor, sampling)
+    check_config(data, model, fid_extractor, sampling, train)
     check_evaluation(fid_extractor, dataset, sampling.num_images)
     validate_for_model(dataset, model.image_size, model.in_channels, model.num_classes)
     config = {"data": data.model_dump(mode="json"), "model": model.model_dump(mode="json"),
