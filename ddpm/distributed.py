@@ -99,6 +99,15 @@ def cleanup() -> None:
 
 # --- launching --------------------------------------------------------------------------------
 
+
+class TrainingProcessError(RuntimeError):
+    """A process of a multi-process training failed (the message names the rank and its error);
+    `retryable` is False when the error would repeat (bad settings, a NaN loss)."""
+
+    def __init__(self, message: str, retryable: bool = True):
+        super().__init__(message)
+        self.retryable = retryable
+
 # Rank 0 of `python -m ddpm.train_ddp --events` prints one line per event, this prefix and a JSON
 # object ({"event": "log" | "checkpoint" | "error", ...}), for the process that launched it.
 EVENT_PREFIX = "@ddpm-event "

@@ -118,7 +118,8 @@ def pipeline_arguments(flow, args) -> dict:
         if section not in defaults and section not in kwargs:
             raise CLIError(f"{flow.name} has no '{section}' settings (it takes {sorted(defaults)})")
         kwargs[section] = update_config(kwargs.get(section, defaults[section]), fields)
-    for name in ("experiment", "run_name", "fid_extractor", "schedules", "num_timesteps", "max_parallel"):
+    for name in ("experiment", "run_name", "fid_extractor", "schedules", "num_timesteps", "max_parallel",
+                 "dask_cluster"):
         value = getattr(args, name, None)
         if value is not None:
             if name not in defaults and name != "run_name":
@@ -430,6 +431,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schedules", nargs="+", help="noise schedules to compare")
     p.add_argument("--num-timesteps", type=positive_int, help="T for every schedule")
     p.add_argument("--max-parallel", type=positive_int, help="pipelines training at once")
+    p.add_argument("--dask-cluster", metavar="local|tcp://HOST:PORT",
+                   help="run the pipelines on Dask: a temporary local cluster of --max-parallel processes, or "
+                        "that scheduler (needs the dask extra)")
     p.set_defaults(handler=cmd_compare)
 
     p = commands.add_parser("evaluate", help="FID of a finished training run's checkpoints")
@@ -524,14 +528,17 @@ def main(argv: list[str] | None = None) -> int:
 
     args.log_file = ddpm_home() / "logs" / "ddpm.log"
     # OSError: a missing file, a read-only folder, a full disk (the message names the path)
-    expected: tuple[type[BaseException], ...] = (CLIError, OSError, LookupError, ValueError, FloatingPointError)
+    # ImportError: an optional extra that is not installed (the message says which)
+    expected: tuple[type[BaseException], ...] = (CLIError, OSError, LookupError, ValueError, FloatingPointError,
+                                                 ImportError)
     try:
         from mlflow.exceptions import MlflowException
 
         from ddpm.checkpoint import CheckpointError
+        from ddpm.distributed import TrainingProcessError
         from ddpm.metrics.extractors import InceptionUnavailable
 
-        expected += (MlflowException, CheckpointError, InceptionUnavailable)
+        expected += (MlflowException, CheckpointError, InceptionUnavailable, TrainingProcessError)
     except ImportError:
         pass
     logged_before = args.log_file.stat().st_size if args.log_file.is_file() else 0

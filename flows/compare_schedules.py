@@ -2,8 +2,10 @@
 
 One parent MLflow run holds the comparison (table, plot); each schedule trains in an MLflow child
 run (tag `mlflow.parentRunId`) with the same data, model, training settings and seed. The
-per-schedule pipelines are tasks, so they run concurrently on the flow's task runner,
-`max_parallel` at a time (threads on this machine; see docs/orchestration.md for Dask or Ray).
+per-schedule pipelines are tasks of the subflow `train_schedules`, which runs them on the task
+runner `dask_cluster` picks: threads in this process (`max_parallel` at a time), a temporary
+local Dask cluster of `max_parallel` worker processes ("local"), or an existing Dask scheduler
+("tcp://host:8786"; docs/orchestration.md says what its workers need).
 
     python -m flows.compare_schedules          # linear vs cosine vs sigmoid with the defaults
 """
@@ -15,7 +17,7 @@ from typing import Annotated
 import pandas as pd
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from pydantic import AfterValidator, Field
 
 from ddpm.data import DataConfig, read_manifest, validate_for_model
@@ -30,7 +32,7 @@ from flows.train_pipeline import (
 )
 from tasks import plots, settings, tracking
 from tasks.data import prepare_data
-from tasks.evaluate import ExtractorKind, check_evaluation
+from tasks.evaluate import ExtractorKind, check_evaluation, warm_scoring_cache
 from tasks.registry import promote_best
 
 TABLE_COLUMNS = ["schedule", "metric", "num_samples", "fid", "fid_floor", "final_loss", "images_per_second", "steps", "run_id"]
@@ -49,6 +51,29 @@ def _known_distinct_schedules(names: list[str]) -> list[str]:
 # list fails the flow run before any MLflow run exists.
 ScheduleList = Annotated[list[str], Field(min_length=1, description=f"any of {sorted(BETA_SCHEDULES)}"),
                          AfterValidator(_known_distinct_schedules)]
+
+
+# Where the per-schedule pipelines run: None (threads here), "local" or a Dask scheduler address.
+DaskCluster = Annotated[str | None, Field(pattern=r"^(local|(tcp|tls|inproc|ucx)://\S+)$",
+                                          description="None: threads in the flow's process; 'local': a "
+                                                      "temporary Dask cluster of max_parallel processes; "
+                                                      "'tcp://host:8786': that Dask scheduler")]
+
+
+def fan_out_runner(dask_cluster: str | None, max_parallel: int) -> TaskRunner:
+    """The task runner for `dask_cluster` (see DaskCluster). Dask needs prefect-dask (the `dask` extra):
+    without it, an ImportError that says so."""
+    if dask_cluster is None:
+        return ThreadPoolTaskRunner(max_workers=max_parallel)
+    try:
+        from prefect_dask import DaskTaskRunner
+    except ImportError:
+        raise ImportError(f"dask_cluster={dask_cluster!r} needs prefect-dask, which is not installed: "
+                          "pip install 'ddpm-pipeline[dask]'") from None
+    if dask_cluster == "local":   # one single-threaded worker process per pipeline (Dask sets OMP_NUM_THREADS=1)
+        return DaskTaskRunner(cluster_kwargs={"n_workers": max_parallel, "threads_per_worker": 1,
+                                              "processes": True, "dashboard_address": None})
+    return DaskTaskRunner(address=dask_cluster)
 
 
 @task(name="train_schedule", task_run_name="train-{diffusion.schedule}")
@@ -75,7 +100,20 @@ def comparison_table(results: dict[str, dict]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=TABLE_COLUMNS).sort_values("fid", kind="stable").reset_index(drop=True)
 
 
-@flow(name="compare_schedules", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=8))
+@flow(name="train_schedules", log_prints=True)
+def train_schedules(
+    diffusions: dict[str, DiffusionConfig], data: DataConfig, model: UNetConfig, train: TrainConfig,
+    sampling: SamplerConfig, fid_extractor: ExtractorKind, experiment: str, parent_run_id: str,
+) -> dict[str, dict]:
+    """One pipeline per schedule, all submitted at once to this subflow's task runner (set by the
+    caller with `.with_options(task_runner=...)`), whose capacity bounds how many run together."""
+    futures = {name: train_schedule.submit(data, model, diffusion, train, sampling, fid_extractor, experiment,
+                                           parent_run_id)
+               for name, diffusion in diffusions.items()}
+    return {name: future.result() for name, future in futures.items()}
+
+
+@flow(name="compare_schedules", log_prints=True)
 def compare_schedules(
     schedules: ScheduleList = ["linear", "cosine", "sigmoid"],  # noqa: B006 (pydantic copies it)
     num_timesteps: Annotated[int, Field(ge=1)] = 1000,
@@ -85,8 +123,10 @@ def compare_schedules(
     sampling: SamplingParam = DEFAULT_SAMPLING,
     fid_extractor: ExtractorKind = "auto",
     experiment: ExperimentName = "ddpm-schedules",
-    max_parallel: Annotated[int, Field(ge=1, le=8, description="pipelines training at once")] = 1,
+    max_parallel: Annotated[int, Field(ge=1, le=64, description="pipelines training at once (threads, or "
+                                                                "local Dask worker processes)")] = 1,
     promote_to: str | None = "ddpm",
+    dask_cluster: DaskCluster = None,
 ) -> pd.DataFrame:
     """Train, sample and score one model per noise schedule with everything else (seed included) equal.
 
@@ -95,8 +135,10 @@ def compare_schedules(
     in the legend); the same table is a Prefect table artifact `schedule-comparison`.
     Returns the table, best FID first. Then the best run is offered to the registered model
     `promote_to` (None: no promotion), which moves its `champion` alias only if it is better.
+    `dask_cluster` runs the pipelines on Dask (see DaskCluster).
     """
     diffusions = {name: DiffusionConfig(schedule=name, num_timesteps=num_timesteps) for name in schedules}
+    runner = fan_out_runner(dask_cluster, max_parallel)
     check_config(data, model, fid_extractor, train=train)
     home = settings.ddpm_home()
     # Prepared once here, so the concurrent pipelines all hit the cache instead of racing to write it.
@@ -105,6 +147,7 @@ def compare_schedules(
     manifest = read_manifest(dataset_path)
     check_evaluation(fid_extractor, manifest, sampling.num_images)
     validate_for_model(manifest, model.image_size, model.in_channels, model.num_classes)
+    warm_scoring_cache(dataset_path, fid_extractor, sampling.num_images)   # built once, not once per pipeline
     parent_run_id = start_run(experiment, None, {"schedules": schedules, "num_timesteps": num_timesteps,
                                                  "data": data.model_dump(mode="json"),
                                                  "model": model.model_dump(mode="json"),
@@ -113,13 +156,8 @@ def compare_schedules(
                               tags={"comparison": "noise_schedule"})
     print(f"comparison: MLflow parent run {parent_run_id} in experiment '{experiment}'")
     with tracking.run_lifecycle(parent_run_id):
-        results: dict[str, dict] = {}
-        names = list(schedules)
-        for start in range(0, len(names), max_parallel):  # at most max_parallel pipelines at once
-            futures = {name: train_schedule.submit(data, model, diffusions[name], train, sampling, fid_extractor,
-                                                   experiment, parent_run_id)
-                       for name in names[start : start + max_parallel]}
-            results.update({name: future.result() for name, future in futures.items()})
+        results = train_schedules.with_options(task_runner=runner)(
+            diffusions, data, model, train, sampling, fid_extractor, experiment, parent_run_id)
         table = comparison_table(results)
         log_comparison(parent_run_id, table, diffusions)
     print(table.to_string(index=False))

@@ -182,6 +182,17 @@ class Scoring:
         return {"fid_classifier_class_mean": float(np.mean(list(per_class.values()))), "fid_classifier_per_class": per_class}
 
 
+@task
+def warm_scoring_cache(dataset_path: str, extractor: ExtractorKind, num_samples: int) -> None:
+    """Build what scoring samples of this dataset needs (the classifier, the reference statistics,
+    the FID floors at `num_samples`) into the on-disk cache, once: pipelines that then run side
+    by side, in threads or other processes, load it instead of each building it."""
+    dataset = load_prepared(Path(dataset_path))
+    scoring = Scoring.build(dataset, check_evaluation(extractor, dataset, num_samples))
+    for feature_extractor, reference in scoring.extractors.values():
+        floor_fid(feature_extractor, dataset, reference, num_samples)
+
+
 @task(retries=1, retry_delay_seconds=2)
 def evaluate_samples(
     samples_npz: str,

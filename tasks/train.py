@@ -27,7 +27,8 @@ from prefect.logging import get_run_logger
 
 from ddpm.checkpoint import CheckpointError, list_checkpoints
 from ddpm.diffusion import DiffusionConfig
-from ddpm.distributed import EVENT_PREFIX, check_num_processes, device_slots, exit_with_parent, torchrun_command
+from ddpm.distributed import (EVENT_PREFIX, TrainingProcessError, check_num_processes, device_slots, exit_with_parent,
+                              torchrun_command)
 from ddpm.train_ddp import dataset_trainer
 from ddpm.training import NonFiniteLossError, TrainConfig, TrainResult
 from ddpm.unet import UNet, UNetConfig, count_parameters
@@ -36,14 +37,6 @@ from tasks import plots, tracking
 # Errors that repeat on a retry (bad settings or data, a NaN loss), by type name when a rank raised them.
 DETERMINISTIC_ERRORS = (NonFiniteLossError, ValueError, CheckpointError)
 _DETERMINISTIC_NAMES = {"NonFiniteLossError", "ValueError", "CheckpointError", "ValidationError", "DataError"}
-
-
-class TrainingProcessError(RuntimeError):
-    """A process of a multi-process training failed (the message names the rank and its error)."""
-
-    def __init__(self, message: str, retryable: bool = True):
-        super().__init__(message)
-        self.retryable = retryable
 
 
 def _retry_unless_deterministic(task, task_run, state) -> bool:

@@ -110,14 +110,18 @@ def test_evaluate_refuses_bad_requests_and_writes_nothing(trained, store):
 
 # --- compare_schedules --------------------------------------------------------------------------
 
-def test_compare_schedules_trains_child_runs_and_logs_a_table(prefect_harness, store):
+def test_compare_schedules_trains_child_runs_on_a_local_dask_cluster_and_logs_a_table(prefect_harness, store):
+    """The two pipelines run in the two worker processes of a real local Dask cluster."""
+    import os
+
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
     from flows.compare_schedules import TABLE_COLUMNS, compare_schedules
 
     table = compare_schedules(schedules=["linear", "cosine"], num_timesteps=200, **TINY,
-                              experiment="compare-test", max_parallel=2, promote_to="compare-test-model")
+                              experiment="compare-test", max_parallel=2, promote_to="compare-test-model",
+                              dask_cluster="local", fid_extractor="classifier")   # Inception: 1 thread each, slow
     assert list(table.columns) == TABLE_COLUMNS
     assert sorted(table.schedule) == ["cosine", "linear"]
     assert list(table.fid) == sorted(table.fid) and (table.fid > table.fid_floor).all()
@@ -136,6 +140,8 @@ def test_compare_schedules_trains_child_runs_and_logs_a_table(prefect_harness, s
         assert child.info.status == "FINISHED"
         assert child.data.params["train.seed"] == "0" and child.data.params["sampling.seed"] == "0"
         assert child.data.params["diffusion.num_timesteps"] == "200"
+    pids = {child.data.tags["process.pid"] for child in children}
+    assert str(os.getpid()) not in pids and len(pids) == 2   # each in its own Dask worker process
     assert {k: v for k, v in children[0].data.params.items() if k != "diffusion.schedule"} == \
            {k: v for k, v in children[1].data.params.items() if k != "diffusion.schedule"}
     assert parent.info.status == "FINISHED"
@@ -170,6 +176,22 @@ def test_compare_schedules_rejects_bad_lists_before_any_run(prefect_harness, sto
     state = compare_schedules(schedules=schedules, **TINY, experiment="compare-bad", return_state=True)
     assert re.search(message, failure_of(state), re.IGNORECASE | re.DOTALL)
     assert MlflowClient(store).get_experiment_by_name("compare-bad") is None
+
+
+def test_compare_schedules_without_prefect_dask_says_so_before_any_run(prefect_harness, store, monkeypatch):
+    """prefect-dask is installed here; a None entry in sys.modules makes its import fail as if it were not."""
+    import sys
+
+    from flows.compare_schedules import compare_schedules
+
+    monkeypatch.setitem(sys.modules, "prefect_dask", None)
+    state = compare_schedules(schedules=["linear"], **TINY, experiment="compare-no-dask", dask_cluster="local",
+                              return_state=True)
+    assert "needs prefect-dask, which is not installed: pip install 'ddpm-pipeline[dask]'" in failure_of(state)
+    state = compare_schedules(schedules=["linear"], **TINY, experiment="compare-no-dask",
+                              dask_cluster="http://scheduler:8786", return_state=True)   # not a Dask address
+    assert "dask_cluster" in failure_of(state)
+    assert MlflowClient(store).get_experiment_by_name("compare-no-dask") is None
 
 
 # --- retrain ------------------------------------------------------------------------------------

@@ -150,7 +150,8 @@ def test_a_killed_rank_fails_the_attempt_and_the_retry_resumes_to_the_same_weigh
 
 def test_a_rank_error_fails_at_once_naming_the_rank_and_the_error(two_process_run, tmp_path):
     """Every rank refuses a checkpoint of another noise schedule: a one-line error, not retried."""
-    from tasks.train import TrainingProcessError, train_with_torchrun
+    from ddpm.distributed import TrainingProcessError
+    from tasks.train import train_with_torchrun
 
     checkpoint_dir = tmp_path / "run" / "checkpoints"
     checkpoint_dir.mkdir(parents=True)
@@ -166,7 +167,8 @@ def test_a_rank_error_fails_at_once_naming_the_rank_and_the_error(two_process_ru
 
 
 def test_an_unreachable_rendezvous_fails_in_bounded_time(two_process_run, tmp_path):
-    from tasks.train import TrainingProcessError, train_with_torchrun
+    from ddpm.distributed import TrainingProcessError
+    from tasks.train import train_with_torchrun
 
     two_nodes = TrainConfig(**{**TRAIN.model_dump(), "num_processes": 1, "nnodes": 2,
                                "rdzv_endpoint": "192.0.2.1:29400", "rdzv_timeout": 3})   # TEST-NET-1: no host
