@@ -8,6 +8,7 @@ ports; `stack.sh stop` ends every process in a finally, and the test checks that
 
 import json
 import os
+import re
 import socket
 import subprocess
 import time
@@ -148,3 +149,61 @@ def test_training_deployment_triggers_evaluation_into_the_same_mlflow_run(tmp_pa
         print(f"deployment test: {time.monotonic() - started:.0f} s")
     assert pids and not any(alive(pid) for pid in pids)
     assert not (home / "stack" / "worker.pid").exists()
+
+
+def test_container_deployments_validate_against_their_work_pools(prefect_harness, tmp_path):
+    """scripts/deploy.sh --pool docker|kubernetes creates each pool with its base job template
+    (deploy/*.json) and `prefect deploy`s train/retrain on it: the server validates the job
+    variables against the template, so a wrong one (a GPU count "two") is refused. The jobs
+    themselves cannot run here (no Docker, no cluster)."""
+    import asyncio
+    import sys
+
+    import yaml
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    env = {**os.environ, "PYTHON_BIN": sys.executable, "PREFECT_API_URL": PREFECT_API_URL.value(),
+           "PREFECT_HOME": str(tmp_path / "prefect"), "DDPM_HOME": str(tmp_path / "home"),
+           "DDPM_IMAGE": "registry.example/ddpm:1", "MLFLOW_SERVER_URI": "http://mlflow.ddpm:5000",
+           "DDPM_NAMESPACE": "ddpm"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    for pool in ("docker", "kubernetes"):
+        deployed = script("deploy.sh", "--pool", pool, env=env)
+        assert f"train_pipeline/train-{pool}" in deployed and f"retrain/retrain-{pool}" in deployed
+
+    async def read():
+        async with get_client() as client:
+            deployments = {name: await client.read_deployment_by_name(name) for name in (
+                "train_pipeline/train-docker", "retrain/retrain-docker", "train_pipeline/train-kubernetes")}
+            pools = {name: await client.read_work_pool(name) for name in ("docker-pool", "kubernetes-pool")}
+            return deployments, pools
+
+    deployments, pools = asyncio.run(read())
+    home = str(tmp_path / "home")
+    docker = deployments["train_pipeline/train-docker"]
+    assert docker.work_pool_name == "docker-pool" and docker.job_variables["image"] == "registry.example/ddpm:1"
+    assert docker.job_variables["volumes"] == [f"{home}:{home}"] and docker.job_variables["env"]["DDPM_HOME"] == home
+    assert docker.job_variables["container_create_kwargs"]["device_requests"][0]["Count"] == 1
+    assert docker.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": "/opt/ddpm"}}]
+    assert deployments["retrain/retrain-docker"].schedules[0].schedule.cron == "0 3 * * *"
+    kubernetes = deployments["train_pipeline/train-kubernetes"]
+    assert kubernetes.job_variables["gpu_count"] == 1 and kubernetes.job_variables["namespace"] == "ddpm"
+    assert kubernetes.job_variables["env"]["MLFLOW_TRACKING_URI"] == "http://mlflow.ddpm:5000"
+    assert pools["docker-pool"].type == "docker" and pools["kubernetes-pool"].type == "kubernetes"
+    container = pools["kubernetes-pool"].base_job_template["job_configuration"]["job_manifest"]["spec"]["template"][
+        "spec"]["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "{{ gpu_count }}"
+
+    config = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    for deployment in config["deployments"]:
+        if deployment["name"] == "train-kubernetes":
+            deployment["work_pool"] = {**deployment["work_pool"],
+                                       "job_variables": {**deployment["work_pool"]["job_variables"], "gpu_count": "two"}}
+    bad = tmp_path / "prefect.yaml"
+    bad.write_text(yaml.safe_dump(config))
+    refused = subprocess.run([str(Path(sys.executable).parent / "prefect"), "--no-prompt", "deploy", "--prefect-file",
+                              str(bad), "--name", "train-kubernetes"], env=env, cwd=REPO, capture_output=True,
+                             text=True, timeout=120)
+    assert refused.returncode != 0
+    assert re.search(r"two\W{0,3} is not of type \W{0,3}integer", refused.stdout + refused.stderr)
