@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import signal
 import subprocess
 import tempfile
@@ -156,6 +157,9 @@ def train_with_torchrun(
             env.setdefault("OMP_NUM_THREADS", str(max(1, slots // train_config.num_processes)))
         logger.info(f"training in {world} processes ({train_config.num_processes} per node x "
                     f"{train_config.nnodes} node(s)); output in {log_path}")
+        if train_config.nnodes > 1:   # the other nodes join the same rendezvous with the same command
+            logger.info("on each other node, with the same DDPM_HOME path on shared storage, run: "
+                        + " ".join(shlex.quote(part) for part in command))
         errors: dict[int, dict] = {}
         tail: deque[str] = deque(maxlen=200)
         with open(log_path, "a") as log_file:
