@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 from ddpm.data import BatchLoader, load_prepared, validate_for_model
@@ -59,8 +60,10 @@ def _json_arg(text: str) -> dict:
 
 
 def emit_event(kind: str, **fields) -> None:
-    """One event line for the launching process (stdout, flushed at once)."""
-    print(EVENT_PREFIX + json.dumps({"event": kind, **fields}), flush=True)
+    """One event line for the launching process: a single write, so that other ranks' output on the
+    same pipe cannot land inside it (torchrun runs its workers unbuffered)."""
+    sys.stdout.write(EVENT_PREFIX + json.dumps({"event": kind, **fields}) + "\n")
+    sys.stdout.flush()
 
 
 def _model_arg(text: str) -> UNetConfig:

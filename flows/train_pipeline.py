@@ -6,8 +6,6 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -179,8 +177,6 @@ def run_pipeline(
         print(f"resuming MLflow run {run_id} from its newest valid checkpoint")
     else:
         run_tags = {"dataset.fingerprint": dataset.fingerprint, "schedule": diffusion.schedule,
-                    # where it trained: a Dask worker, a container, this machine
-                    "process.host": socket.gethostname(), "process.pid": str(os.getpid()),
                     CONDITIONAL_TAG: str(model.num_classes is not None).lower(), **(tags or {})}
         if parent_run_id:
             run_tags["mlflow.parentRunId"] = parent_run_id

@@ -169,10 +169,10 @@ def train_with_torchrun(
             try:
                 for line in process.stdout:
                     log_file.write(line)
-                    if not line.startswith(EVENT_PREFIX):
+                    event = parse_event(line)
+                    if event is None:
                         tail.append(line.rstrip("\n"))
                         continue
-                    event = json.loads(line[len(EVENT_PREFIX):])
                     if event["event"] == "log":
                         m = event["metrics"]
                         logger.info(f"step {event['step']}/{train_config.steps}: loss {m['loss']:.4f}, "
@@ -200,6 +200,16 @@ def train_with_torchrun(
                        images_per_second=summary["images_per_second"],
                        checkpoints=[Path(p) for p in summary["checkpoints"]], loss_history=history,
                        resumed_from=summary["resumed_from"])
+
+
+def parse_event(line: str) -> dict | None:
+    """The event a line of `ddpm.train_ddp --events` carries, None for any other output."""
+    if not line.startswith(EVENT_PREFIX):
+        return None
+    try:
+        return json.loads(line[len(EVENT_PREFIX):])
+    except json.JSONDecodeError:   # cut by other output: kept in the log, not fatal
+        return None
 
 
 def _logger():

@@ -3,6 +3,7 @@
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tomllib
@@ -114,10 +115,24 @@ def test_sample_from_the_registered_champion(checkpoint, env, tmp_path, monkeypa
     (["evaluate"], 2, "one of the arguments --run-id --flow-run-id is required"),
     (["fly"], 2, "invalid choice: 'fly'"),
 ])
-def test_bad_arguments_exit_nonzero_with_one_clear_line(args, code, message, env, tmp_path):
-    result = ddpm(*args, env=env, cwd=tmp_path)
-    assert result.returncode == code and message in result.stderr, result.stderr
-    assert "Traceback" not in result.stderr
+def test_bad_arguments_exit_nonzero_with_one_clear_line(args, code, message, env, tmp_path, monkeypatch, capsys):
+    """`main(argv)` in this process (the console script's own entry point): a subprocess per case
+    spent ~10 s importing torch, Prefect and MLflow again. The other tests here run subprocesses."""
+    from flows.cli import main
+
+    for name in ("DDPM_HOME", "MLFLOW_TRACKING_URI"):
+        monkeypatch.setenv(name, env[name])
+    monkeypatch.chdir(tmp_path)
+    sigterm = signal.getsignal(signal.SIGTERM)   # main() installs its own handler
+    try:
+        returncode = main([str(a) for a in args])
+    except SystemExit as exit:   # argparse's usage errors
+        returncode = exit.code
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)
+    stderr = capsys.readouterr().err
+    assert returncode == code and message in stderr, stderr
+    assert "Traceback" not in stderr and sum("error:" in line for line in stderr.splitlines()) == 1, stderr
 
 
 def test_a_failure_inside_a_flow_is_one_line_with_the_trace_in_the_log_file(env, tmp_path):

@@ -140,7 +140,7 @@ def test_compare_schedules_trains_child_runs_on_a_local_dask_cluster_and_logs_a_
         assert child.info.status == "FINISHED"
         assert child.data.params["train.seed"] == "0" and child.data.params["sampling.seed"] == "0"
         assert child.data.params["diffusion.num_timesteps"] == "200"
-    pids = {child.data.tags["process.pid"] for child in children}
+    pids = {child.data.tags["ddpm.pid"] for child in children}
     assert str(os.getpid()) not in pids and len(pids) == 2   # each in its own Dask worker process
     assert {k: v for k, v in children[0].data.params.items() if k != "diffusion.schedule"} == \
            {k: v for k, v in children[1].data.params.items() if k != "diffusion.schedule"}
