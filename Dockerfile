@@ -13,15 +13,17 @@ ENV PYTHONUNBUFFERED=1 \
     PREFECT_SERVER_ANALYTICS_ENABLED=false \
     DO_NOT_TRACK=true \
     MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=false \
-    DDPM_HOME=/ddpm
+    DDPM_HOME=/ddpm \
+    HOME=/tmp
 
-# torch alone first: the largest layer, rebuilt only when its pin (pyproject.toml) changes
+# torch alone first: the largest layer, cached across code changes. Keep this pin equal to
+# pyproject.toml's, or the install below replaces this layer's torch with another download.
 RUN pip install torch==2.13.0
 
 WORKDIR /opt/ddpm
 COPY . /opt/ddpm
 # Editable: the deployments' entrypoints (flows/*.py, relative to /opt/ddpm) and the installed
-# packages are the same files.
+# packages are the same files. HOME=/tmp: the container may run as any uid (prefect.yaml's user).
 RUN pip install -e ".[inception,dask]" && python -c "import ddpm, flows.train_pipeline"
 
 # The worker's job command (prefect flow-run execute) replaces this; alone, the image runs the

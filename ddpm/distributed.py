@@ -126,6 +126,9 @@ def check_num_processes(num_processes: int, device: str = "auto") -> None:
     """A ValueError, before anything starts, when this node cannot give each process a device."""
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"train.device is {device!r} but torch sees no CUDA device here")
+    if device.startswith("cuda:") and num_processes > 1:
+        raise ValueError(f"train.device {device!r} names one GPU, but each of the {num_processes} processes needs "
+                         "its own: use 'cuda' or 'auto' (process k takes GPU k)")
     slots, kind = device_slots(device)
     if num_processes > slots:
         raise ValueError(f"train.num_processes={num_processes} but this machine has {slots} {kind}: "
@@ -139,12 +142,14 @@ def torchrun_command(
     rdzv_endpoint: str | None = None,
     rdzv_id: str = "ddpm",
     rdzv_timeout: float = 300.0,
+    node_rank: int = 0,
 ) -> list[str]:
     """`python -m torch.distributed.run ...` starting `module_args` in `num_processes` processes on this
-    node, one node of `nnodes`. One node: a standalone rendezvous on a free local port. Several: the
-    c10d rendezvous at `rdzv_endpoint` (host:port of one node), which every node's torchrun joins
-    with the same `rdzv_id`; a node that is not there within `rdzv_timeout` seconds fails the job.
-    torchrun never restarts a failed worker: the pipeline's task retry resumes from a checkpoint."""
+    node. One node: a standalone rendezvous on a free local port. Several: a static rendezvous at
+    `rdzv_endpoint`, the host:port of node 0 (which hosts it), so global rank 0 (checkpoints, the
+    events) is on node 0: the launching one; node `node_rank` runs this with its own rank, and a
+    node that is not there within `rdzv_timeout` seconds fails the job. torchrun never restarts a
+    failed worker: the pipeline's task retry resumes from a checkpoint."""
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(num_processes),
                "--max-restarts", "0", "--monitor-interval", "1"]
     if nnodes == 1:
@@ -152,22 +157,29 @@ def torchrun_command(
     else:
         if not rdzv_endpoint:
             raise ValueError(f"train.nnodes={nnodes} needs train.rdzv_endpoint (host:port every node can reach)")
-        timeout = int(max(1, rdzv_timeout))
-        command += ["--nnodes", str(nnodes), "--rdzv-backend", "c10d", "--rdzv-endpoint", rdzv_endpoint,
-                    "--rdzv-id", rdzv_id, "--rdzv-conf", f"join_timeout={timeout},read_timeout={timeout}"]
+        command += ["--nnodes", str(nnodes), "--node-rank", str(node_rank), "--rdzv-backend", "static",
+                    "--rdzv-endpoint", rdzv_endpoint, "--rdzv-id", rdzv_id,
+                    "--rdzv-conf", f"timeout={int(max(1, rdzv_timeout))}"]
     return command + module_args
 
 
-def exit_with_parent() -> None:
-    """Ask Linux to SIGTERM this process when its parent dies (kill -9 included), so a killed
-    launcher leaves no training process behind. A no-op elsewhere."""
+def parent_death_signal(expected_parent: int | None = None):
+    """A `preexec_fn` for subprocess.Popen (or a call at start-up) asking Linux to SIGTERM the process
+    when its parent dies, kill -9 included, so a killed launcher leaves no training process
+    behind. prctl is looked up here, in the parent: the child between fork and exec runs only the
+    returned function. If the parent is already gone (not `expected_parent`), the child exits.
+    None off Linux."""
     if sys.platform != "linux":
-        return
+        return None
     import ctypes
     import signal
 
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
     PR_SET_PDEATHSIG = 1
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
-    except OSError:
-        pass
+
+    def set_signal() -> None:
+        prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
+        if expected_parent is not None and os.getppid() != expected_parent:
+            os._exit(1)   # the parent died before the signal was set: nobody would send it
+
+    return set_signal

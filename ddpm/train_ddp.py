@@ -23,9 +23,9 @@ from pathlib import Path
 
 from ddpm.data import BatchLoader, load_prepared, validate_for_model
 from ddpm.diffusion import DiffusionConfig
-from ddpm.distributed import (EVENT_PREFIX, DistributedContext, cleanup, exit_with_parent, init_distributed,
-                              launched_by_torchrun)
-from ddpm.training import Trainer, TrainConfig
+from ddpm.distributed import (EVENT_PREFIX, DistributedContext, cleanup, init_distributed, launched_by_torchrun,
+                              parent_death_signal)
+from ddpm.training import REPEATING_ERRORS, Trainer, TrainConfig, resolve_device
 from ddpm.unet import PRESETS, UNetConfig, preset
 
 
@@ -85,11 +85,12 @@ def main(argv: list[str] | None = None) -> int:
     model_config = _model_arg(args.model)
     diffusion_config = DiffusionConfig(**_json_arg(args.diffusion))
     train_config = TrainConfig(**_json_arg(args.train))
-    if launched_by_torchrun():
-        exit_with_parent()   # a killed torchrun takes its workers with it
+    if launched_by_torchrun() and (set_signal := parent_death_signal()):
+        set_signal()   # a killed torchrun takes its workers with it
     ctx = DistributedContext()
     try:
-        ctx = init_distributed()
+        # gloo for CPU training even on a CUDA machine (NCCL needs the tensors on GPUs)
+        ctx = init_distributed("gloo" if resolve_device(train_config.device).type == "cpu" else None)
         trainer = dataset_trainer(args.data, model_config, diffusion_config, train_config, args.checkpoint_dir, ctx)
         hooks = {}
         if args.events:
@@ -107,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
             }, indent=1))
     except BaseException as error:
         if args.events and not isinstance(error, KeyboardInterrupt):
-            emit_event("error", rank=int(os.environ.get("RANK", ctx.rank)), type=type(error).__name__, message=str(error).split("\n")[0])
+            emit_event("error", rank=int(os.environ.get("RANK", ctx.rank)), type=type(error).__name__,
+                       message=str(error).split("\n")[0], retryable=not isinstance(error, REPEATING_ERRORS))
         raise
     finally:
         cleanup()

@@ -78,8 +78,9 @@ class TrainConfig(BaseModel):
     num_processes: int = Field(1, ge=1, description="training processes per node, one device each (GPUs, or CPU "
                                                     "cores); more than 1 launches torchrun")
     nnodes: int = Field(1, ge=1, description="nodes training together; more than 1 needs rdzv_endpoint")
-    rdzv_endpoint: str | None = Field(None, pattern=r"^[^\s:]+:\d{1,5}$",
-                                      description="host:port of the c10d rendezvous every node joins (nnodes > 1)")
+    rdzv_endpoint: str | None = Field(None, pattern=r"^(\[[0-9A-Fa-f:.]+\]|[^\s:\[\]]+):\d{1,5}$",
+                                      description="host:port of node 0, the one running the pipeline, which every "
+                                                  "node reaches (nnodes > 1)")
     rdzv_timeout: float = Field(300.0, gt=0, allow_inf_nan=False,
                                 description="seconds to wait for every node at the rendezvous before failing")
 
@@ -121,6 +122,11 @@ class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or Inf; the run stops and its checkpoints stay as they were."""
 
 
+# Errors that a rerun with the same input raises again (bad settings or data, a checkpoint of
+# other settings, a NaN loss): retrying them only wastes time.
+REPEATING_ERRORS: tuple[type[BaseException], ...] = (NonFiniteLossError, ValueError, CheckpointError)
+
+
 @dataclass
 class TrainResult:
     step: int
@@ -135,6 +141,9 @@ class TrainResult:
 # (steps: extend a run; logging, checkpointing, device, compile) may differ between sessions.
 TRAJECTORY_FIELDS = ("batch_size", "grad_accum_steps", "learning_rate", "warmup_steps", "lr_schedule", "grad_clip",
                      "ema_decay", "ema_warmup", "hflip", "seed", "mixed_precision", "p_uncond")
+# TrainConfig fields that say where a run trains, not what it learns: a rerun elsewhere (retrain)
+# takes them from where it runs.
+PLACEMENT_FIELDS = ("device", "num_processes", "nnodes", "rdzv_endpoint", "rdzv_timeout")
 
 
 def lr_factor(config: TrainConfig, step: int) -> float:

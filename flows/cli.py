@@ -524,13 +524,13 @@ def stop_on_sigterm() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     stop_on_sigterm()
-    from tasks.settings import ddpm_home
+    from tasks.settings import MissingExtraError, ddpm_home
 
     args.log_file = ddpm_home() / "logs" / "ddpm.log"
     # OSError: a missing file, a read-only folder, a full disk (the message names the path)
-    # ImportError: an optional extra that is not installed (the message says which)
+    # MissingExtraError: an optional extra that is not installed (the message says which)
     expected: tuple[type[BaseException], ...] = (CLIError, OSError, LookupError, ValueError, FloatingPointError,
-                                                 ImportError)
+                                                 MissingExtraError)
     try:
         from mlflow.exceptions import MlflowException
 

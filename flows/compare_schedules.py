@@ -68,12 +68,24 @@ def fan_out_runner(dask_cluster: str | None, max_parallel: int) -> TaskRunner:
     try:
         from prefect_dask import DaskTaskRunner
     except ImportError:
-        raise ImportError(f"dask_cluster={dask_cluster!r} needs prefect-dask, which is not installed: "
-                          "pip install 'ddpm-pipeline[dask]'") from None
+        raise settings.MissingExtraError(f"dask_cluster={dask_cluster!r} needs prefect-dask, which is not installed: "
+                                         "pip install 'ddpm-pipeline[dask]'") from None
     if dask_cluster == "local":   # one single-threaded worker process per pipeline (Dask sets OMP_NUM_THREADS=1)
         return DaskTaskRunner(cluster_kwargs={"n_workers": max_parallel, "threads_per_worker": 1,
                                               "processes": True, "dashboard_address": None})
+    check_scheduler(dask_cluster)
     return DaskTaskRunner(address=dask_cluster)
+
+
+def check_scheduler(address: str, timeout_seconds: float = 10.0) -> None:
+    """A ValueError, before any run exists, when the Dask scheduler at `address` does not answer."""
+    from distributed import Client
+
+    try:
+        Client(address, timeout=timeout_seconds).close()
+    except OSError as error:   # distributed's connection timeouts are OSErrors
+        raise ValueError(f"the Dask scheduler at {address} did not answer within {timeout_seconds:g} s: "
+                         f"{error}") from None
 
 
 @task(name="train_schedule", task_run_name="train-{diffusion.schedule}")

@@ -19,7 +19,7 @@ from prefect import flow
 from pydantic import BaseModel
 
 from ddpm.data import DataConfig
-from ddpm.training import TrainConfig
+from ddpm.training import PLACEMENT_FIELDS, TrainConfig
 from flows.train_pipeline import (
     DEFAULT_DIFFUSION, DEFAULT_MODEL, DEFAULT_SAMPLING, DEFAULT_TRAIN, SECTIONS, ExperimentName, run_pipeline,
 )
@@ -86,7 +86,10 @@ def retrain(
     sections = {"data": DataConfig(), "model": DEFAULT_MODEL, "diffusion": DEFAULT_DIFFUSION, "train": DEFAULT_TRAIN,
                 "sampling": DEFAULT_SAMPLING, **stored}
     sections["data"] = overlay(sections["data"], data)
-    sections["train"] = overlay(sections["train"], train)
+    # where the best run trained (8 GPUs, two nodes) is not where this one runs: placement is this
+    # deployment's (the defaults, then `train`); everything that shapes the model is the best run's
+    placement = {name: getattr(DEFAULT_TRAIN, name) for name in PLACEMENT_FIELDS}
+    sections["train"] = overlay(TrainConfig(**{**sections["train"].model_dump(), **placement}), train)
     summary = run_pipeline(
         **sections,
         fid_extractor=config.get("fid_extractor", "auto"),

@@ -11,8 +11,9 @@
 # job template of deploy/<pool>.json. MLFLOW_TRACKING_URI and DDPM_HOME are written into the job
 # variables of each deployment (prefect.yaml templates them from this environment), so use the
 # same values as the stack. Containers also read DDPM_IMAGE (default ddpm-pipeline:latest, built
-# from ./Dockerfile); Kubernetes DDPM_NAMESPACE (default) and MLFLOW_SERVER_URI (a tracking
-# server the pods reach; default http://mlflow:5000).
+# from ./Dockerfile); Docker DDPM_CONTAINER_USER (uid:gid the container runs as, default yours);
+# Kubernetes DDPM_NAMESPACE (default) and MLFLOW_SERVER_URI (a tracking server the pods reach;
+# default http://mlflow:5000).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -22,11 +23,19 @@ export PREFECT_API_URL=${PREFECT_API_URL:-http://127.0.0.1:${PREFECT_PORT:-4200}
 export PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=true
 export DDPM_IMAGE=${DDPM_IMAGE:-ddpm-pipeline:latest} DDPM_NAMESPACE=${DDPM_NAMESPACE:-default}
 export MLFLOW_SERVER_URI=${MLFLOW_SERVER_URI:-http://mlflow:5000}
+export DDPM_CONTAINER_USER=${DDPM_CONTAINER_USER:-$(id -u):$(id -g)}   # Docker: files in DDPM_HOME stay yours
 PYTHON_BIN=${PYTHON_BIN:-$( [ -x "$REPO/.venv/bin/python" ] && echo "$REPO/.venv/bin/python" || command -v python3 )}
 PREFECT="$(dirname "$PYTHON_BIN")/prefect"
 
 KIND=local
-if [ "${1:-}" = "--pool" ]; then KIND=${2:?--pool takes local, docker or kubernetes}; shift 2; fi
+ARGS=()   # everything but --pool goes to `prefect deploy`
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --pool) KIND=${2:?--pool takes local, docker or kubernetes}; shift 2 ;;
+        *) ARGS+=("$1"); shift ;;
+    esac
+done
+set -- ${ARGS[@]+"${ARGS[@]}"}
 case "$KIND" in
     local)      POOL=local-pool;      CREATE=(--type process) ;;
     docker)     POOL=docker-pool;     CREATE=(--type docker --base-job-template deploy/docker-pool.json) ;;

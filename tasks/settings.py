@@ -19,6 +19,11 @@ OFFLINE_ENVIRONMENT = {
 }
 
 
+class MissingExtraError(ImportError):
+    """An optional extra of the project that a setting needs is not installed (the message says
+    which and how to install it)."""
+
+
 def apply_offline_environment() -> None:
     for key, value in OFFLINE_ENVIRONMENT.items():
         os.environ.setdefault(key, value)

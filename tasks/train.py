@@ -26,18 +26,15 @@ from prefect import task
 from prefect.exceptions import MissingContextError
 from prefect.logging import get_run_logger
 
-from ddpm.checkpoint import CheckpointError, list_checkpoints
+from ddpm.checkpoint import list_checkpoints
 from ddpm.diffusion import DiffusionConfig
-from ddpm.distributed import (EVENT_PREFIX, TrainingProcessError, check_num_processes, device_slots, exit_with_parent,
-                              torchrun_command)
+from ddpm.distributed import (EVENT_PREFIX, TrainingProcessError, check_num_processes, device_slots,
+                              parent_death_signal, torchrun_command)
 from ddpm.train_ddp import dataset_trainer
-from ddpm.training import NonFiniteLossError, TrainConfig, TrainResult
+from ddpm.training import REPEATING_ERRORS, TrainConfig, TrainResult
 from ddpm.unet import UNet, UNetConfig, count_parameters
 from tasks import plots, tracking
 
-# Errors that repeat on a retry (bad settings or data, a NaN loss), by type name when a rank raised them.
-DETERMINISTIC_ERRORS = (NonFiniteLossError, ValueError, CheckpointError)
-_DETERMINISTIC_NAMES = {"NonFiniteLossError", "ValueError", "CheckpointError", "ValidationError", "DataError"}
 
 
 def _retry_unless_deterministic(task, task_run, state) -> bool:
@@ -47,7 +44,7 @@ def _retry_unless_deterministic(task, task_run, state) -> bool:
         state.result()
     except TrainingProcessError as error:
         return error.retryable
-    except DETERMINISTIC_ERRORS:
+    except REPEATING_ERRORS:
         return False
     except Exception:
         return True
@@ -143,29 +140,32 @@ def train_with_torchrun(
     world = train_config.world_size
     log_path = Path(checkpoint_dir).parent / "train-processes.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    rdzv_id = Path(checkpoint_dir).parent.name
     with tempfile.TemporaryDirectory(prefix="ddpm-torchrun-") as tmp:
-        result_path = Path(tmp) / "result.json"
-        command = torchrun_command(
-            ["-m", "ddpm.train_ddp", "--data", str(dataset_path), "--checkpoint-dir", str(checkpoint_dir),
-             "--model", model_config.model_dump_json(), "--diffusion", diffusion_config.model_dump_json(),
-             "--train", train_config.model_dump_json(), "--result", str(result_path), "--events", "--no-progress"],
-            train_config.num_processes, train_config.nnodes, train_config.rdzv_endpoint,
-            rdzv_id=Path(checkpoint_dir).parent.name, rdzv_timeout=train_config.rdzv_timeout)
+        result_path = Path(tmp) / "result.json"   # written by global rank 0: on this node (node 0)
+        module_args = ["-m", "ddpm.train_ddp", "--data", str(dataset_path), "--checkpoint-dir", str(checkpoint_dir),
+                       "--model", model_config.model_dump_json(), "--diffusion", diffusion_config.model_dump_json(),
+                       "--train", train_config.model_dump_json(), "--result", str(result_path), "--events",
+                       "--no-progress"]
+        placement = (train_config.num_processes, train_config.nnodes, train_config.rdzv_endpoint, rdzv_id,
+                     train_config.rdzv_timeout)
+        command = torchrun_command(module_args, *placement)
         env = dict(os.environ)
         slots, kind = device_slots(train_config.device)
         if "CPU" in kind:   # share the cores between the processes (torchrun would give each one thread)
-            env.setdefault("OMP_NUM_THREADS", str(max(1, slots // train_config.num_processes)))
+            env["OMP_NUM_THREADS"] = str(max(1, slots // train_config.num_processes))
         logger.info(f"training in {world} processes ({train_config.num_processes} per node x "
                     f"{train_config.nnodes} node(s)); output in {log_path}")
-        if train_config.nnodes > 1:   # the other nodes join the same rendezvous with the same command
-            logger.info("on each other node, with the same DDPM_HOME path on shared storage, run: "
-                        + " ".join(shlex.quote(part) for part in command))
+        for node in range(1, train_config.nnodes):   # this node is node 0; the others join its rendezvous
+            other = torchrun_command(module_args, *placement, node_rank=node)
+            logger.info(f"on node {node}, with the same DDPM_HOME path on shared storage, run: "
+                        + " ".join(shlex.quote(part) for part in other))
         errors: dict[int, dict] = {}
         tail: deque[str] = deque(maxlen=200)
         with open(log_path, "a") as log_file:
             log_file.write(f"$ {' '.join(command)}\n")
             process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                       bufsize=1, env=env, preexec_fn=exit_with_parent)
+                                       bufsize=1, env=env, preexec_fn=parent_death_signal(os.getpid()))
             try:
                 for line in process.stdout:
                     log_file.write(line)
@@ -252,7 +252,7 @@ def failure(returncode: int, errors: dict[int, dict], tail: list[str], world: in
     if rank is not None and rank in errors:
         error = errors[rank]
         return TrainingProcessError(f"training process rank {rank} of {world} failed: {error['type']}: "
-                                    f"{error['message']}{where}", retryable=error["type"] not in _DETERMINISTIC_NAMES)
+                                    f"{error['message']}{where}", retryable=error.get("retryable", True))
     if rank is not None and exitcode is not None and exitcode < 0:
         name = signal.Signals(-exitcode).name if -exitcode in signal.valid_signals() else f"signal {-exitcode}"
         return TrainingProcessError(f"training process rank {rank} of {world} was killed by {name}{where}")
