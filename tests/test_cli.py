@@ -10,7 +10,8 @@ import tomllib
 from pathlib import Path
 
 import numpy as np
-import pytest
+import prefect.main  # noqa: F401  (configures Prefect's logging at collection: its console handler then
+import pytest        # binds the real stderr, not the capture of the in-process test below, closed after it)
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
