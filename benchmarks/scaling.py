@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from common import machine
+from utilisation import Step, count_flops
 
 from ddpm.data import DataConfig, prepare_dataset
 from ddpm.distributed import EVENT_PREFIX
@@ -92,16 +93,12 @@ def allreduce_ms(numel: int) -> float:
         os.unlink(script.name)
 
 
-def train_flops_per_image(name: str) -> float:
-    """FLOPs of one training step (forward, MSE, backward) per image, by FlopCounterMode."""
-    from torch.utils.flop_counter import FlopCounterMode
-
+def train_flops_per_image(name: str, batch: int = 2) -> float:
+    """FLOPs of one training step per image, counted as benchmarks/utilisation.py counts them."""
     config = preset(name)
-    model = UNet(config)
-    x = torch.randn(2, config.in_channels, config.image_size, config.image_size)
-    with FlopCounterMode(display=False) as counter:
-        torch.nn.functional.mse_loss(model(x, torch.tensor([10, 500])), x).backward()
-    return counter.get_total_flops() / 2
+    step = Step(UNet(config), lambda model: model, "eager", batch,
+                (config.in_channels, config.image_size, config.image_size), torch.device("cpu"))
+    return count_flops(step) / batch
 
 
 def on_paper(presets: list[str], gpus: int = 8, global_batch: int = 128) -> None:
