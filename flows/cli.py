@@ -59,6 +59,15 @@ def lazy_flow(module: str, name: str, args=None):
         raise CLIError(f"{module}.{name} is not available in this installation ({module} is missing)") from None
 
 
+def run_flow(flow, *args, **kwargs):
+    """Run `flow` in this process against $PREFECT_API_URL, else a temporary server that dies with
+    this process (`flows.prefect_server`)."""
+    from flows.prefect_server import prefect_api
+
+    with prefect_api():
+        return flow(*args, **kwargs)
+
+
 def parse_setting(text: str) -> tuple[str, str, object]:
     """'train.learning_rate=1e-3' -> ('train', 'learning_rate', 0.001); values are JSON when they parse."""
     key, sep, raw = text.partition("=")
@@ -252,7 +261,7 @@ def cmd_train(args) -> None:
         kwargs = {"resume": args.resume}
     else:
         preflight(flow, kwargs)
-    result = flow(**kwargs)
+    result = run_flow(flow, **kwargs)
     if args.promote:
         from tasks.registry import promote_best
 
@@ -265,7 +274,7 @@ def cmd_compare(args) -> None:
     flow = lazy_flow("flows.compare_schedules", "compare_schedules", args)
     kwargs = pipeline_arguments(flow, args)
     preflight(flow, kwargs)
-    print_json(flow(**kwargs))
+    print_json(run_flow(flow, **kwargs))
 
 
 def cmd_evaluate(args) -> None:
@@ -273,7 +282,7 @@ def cmd_evaluate(args) -> None:
     kwargs = {"mlflow_run_id": args.run_id} if args.run_id else {"prefect_flow_run_id": args.flow_run_id}
     if args.fid_extractor:
         kwargs["fid_extractor"] = args.fid_extractor
-    print_json(flow(**kwargs))
+    print_json(run_flow(flow, **kwargs))
 
 
 def cmd_promote(args) -> None:
@@ -282,7 +291,7 @@ def cmd_promote(args) -> None:
     config = PromoteConfig(experiments=args.experiment or ["ddpm"], model_name=args.model_name,
                            fingerprint=args.fingerprint, metric=args.metric, max_images=args.max_images,
                            conditional=args.conditional)
-    print_json(promote(config))
+    print_json(run_flow(promote, config))
 
 
 def cmd_sample(args) -> None:
@@ -513,8 +522,8 @@ def one_line(error: BaseException) -> str:
 
 def stop_on_sigterm() -> None:
     """SIGTERM (systemd, `kill`, a scheduler) ends the command as Ctrl-C does: the MLflow run is
-    marked KILLED and Prefect's exit handlers stop its temporary server. Python's default would
-    die at once and leave that server running."""
+    marked KILLED and the temporary Prefect server is stopped. Python's default would die at once,
+    with the run still RUNNING."""
     def interrupt(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")
 

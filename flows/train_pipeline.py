@@ -246,5 +246,8 @@ def train_pipeline(
 
 
 if __name__ == "__main__":
-    result = train_pipeline()
+    from flows.prefect_server import prefect_api
+
+    with prefect_api():
+        result = train_pipeline()
     sys.exit(0 if result else 1)

@@ -30,8 +30,10 @@ import pandas as pd
 import torch
 from mlflow.entities import LoggedModelStatus
 from mlflow.exceptions import MlflowException
-from mlflow.models import infer_signature
+from mlflow.models import ModelSignature, infer_signature
 from mlflow.pyfunc import PythonModel
+from mlflow.types import ColSpec, Schema
+from mlflow.types.schema import AnyType
 
 from ddpm.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
 from ddpm.guidance import MAX_GUIDANCE_SCALE
@@ -111,7 +113,8 @@ class DDPMImageModel(PythonModel):
         params = {**DEFAULT_PARAMS, **(params or {})}
         checks = {"num_images": num_images, "seed": params["seed"], "steps": params["steps"]}
         for name, value in checks.items():
-            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+            value = value.item() if isinstance(value, np.generic) else value   # 2.5, not np.float64(2.5)
+            if isinstance(value, bool) or not isinstance(value, int):
                 raise invalid(f"'{name}' must be an integer, got {value!r}")
         if not 1 <= num_images <= self.max_images:
             raise invalid(f"'num_images' must be between 1 and {self.max_images}, got {num_images}")
@@ -187,11 +190,17 @@ def write_ema_checkpoint(checkpoint: Path | str, out_dir: Path | str) -> Path:
 
 
 def model_signature(model_config: dict, max_images: int):
-    """Input: a one-row frame {num_images: long}; output: uint8 (N, C, H, W); params with defaults."""
+    """Input: a one-row frame {num_images}; output: uint8 (N, C, H, W); params with defaults.
+
+    `num_images` is declared Any, not long: MLflow's scoring server casts JSON to a declared column
+    type (2.5 -> 2, true -> 1, "3" -> 3) before `predict` could refuse it; `_request` checks the
+    integer itself. Params are checked strictly by MLflow as declared."""
     example_input = pd.DataFrame({"num_images": [min(4, max_images)]})
     example_output = np.zeros((1, model_config["in_channels"], model_config["image_size"],
                                model_config["image_size"]), np.uint8)
-    return infer_signature(example_input, example_output, params=DEFAULT_PARAMS)
+    inferred = infer_signature(example_input, example_output, params=DEFAULT_PARAMS)
+    return ModelSignature(inputs=Schema([ColSpec(AnyType(), "num_images")]), outputs=inferred.outputs,
+                          params=inferred.params)
 
 
 def log_ddpm_model(run_id: str, checkpoint: Path | str, registered_model_name: str | None = None,

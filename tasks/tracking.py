@@ -7,6 +7,7 @@ so they work the same in the flow's thread, in a task-runner thread, or in anoth
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import tempfile
@@ -54,9 +55,16 @@ def client() -> MlflowClient:
     # MLflow builds a new sqlite store's tables when the first client opens it, without a lock:
     # two processes doing it at once crash one of them ("table ... already exists"). Serialise it.
     database = Path(uri.removeprefix("sqlite:///"))
-    with file_lock(database.with_name(database.name + ".init-lock")):
-        mlflow_client = MlflowClient(uri)
-        mlflow_client.search_experiments(max_results=1)
+    # MLflow announces a new store's tables at INFO on stderr, where a command's only line should be its own
+    creation_logger = logging.getLogger("mlflow.store.db.utils")
+    level = creation_logger.level
+    creation_logger.setLevel(logging.WARNING)
+    try:
+        with file_lock(database.with_name(database.name + ".init-lock")):
+            mlflow_client = MlflowClient(uri)
+            mlflow_client.search_experiments(max_results=1)
+    finally:
+        creation_logger.setLevel(level)
     _INITIALISED_STORES.add(uri)
     return mlflow_client
 

@@ -30,6 +30,19 @@ def ddpm(*args, env, **kwargs):
                           text=True, timeout=600, **kwargs)
 
 
+def session_processes(session: int) -> list[int]:
+    """PIDs of the live processes of session `session` (the CLI started with start_new_session)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == session and fields[0] != "Z":   # fields after the name: state, ppid, pgrp, session
+            pids.append(int(stat.parent.name))
+    return pids
+
+
 def checkpoint_folders(home: Path) -> dict[str, Path]:
     return {p.parent.name: p for p in home.glob("runs/*/checkpoints")}
 
@@ -41,8 +54,8 @@ def test_kill_9_then_resume_continues_the_same_run_and_equals_an_uninterrupted_o
            "OMP_NUM_THREADS": "1"}
     client = MlflowClient(uri)
 
-    # 1. train, and SIGKILL the whole process group (the CLI and its temporary Prefect server)
-    #    once a mid-run checkpoint exists
+    # 1. train, and SIGKILL the CLI process alone (as the OOM killer does) once a mid-run checkpoint
+    #    exists: its temporary Prefect server must die with it
     process = subprocess.Popen([sys.executable, "-m", "flows.cli", *TRAIN, "--run-name", "crashed"], env=env,
                                cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 300
@@ -50,8 +63,16 @@ def test_kill_9_then_resume_continues_the_same_run_and_equals_an_uninterrupted_o
         assert process.poll() is None, "training exited before its first checkpoint"
         assert time.monotonic() < deadline, "no checkpoint within 300 s"
         time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGKILL)
+    server = [pid for pid in session_processes(process.pid) if b"uvicorn" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    assert server, "no temporary Prefect server among the CLI's processes"
+    os.kill(process.pid, signal.SIGKILL)
     process.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while (left := session_processes(process.pid)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if left:
+        os.killpg(process.pid, signal.SIGKILL)
+    assert not left, f"processes outlived the killed CLI: {left}"
     ((crashed_id, folder),) = checkpoint_folders(home).items()
     on_disk = [int(p.name[5:12]) for p in list_checkpoints(folder)]
     assert max(on_disk) < 60, f"the run was not interrupted mid-way: {on_disk}"

@@ -92,6 +92,10 @@ def test_served_champion_returns_png_images_and_400_for_bad_requests(tmp_path, m
             ({"dataframe_records": [{"num_images": 5}]}, "'num_images' must be between 1 and 4"),
             ({"dataframe_records": [{"num_images": 1}], "params": {"steps": 1000}}, "'steps' must be between 1 and 100"),
             ({"dataframe_records": [{"num_images": "two"}]}, "num_images"),
+            # MLflow would cast these to the integer 2, 1 and 3 under a declared integer column
+            ({"dataframe_records": [{"num_images": 2.5}]}, "'num_images' must be an integer, got 2.5"),
+            ({"dataframe_records": [{"num_images": True}]}, "'num_images' must be an integer, got True"),
+            ({"dataframe_records": [{"num_images": "3"}]}, "'num_images' must be an integer, got '3'"),
             ({"dataframe_records": [{"num_images": 1}], "params": {"steps": "five"}}, "steps"),
         ]:
             status, body = post(f"{base}/invocations", payload)
