@@ -70,6 +70,9 @@ class TrainConfig(BaseModel):
     log_every: int = Field(50, ge=1)
     checkpoint_every: int = Field(1000, ge=1)
     keep_last: int = Field(3, ge=1, description="checkpoints kept on disk")
+    progress_images: int = Field(16, ge=0, le=64, description="images the pipeline samples from each checkpoint "
+                                                              "(EMA weights, the default sampler, the same seeds "
+                                                              "every time) for MLflow's image slider; 0: none")
     device: str = Field("auto", description="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1', ...")
     mixed_precision: Literal["auto", "bf16", "no"] = Field("auto", description="auto: bf16 autocast on CUDA only")
     compile: bool = Field(False, description="torch.compile the model (CUDA)")

@@ -215,4 +215,7 @@ def _has_tabulate() -> bool:  # pandas' to_markdown needs the optional tabulate 
 
 
 if __name__ == "__main__":
-    compare_schedules()
+    from flows.prefect_server import prefect_api
+
+    with prefect_api():
+        compare_schedules()

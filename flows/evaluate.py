@@ -95,4 +95,7 @@ def evaluate(
 
 
 if __name__ == "__main__":
-    evaluate(mlflow_run_id=sys.argv[1])
+    from flows.prefect_server import prefect_api
+
+    with prefect_api():
+        evaluate(mlflow_run_id=sys.argv[1])

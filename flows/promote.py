@@ -39,6 +39,9 @@ def promote(config: PromoteConfig = PromoteConfig()) -> dict:
 
 
 if __name__ == "__main__":
-    result = promote()
+    from flows.prefect_server import prefect_api
+
+    with prefect_api():
+        result = promote()
     print(json.dumps(result, indent=1))
     sys.exit(0)

@@ -102,4 +102,7 @@ def retrain(
 
 
 if __name__ == "__main__":
-    retrain()
+    from flows.prefect_server import prefect_api
+
+    with prefect_api():
+        retrain()

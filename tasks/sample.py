@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 from PIL import Image
 from prefect import task
 
-from ddpm.images import save_grid, to_uint8
+from ddpm.images import make_grid, save_grid, to_uint8
 from ddpm.progress import progress_bar
 from ddpm.samplers import SamplerConfig, generate
 from ddpm.training import load_model, resolve_device
@@ -53,6 +54,24 @@ def grid_images(images_uint8: torch.Tensor, class_labels: torch.Tensor | None) -
     classes = class_labels.unique().tolist()[:16]
     per_class = min(8, *(int((class_labels == k).sum()) for k in classes))
     return torch.cat([images_uint8[class_labels == k][:per_class] for k in classes]), per_class
+
+
+def progress_grid(run_id: str, num_images: int, device: str = "cpu") -> Callable[[int, Path], None]:
+    """An `on_checkpoint(step, path)` callback: `num_images` images from each new checkpoint's EMA
+    weights (the default sampler, the same seeds every time, on `device`), logged to MLflow run
+    `run_id` as the image `progress` at that step, so the UI's image slider shows the model learning."""
+    sampling = SamplerConfig(num_images=num_images, batch_size=num_images)
+    device = resolve_device(device)
+    cuda_devices = [device.index or 0] if device.type == "cuda" else []
+
+    def log_grid(step: int, checkpoint: Path) -> None:
+        # training's random streams stay as a resume from this checkpoint restores them
+        with torch.random.fork_rng(devices=cuda_devices):
+            images_uint8, _, class_labels = checkpoint_images(str(checkpoint), sampling, device=device)
+        shown, row_length = grid_images(images_uint8, class_labels)
+        tracking.client().log_image(run_id, make_grid(shown, nrow=row_length), key="progress", step=step)
+
+    return log_grid
 
 
 @task

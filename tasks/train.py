@@ -34,6 +34,7 @@ from ddpm.train_ddp import dataset_trainer
 from ddpm.training import REPEATING_ERRORS, TrainConfig, TrainResult
 from ddpm.unet import UNet, UNetConfig, count_parameters
 from tasks import plots, tracking
+from tasks.sample import progress_grid
 
 
 
@@ -85,6 +86,10 @@ def train_model(
     logged = mlflow_client.get_metric_history(run_id, "loss")
     metrics = tracking.MetricBuffer(run_id, skip_through=max((m.step for m in logged), default=-1),
                                     system_metrics=not launched)   # this process's use says nothing then
+    if train_config.progress_images:
+        # on the training device in-process; beside torchrun's ranks, on the CPU
+        grid_device = "cpu" if launched else train_config.device
+        on_checkpoint = chained(progress_grid(run_id, train_config.progress_images, grid_device), on_checkpoint)
     start = time.perf_counter()
     try:
         if launched:
@@ -117,6 +122,16 @@ def train_model(
     return {**summary, "resumed_from": result.resumed_from, "checkpoints": checkpoints,
             "checkpoint": checkpoints[-1] if checkpoints else None, "log_batches": metrics.batches,
             "log_calls": metrics.calls}
+
+
+def chained(*callbacks: Callable | None) -> Callable:
+    """One callback calling each of `callbacks` (None skipped) in turn with the same arguments."""
+    def call_each(*args) -> None:
+        for callback in callbacks:
+            if callback:
+                callback(*args)
+
+    return call_each
 
 
 def train_with_torchrun(

@@ -42,6 +42,9 @@ def test_pipeline_trains_samples_and_tracks_everything(prefect_harness, mlflow_s
     assert artifacts == {"plots/loss_curve.png", "plots/noise_schedule.png"}
     samples = [a.path for a in client.list_artifacts(summary["run_id"], "samples")]
     assert "samples/samples-0000012-ddim-5-eta1.png" in samples
+    # a grid from each checkpoint for the UI's image slider: the model learning, step by step
+    images = [a.path.rsplit("/", 1)[-1].split("+") for a in client.list_artifacts(summary["run_id"], "images")]
+    assert sorted(int(name[2]) for name in images if name[0] == "progress" and name[-1].endswith(".png")) == [6, 12]
 
     assert [p.rsplit("/", 1)[-1] for p in summary["checkpoints"]] == ["step-0000006.pt", "step-0000012.pt"]
     import numpy as np
