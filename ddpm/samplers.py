@@ -127,15 +127,6 @@ def _alphas_cumprod_pair(schedule: NoiseSchedule, t: int, t_prev: int) -> tuple[
     return abar_t, abar_prev
 
 
-def make_sampler(name: str, schedule: NoiseSchedule, **options) -> Sampler:
-    """'ddpm' or 'ddim' with its options (num_steps, eta, variance, clip_x0, spacing, ...)."""
-    if name == "ddpm":
-        return DDPMSampler(schedule, **options)
-    if name == "ddim":
-        return DDIMSampler(schedule, **options)
-    raise ValueError(f"unknown sampler '{name}'; choose 'ddpm' or 'ddim'")
-
-
 def image_generators(seed: int, indices: Iterable[int]) -> list[torch.Generator]:
     """One CPU generator per image, seeded from (seed, image index)."""
     generators = []

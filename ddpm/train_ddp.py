@@ -21,36 +21,11 @@ import os
 import sys
 from pathlib import Path
 
-from ddpm.data import BatchLoader, load_prepared, validate_for_model
 from ddpm.diffusion import DiffusionConfig
 from ddpm.distributed import (EVENT_PREFIX, DistributedContext, cleanup, init_distributed, launched_by_torchrun,
                               parent_death_signal)
-from ddpm.training import REPEATING_ERRORS, Trainer, TrainConfig, resolve_device
+from ddpm.training import REPEATING_ERRORS, TrainConfig, dataset_trainer, resolve_device
 from ddpm.unet import PRESETS, UNetConfig, preset
-
-
-def dataset_trainer(
-    dataset_path: Path | str,
-    model_config: UNetConfig,
-    diffusion_config: DiffusionConfig,
-    train_config: TrainConfig,
-    checkpoint_dir: Path | str | None,
-    distributed: DistributedContext | None = None,
-) -> Trainer:
-    """A Trainer fed by a BatchLoader over the train split of a prepared dataset, sliced for this
-    rank, with the labels when the model is class-conditional."""
-    ctx = distributed or DistributedContext()
-    dataset = load_prepared(Path(dataset_path))
-    validate_for_model(dataset, model_config.image_size, model_config.in_channels, model_config.num_classes)
-    conditional = model_config.num_classes is not None
-    train_images, train_labels = dataset.split("train")
-    loader = BatchLoader(
-        train_images, batch_size=train_config.rank_micro_batch_size(ctx.world_size), seed=train_config.seed,
-        hflip=train_config.hflip, rank=ctx.rank, world_size=ctx.world_size,
-        labels=train_labels if conditional else None,
-    )
-    batch_fn = loader.labelled_batch if conditional else loader.batch
-    return Trainer(model_config, diffusion_config, train_config, batch_fn, checkpoint_dir, distributed=ctx)
 
 
 def _json_arg(text: str) -> dict:

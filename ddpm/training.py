@@ -38,6 +38,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel
 
 from ddpm.checkpoint import CheckpointError, latest_valid_checkpoint, load_checkpoint, save_checkpoint
+from ddpm.data import BatchLoader, load_prepared, validate_for_model
 from ddpm.diffusion import DiffusionConfig, training_loss
 from ddpm.progress import progress_bar
 from ddpm.distributed import DistributedContext, all_reduce_mean, barrier, broadcast_object, current_context
@@ -469,6 +470,30 @@ class Trainer:
         result.final_loss = result.loss_history[-1][1] if result.loss_history else float("nan")
         result.images_per_second = total_images / total_time if total_time else 0.0
         return result
+
+
+def dataset_trainer(
+    dataset_path: Path | str,
+    model_config: UNetConfig,
+    diffusion_config: DiffusionConfig,
+    train_config: TrainConfig,
+    checkpoint_dir: Path | str | None,
+    distributed: DistributedContext | None = None,
+) -> Trainer:
+    """A Trainer fed by a BatchLoader over the train split of a prepared dataset, sliced for this
+    rank, with the labels when the model is class-conditional."""
+    ctx = distributed or DistributedContext()
+    dataset = load_prepared(Path(dataset_path))
+    validate_for_model(dataset, model_config.image_size, model_config.in_channels, model_config.num_classes)
+    conditional = model_config.num_classes is not None
+    train_images, train_labels = dataset.split("train")
+    loader = BatchLoader(
+        train_images, batch_size=train_config.rank_micro_batch_size(ctx.world_size), seed=train_config.seed,
+        hflip=train_config.hflip, rank=ctx.rank, world_size=ctx.world_size,
+        labels=train_labels if conditional else None,
+    )
+    batch_fn = loader.labelled_batch if conditional else loader.batch
+    return Trainer(model_config, diffusion_config, train_config, batch_fn, checkpoint_dir, distributed=ctx)
 
 
 def load_model(checkpoint: Path | str, use_ema: bool = True, device: str | torch.device = "cpu") -> tuple[UNet, DiffusionConfig, dict]:

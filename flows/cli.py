@@ -203,7 +203,8 @@ def sampler_config(args, num_images: int = 1):
     from ddpm.samplers import SamplerConfig
 
     class_label, guidance = getattr(args, "class_label", None), getattr(args, "guidance", None)
-    return SamplerConfig(sampler=args.sampler, num_steps=args.steps, eta=args.eta, num_images=num_images,
+    given = {"sampler": args.sampler, "num_steps": args.steps, "eta": args.eta}
+    return SamplerConfig(**{k: v for k, v in given.items() if v is not None}, num_images=num_images,
                          seed=args.seed, batch_size=min(num_images, args.batch_size),
                          classes=None if class_label is None else (class_label,), guidance_scale=guidance)
 
@@ -377,22 +378,19 @@ def add_pipeline_options(parser: argparse.ArgumentParser, schedule_option: bool)
                             "(sections: data, model, diffusion, train, sampling); repeatable")
 
 
-# SamplerConfig's defaults (the measured pick of docs/benchmarks.md), spelled out so that building
-# the parser imports no torch; tests/test_cli.py checks that the two agree.
-SAMPLER_DEFAULTS = {"sampler": "dpm++2m-sde", "num_steps": None, "eta": 1.0,
-                    "guidance_scale": 1.5}   # ddpm.guidance.DEFAULT_GUIDANCE_SCALE
 SAMPLER_NAMES = ("ddpm", "ddim", "dpm++2m", "dpm++2m-sde", "unipc", "heun")   # ddpm.samplers.SAMPLERS
 
 
 def add_sampler_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("sampler")
-    group.add_argument("--sampler", choices=SAMPLER_NAMES, default=SAMPLER_DEFAULTS["sampler"],
-                       help="ddpm, ddim, or a few-step solver: dpm++2m, dpm++2m-sde, unipc, heun")
-    group.add_argument("--steps", type=positive_int, default=SAMPLER_DEFAULTS["num_steps"],
+    # No defaults here: an option left out keeps SamplerConfig's (ddpm.samplers), its one home.
+    group.add_argument("--sampler", choices=SAMPLER_NAMES,
+                       help="ddpm, ddim, or a few-step solver: dpm++2m, dpm++2m-sde, unipc, heun (default: "
+                            "SamplerConfig's, the measured pick of docs/benchmarks.md)")
+    group.add_argument("--steps", type=positive_int,
                        help="sampling steps (default: the sampler's own; all T for ddpm, 50 for ddim, 20 for the "
                             "solvers)")
-    group.add_argument("--eta", type=float, default=SAMPLER_DEFAULTS["eta"],
-                       help=f"DDIM noise scale, 0 = deterministic (default {SAMPLER_DEFAULTS['eta']:g})")
+    group.add_argument("--eta", type=float, help="noise scale of ddim and dpm++2m-sde, 0 = deterministic (default: SamplerConfig's)")
     group.add_argument("--seed", type=int, default=0)
     group.add_argument("--batch-size", type=positive_int, default=64)
 
@@ -477,7 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="draw class K (default: every class in turn)")
     guided.add_argument("--guidance", type=float, metavar="W",
                         help="classifier-free guidance scale: 0 unconditional, 1 conditional, >1 guided "
-                             f"(default {SAMPLER_DEFAULTS['guidance_scale']:g})")
+                             "(default: SamplerConfig's)")
     p.set_defaults(handler=cmd_sample)
 
     p = commands.add_parser("interpolate", help="interpolate two real images through the diffused latent")

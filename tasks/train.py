@@ -30,8 +30,7 @@ from ddpm.checkpoint import list_checkpoints
 from ddpm.diffusion import DiffusionConfig
 from ddpm.distributed import (EVENT_PREFIX, TrainingProcessError, check_num_processes, device_slots,
                               parent_death_signal, torchrun_command)
-from ddpm.train_ddp import dataset_trainer
-from ddpm.training import REPEATING_ERRORS, TrainConfig, TrainResult
+from ddpm.training import REPEATING_ERRORS, TrainConfig, TrainResult, dataset_trainer
 from ddpm.unet import UNet, UNetConfig, count_parameters
 from tasks import plots, tracking
 from tasks.sample import progress_grid

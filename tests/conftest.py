@@ -46,3 +46,15 @@ def mlflow_store(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("DDPM_HOME", str(tmp_path / "home"))
     return uri
+
+
+# Fixtures that cost 20 s or more (a Prefect server, a trained FID classifier): their tests are
+# `slow` without each saying so. The others are marked where they stand.
+SLOW_FIXTURES = {"prefect_harness", "digits_model", "mnist_model"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """`pytest -m "not slow"` runs the unit tests alone, in about a minute."""
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

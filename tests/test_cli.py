@@ -44,6 +44,7 @@ def test_console_script_is_declared():
     assert scripts == {"ddpm": "flows.cli:main"}
 
 
+@pytest.mark.slow
 def test_every_subcommand_has_help(env, tmp_path):
     top = ddpm("--help", env=env, cwd=tmp_path)
     assert top.returncode == 0 and all(name in top.stdout for name in SUBCOMMANDS)
@@ -55,6 +56,7 @@ def test_every_subcommand_has_help(env, tmp_path):
     assert "--set SECTION.FIELD=VALUE" in ddpm("train", "--help", env=env, cwd=tmp_path).stdout
 
 
+@pytest.mark.slow
 def test_sample_from_a_checkpoint_writes_pngs_and_a_grid(checkpoint, env, tmp_path):
     result = ddpm("sample", "--checkpoint", checkpoint, "--num-images", 3, "--steps", 4, "--out", "out",
                   env=env, cwd=tmp_path)
@@ -67,6 +69,7 @@ def test_sample_from_a_checkpoint_writes_pngs_and_a_grid(checkpoint, env, tmp_pa
     assert grid.size == ((2 * 18 + 2) * 8, (2 * 18 + 2) * 8)  # 2x2 tiles of 16 + 2 padding, enlarged 8x
 
 
+@pytest.mark.slow
 def test_sample_from_the_registered_champion(checkpoint, env, tmp_path, monkeypatch):
     from tasks.registry import promote_best
 
@@ -89,6 +92,7 @@ def test_sample_from_the_registered_champion(checkpoint, env, tmp_path, monkeypa
     assert too_many.returncode == 1 and "'num_images' must be between 1 and 64" in too_many.stderr
 
 
+@pytest.mark.slow   # 25 cases, ~16 s: the flows' validation through Prefect
 @pytest.mark.parametrize("args, code, message", [
     (["sample", "--checkpoint", "missing.pt"], 1, "checkpoint not found: missing.pt"),
     (["sample", "--model", "models:/nobody@champion"], 1, "nobody"),
@@ -136,6 +140,7 @@ def test_bad_arguments_exit_nonzero_with_one_clear_line(args, code, message, env
     assert "Traceback" not in stderr and sum("error:" in line for line in stderr.splitlines()) == 1, stderr
 
 
+@pytest.mark.slow
 def test_a_failure_inside_a_flow_is_one_line_with_the_trace_in_the_log_file(env, tmp_path):
     """Prefect logs the traceback of a failing flow run; on the terminal only the message remains."""
     missing = "0" * 32
@@ -149,6 +154,7 @@ def test_a_failure_inside_a_flow_is_one_line_with_the_trace_in_the_log_file(env,
     assert "Traceback" in log.read_text()
 
 
+@pytest.mark.slow
 def test_sample_a_class_with_guidance_and_refuse_it_for_an_unconditional_model(checkpoint, env, tmp_path):
     conditional = tiny_checkpoint(tmp_path / "conditional", num_classes=3)
     result = ddpm("sample", "--checkpoint", conditional, "--num-images", 2, "--steps", 3, "--class", 2,
@@ -163,6 +169,7 @@ def test_sample_a_class_with_guidance_and_refuse_it_for_an_unconditional_model(c
         assert refused.returncode == 1 and "this model is unconditional" in refused.stderr, refused.stderr
 
 
+@pytest.mark.slow
 def test_denoise_and_interpolate_write_grids(checkpoint, env, tmp_path):
     common = ["--checkpoint", checkpoint, "--dataset", "digits", "--steps", 3]
     result = ddpm("denoise", *common, "--indices", 0, 1, 2, "--t", 20, 60, "--out", "d.png", env=env, cwd=tmp_path)
@@ -182,16 +189,16 @@ def test_denoise_and_interpolate_write_grids(checkpoint, env, tmp_path):
 
 
 def test_sampler_options_default_to_the_sampler_config_defaults():
-    from ddpm.samplers import SamplerConfig
-    from ddpm.samplers import SAMPLERS
-    from flows.cli import SAMPLER_DEFAULTS, SAMPLER_NAMES, build_parser
+    from ddpm.samplers import SAMPLERS, SamplerConfig
+    from flows.cli import SAMPLER_NAMES, build_parser, sampler_config
 
     assert SAMPLER_NAMES == SAMPLERS
-    defaults = SamplerConfig()
-    assert SAMPLER_DEFAULTS == {"sampler": defaults.sampler, "num_steps": defaults.num_steps, "eta": defaults.eta,
-                                "guidance_scale": defaults.guidance()}
-    args = build_parser().parse_args(["sample", "--checkpoint", "x.pt"])
-    assert (args.sampler, args.steps, args.eta) == (defaults.sampler, defaults.num_steps, defaults.eta)
+    parser = build_parser()
+    left_out = sampler_config(parser.parse_args(["sample", "--checkpoint", "x.pt"]), 16)
+    assert left_out == SamplerConfig(num_images=16, batch_size=16)
+    given = sampler_config(parser.parse_args(["sample", "--checkpoint", "x.pt", "--sampler", "ddim", "--steps", "7",
+                                              "--eta", "0", "--guidance", "3"]), 16)
+    assert (given.sampler, given.num_steps, given.eta, given.guidance()) == ("ddim", 7, 0.0, 3.0)
 
 
 def test_train_options_map_onto_the_pipeline_parameters():
@@ -231,6 +238,7 @@ def test_recipe_options_start_from_the_recipe_and_options_override_it():
 
 @pytest.mark.skipif(not (REPO.parent / "shared/data/mnist-full/train-images-idx3-ubyte.gz").exists(),
                     reason="../shared/data/mnist-full not found")
+@pytest.mark.slow
 def test_prepare_mnist_official_split_from_the_command_line(tmp_path, env):
     source = f"mnist:{REPO.parent / 'shared/data/mnist-full'}"
     done = ddpm("prepare", "--recipe", "mnist", "--source", source, "--out", tmp_path / "data", env=env, cwd=tmp_path)

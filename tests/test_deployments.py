@@ -19,6 +19,8 @@ from mlflow.tracking import MlflowClient
 
 from ddpm.unet import preset
 
+pytestmark = pytest.mark.slow   # real servers, deployments or the Inception network
+
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 360   # training + triggered evaluation; ~1.5 minutes on a quiet 2-core machine
 

@@ -1,10 +1,9 @@
-"""Tests for ddpm.metrics: classifier features, FID/KID via torchmetrics, caches, bad input.
+"""Tests for ddpm.metrics: classifier features, FID via torchmetrics, caches, bad input.
 
 Measured on 2 shared CPU cores (torch 2.13 CPU, one intra-op thread) when written:
 - classifier on sklearn digits at 16x16 (1437 train / 360 val, seeded split): 99.7% val accuracy, ~13 s;
 - classifier on the MNIST test split at 16x16 (8000 train / 2000 val, seeded split): 99.0%, ~11 s;
 - digits FID: self ~5e-11, two disjoint train halves ~8.3, noise sigma 0.1/0.2/0.4 -> ~5.2 / 53 / 379;
-- digits KID: self -14.7 (the unbiased estimator on identical sets), sigma 0.4 noise ~585 +- 66;
 - MNIST real-vs-real floor at n=1000: ~6.3; holdout vs its sigma 0.1/0.2/0.4 noisy copy: ~15 / 83 / 361.
 """
 
@@ -28,7 +27,6 @@ from ddpm.metrics import (
     classifier_extractor,
     classifier_summary,
     frechet_distance,
-    kernel_inception_distance,
     load_or_train_classifier,
     metric_name,
     plot_class_histogram,
@@ -266,27 +264,6 @@ def test_unreadable_reference_cache_is_recomputed(digits_extractor, digits, tmp_
     assert reference_statistics(digits_extractor, digits[2], tmp_path, "0" * 64).was_cached
 
 
-# ---------------------------------------------------------------------------------------------
-# KID
-
-
-def test_kid_zero_for_same_set_and_larger_for_noise(digits_extractor, digits):
-    reference = digits[2]
-    self_mean, _ = kernel_inception_distance(digits_extractor, reference, reference, subset_size=10_000)
-    noisy_mean, noisy_std = kernel_inception_distance(
-        digits_extractor, reference, add_noise(reference, 0.4), subset_size=100
-    )
-    assert noisy_mean > 5 * noisy_std > 0
-    # Identical (not independent) sets give a small negative value: measured -14.7 vs ~585.
-    assert abs(self_mean) < 0.05 * noisy_mean, (self_mean, noisy_mean)
-    again = kernel_inception_distance(digits_extractor, reference, add_noise(reference, 0.4), subset_size=100)
-    assert again == (noisy_mean, noisy_std)  # seeded subsets
-
-
-# ---------------------------------------------------------------------------------------------
-# real-vs-real floor
-
-
 def test_real_vs_real_floor_on_mnist(mnist_model, mnist):
     extractor = classifier_extractor(mnist_model[0])
     train_x, _, holdout_x, _ = mnist
@@ -344,7 +321,7 @@ def test_too_few_samples(digits_extractor, digits):
     with pytest.raises(FIDInputError, match="at least 2 reference images, got 1"):
         frechet_distance(digits_extractor, images[:1], images)
     with pytest.raises(FIDInputError, match="at least 2 generated images, got 0"):
-        kernel_inception_distance(digits_extractor, images, images[:0])
+        frechet_distance(digits_extractor, images, images[:0])
 
 
 def test_shape_mismatch_names_both_shapes(digits_extractor, digits, tmp_path):

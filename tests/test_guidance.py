@@ -187,6 +187,7 @@ def test_conditional_training_resumes_bit_exactly_and_needs_labels(tmp_path):
 # --- promotion and the served model ---------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_conditional_and_unconditional_models_never_compete_and_the_served_one_takes_class_and_guidance(
         mlflow_store, tmp_path):
     import mlflow.pyfunc

@@ -25,6 +25,8 @@ from ddpm.metrics.extractors import INCEPTION_SHA1, FeatureExtractor, inception_
 
 from test_fid import add_noise, mnist_dir
 
+pytestmark = pytest.mark.slow   # the real Inception network, ~200 s
+
 needs_inception = pytest.mark.skipif(not inception_available(), reason="the inception extra is not installed")
 N = 128
 

@@ -24,8 +24,7 @@ from ddpm.checkpoint import load_checkpoint
 from ddpm.data import DataConfig
 from ddpm.diffusion import DiffusionConfig
 from ddpm.samplers import SamplerConfig
-from ddpm.train_ddp import dataset_trainer
-from ddpm.training import TrainConfig
+from ddpm.training import TrainConfig, dataset_trainer
 from ddpm.unet import preset
 
 MODEL = preset("tiny-16")

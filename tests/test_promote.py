@@ -21,6 +21,8 @@ from PIL import Image
 
 from trained_runs import fake_trained_run, tiny_checkpoint
 
+pytestmark = pytest.mark.slow   # registered models, loaded and sampled
+
 REPO = Path(__file__).resolve().parents[1]
 
 

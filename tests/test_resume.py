@@ -14,8 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from ddpm.checkpoint import list_checkpoints, load_checkpoint
 from ddpm.diffusion import DiffusionConfig
-from ddpm.train_ddp import dataset_trainer
-from ddpm.training import TrainConfig
+from ddpm.training import TrainConfig, dataset_trainer
 from ddpm.unet import UNetConfig
 
 REPO = Path(__file__).resolve().parents[1]

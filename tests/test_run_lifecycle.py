@@ -11,6 +11,8 @@ import pytest
 
 from tasks import tracking
 
+pytestmark = pytest.mark.slow   # a fresh MLflow store per test (~2 s each), processes killed
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -13,7 +13,6 @@ from ddpm.samplers import (
     generate,
     image_generators,
     interpolate,
-    make_sampler,
     reverse_process,
     timestep_sequence,
 )
@@ -44,7 +43,8 @@ class PointMassDenoiser(torch.nn.Module):
 def test_exact_denoiser_recovers_the_data_point(sampler_name, options):
     schedule = NoiseSchedule.from_name("linear", 200)
     model = PointMassDenoiser(schedule, 0.5)
-    images = generate(model, make_sampler(sampler_name, schedule, **options), 4, seed=0)
+    sampler = {"ddpm": DDPMSampler, "ddim": DDIMSampler}[sampler_name](schedule, **options)
+    images = generate(model, sampler, 4, seed=0)
     assert torch.allclose(images, torch.full_like(images, 0.5), atol=1e-3)
 
 
@@ -108,8 +108,8 @@ def test_interpolation_endpoints_equal_denoising_each_image():
 
 def test_bad_sampler_options():
     schedule = NoiseSchedule.from_name("linear", 10)
-    with pytest.raises(ValueError, match="unknown sampler 'euler'"):
-        make_sampler("euler", schedule)
+    with pytest.raises(ValueError, match="sampler"):
+        SamplerConfig(sampler="euler")
     with pytest.raises(ValueError, match="DDPM variance must be 'beta' or 'beta_tilde'"):
         DDPMSampler(schedule, variance="learned")
     with pytest.raises(ValueError, match="eta must be >= 0"):

@@ -22,8 +22,7 @@ from pydantic import ValidationError
 from ddpm.checkpoint import CheckpointError, file_sha256, list_checkpoints, load_checkpoint, verify_checkpoint
 from ddpm.data import BatchLoader, DataConfig, prepare_dataset
 from ddpm.diffusion import DiffusionConfig
-from ddpm.train_ddp import dataset_trainer
-from ddpm.training import NonFiniteLossError, Trainer, TrainConfig, current_decay, lr_factor
+from ddpm.training import NonFiniteLossError, TrainConfig, Trainer, current_decay, dataset_trainer, lr_factor
 from ddpm.unet import preset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -136,6 +135,7 @@ def test_checkpoint_holds_everything_and_loads_weights_only(tmp_path):
     assert int(state["ema"]["n_averaged"]) == 2
 
 
+@pytest.mark.slow
 def test_kill_9_mid_run_then_resume_equals_uninterrupted_run(tmp_path, prepared_data):
     """A real SIGKILL of a training process once a mid-run checkpoint exists; a new process resumes
     to the end; the final model, EMA and optimizer equal those of an uninterrupted run bit for bit."""
@@ -330,6 +330,7 @@ def test_batch_that_cannot_be_split_over_ranks_or_a_wrong_batch_shape_is_refused
 # --- DDP ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_match_one_process_with_the_same_global_batch(tmp_path, prepared_data):
     """torchrun, gloo, 2 ranks x 8 images == 1 process x 16 images: same per-step loss and weights."""
     cfg = config(steps=6, batch_size=16, checkpoint_every=3, log_every=1)

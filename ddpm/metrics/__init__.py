@@ -1,4 +1,4 @@
-"""Sample-quality metrics: FID/KID with Inception or the dataset's own classifier features."""
+"""Sample-quality metrics: FID with Inception or the dataset's own classifier features."""
 
 from .classifier import DigitClassifier, load_or_train_classifier, train_classifier
 from .fid import (
@@ -11,7 +11,6 @@ from .fid import (
     frechet_distance,
     inception_available,
     inception_extractor,
-    kernel_inception_distance,
     metric_name,
     plot_class_histogram,
     real_vs_real_fid,
@@ -29,7 +28,6 @@ __all__ = [
     "frechet_distance",
     "inception_available",
     "inception_extractor",
-    "kernel_inception_distance",
     "load_or_train_classifier",
     "metric_name",
     "plot_class_histogram",

@@ -1,4 +1,4 @@
-"""FID / KID on top of torchmetrics, with cached reference statistics.
+"""FID on top of torchmetrics, with cached reference statistics.
 
 The Frechet distance itself is torchmetrics' FrechetInceptionDistance; this module adds what the
 pipeline needs around it: input checks with clear errors, reference statistics computed once per
@@ -8,7 +8,6 @@ and the classifier's confidence / class histogram on samples.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -16,7 +15,6 @@ from typing import Literal
 import torch
 from torch import Tensor
 from torchmetrics.image.fid import FrechetInceptionDistance
-from torchmetrics.image.kid import KernelInceptionDistance
 
 from ..progress import progress_bar
 from .classifier import DigitClassifier, _save_atomically, predict_logits
@@ -40,7 +38,6 @@ __all__ = [
     "frechet_distance",
     "inception_available",
     "inception_extractor",
-    "kernel_inception_distance",
     "metric_name",
     "plot_class_histogram",
     "real_vs_real_fid",
@@ -49,7 +46,7 @@ __all__ = [
 
 
 class FIDInputError(ValueError):
-    """Images unfit for FID/KID: too few, not uint8 (N, C, H, W), or shaped unlike the reference."""
+    """Images unfit for FID: too few, not uint8 (N, C, H, W), or shaped unlike the reference."""
 
 
 @dataclass
@@ -81,7 +78,7 @@ def _check_images(images: Tensor, what: str, expected_shape=None, expected_sourc
     if images.dim() != 4:
         raise FIDInputError(f"{what} images must have shape (N, C, H, W), got {tuple(images.shape)}")
     if images.shape[0] < 2:
-        raise FIDInputError(f"FID/KID needs at least 2 {what} images, got {images.shape[0]}")
+        raise FIDInputError(f"FID needs at least 2 {what} images, got {images.shape[0]}")
     if expected_shape is not None and tuple(images.shape[1:]) != tuple(expected_shape):
         raise FIDInputError(
             f"{what} images have shape (C, H, W) = {tuple(images.shape[1:])}, "
@@ -197,7 +194,7 @@ def frechet_distance(
     if isinstance(reference, ReferenceStats):
         _check_stats_match(reference, extractor)
         if reference.count < 2:
-            raise FIDInputError(f"FID/KID needs at least 2 reference images, got {reference.count}")
+            raise FIDInputError(f"FID needs at least 2 reference images, got {reference.count}")
         reference_shape = reference.image_shape
     else:
         _check_images(reference, "reference", extractor.input_shape, f"the {extractor.name} extractor")
@@ -211,33 +208,6 @@ def frechet_distance(
         _update(metric, reference, real=True, batch_size=batch_size)
     _update(metric, generated_uint8, real=False, batch_size=batch_size)
     return float(metric.compute())
-
-
-def kernel_inception_distance(
-    extractor: FeatureExtractor,
-    real_uint8: Tensor,
-    generated_uint8: Tensor,
-    subset_size: int = 1000,
-    subsets: int = 10,
-    seed: int = 0,
-    batch_size: int = 256,
-) -> tuple[float, float]:
-    """(mean, std) of torchmetrics' KID over `subsets` random subsets; subset_size clipped to the counts."""
-    _check_images(real_uint8, "reference", extractor.input_shape, f"the {extractor.name} extractor")
-    _check_images(generated_uint8, "generated", tuple(real_uint8.shape[1:]), "the reference data")
-    subset_size = min(subset_size, len(real_uint8), len(generated_uint8))
-    with warnings.catch_warnings():
-        # torchmetrics warns that KID buffers all features; at our sample counts that is intended.
-        warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
-        metric = KernelInceptionDistance(feature=extractor, subsets=subsets, subset_size=subset_size)
-    metric = metric.to(extractor.device)
-    _update(metric, real_uint8, real=True, batch_size=batch_size)
-    _update(metric, generated_uint8, real=False, batch_size=batch_size)
-    # torchmetrics draws its subsets from the global RNG: seed it locally so KID is reproducible.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        mean, std = metric.compute()
-    return float(mean), float(std)
 
 
 def real_vs_real_fid(
