@@ -8,6 +8,9 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 # Nothing a test writes may land in the user's ./.ddpm or ~/.prefect: point both at a temp dir
 # before any project module reads them.
 os.environ["DDPM_HOME"] = tempfile.mkdtemp(prefix="ddpm-test-home-")
+# ... and the temporary Prefect servers of CLI processes get their own database (one per test
+# process: pytest-xdist workers never share an sqlite file)
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="ddpm-test-prefect-home-")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 import pytest  # noqa: E402
