@@ -57,38 +57,45 @@ def prefect_api() -> Iterator[str]:
     if PREFECT_API_URL.value():
         yield PREFECT_API_URL.value()
         return
-    port = _free_port()
-    api_url = f"http://127.0.0.1:{port}/api"
     environment = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
                    "PREFECT__SERVER_FINAL": "1",
                    **get_current_settings().to_environment_variables(exclude_unset=True)}
-    server = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",
-         "--host", "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on"],
-        env=environment, stdin=subprocess.DEVNULL, preexec_fn=parent_death_signal(os.getpid()))
     previous_url = os.environ.get("PREFECT_API_URL")
+    server = None
     try:
         deadline = time.monotonic() + PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
-        while not _healthy(api_url):
-            if server.poll() is not None:
-                raise RuntimeError(f"the temporary Prefect server exited with status {server.returncode} "
-                                   f"before answering on port {port}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the temporary Prefect server did not answer on port {port} within "
-                                   f"{PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()} s")
-            time.sleep(0.25)
+        for _ in range(3):   # the free port can be taken between probing it and the server binding it
+            port = _free_port()
+            api_url = f"http://127.0.0.1:{port}/api"
+            server = subprocess.Popen(
+                [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",
+                 "--host", "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on"],
+                env=environment, stdin=subprocess.DEVNULL, preexec_fn=parent_death_signal(os.getpid()))
+            while server.poll() is None and not _healthy(api_url):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the temporary Prefect server did not answer on port {port} within "
+                                       f"{PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()} s")
+                time.sleep(0.25)
+            if server.poll() is None:
+                break
+        else:
+            raise OSError(f"the temporary Prefect server exited with status {server.returncode} before "
+                          f"answering (three ports tried)")
         os.environ["PREFECT_API_URL"] = api_url
         with temporary_settings({PREFECT_API_URL: api_url}):
             yield api_url
     finally:
-        _drain_prefect_workers()
-        if previous_url is None:
-            os.environ.pop("PREFECT_API_URL", None)
-        else:
-            os.environ["PREFECT_API_URL"] = previous_url
-        server.terminate()
         try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+            _drain_prefect_workers()
+        finally:
+            if previous_url is None:
+                os.environ.pop("PREFECT_API_URL", None)
+            else:
+                os.environ["PREFECT_API_URL"] = previous_url
+            if server is not None:
+                server.terminate()
+                try:
+                    server.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    server.kill()
+                    server.wait()

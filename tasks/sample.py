@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Callable
 
@@ -65,11 +66,17 @@ def progress_grid(run_id: str, num_images: int, device: str = "cpu") -> Callable
     cuda_devices = [device.index or 0] if device.type == "cuda" else []
 
     def log_grid(step: int, checkpoint: Path) -> None:
-        # training's random streams stay as a resume from this checkpoint restores them
-        with torch.random.fork_rng(devices=cuda_devices):
-            images_uint8, _, class_labels = checkpoint_images(str(checkpoint), sampling, device=device)
-        shown, row_length = grid_images(images_uint8, class_labels)
-        tracking.client().log_image(run_id, make_grid(shown, nrow=row_length), key="progress", step=step)
+        try:
+            # training's random streams stay as a resume from this checkpoint restores them
+            with torch.random.fork_rng(devices=cuda_devices):
+                images_uint8, _, class_labels = checkpoint_images(str(checkpoint), sampling, device=device)
+            shown, row_length = grid_images(images_uint8, class_labels)
+            grid = make_grid(shown, nrow=row_length)
+            if images_uint8.shape[-1] <= 32:   # enlarged as the sample grids are, or the UI shows specks
+                grid = grid.repeat(4, axis=0).repeat(4, axis=1)
+            tracking.client().log_image(run_id, grid, key="progress", step=step)
+        except Exception as error:   # a picture is not worth a training: say so and go on
+            logging.getLogger(__name__).warning(f"no progress grid at step {step}: {type(error).__name__}: {error}")
 
     return log_grid
 

@@ -79,3 +79,11 @@ def test_train_task_failing_after_a_checkpoint_is_retried_and_resumes(prefect_ha
     steps_logged = {m.step for m in client.get_metric_history(run_id, "loss")}
     assert steps_logged == {1, 2, 3, 4, 5, 6}
     assert client.get_metric_history(run_id, "train.steps")[-1].value == 6
+
+
+def test_a_progress_grid_that_fails_warns_and_lets_training_go_on(tmp_path, caplog):
+    from tasks.sample import progress_grid
+
+    log_grid = progress_grid("no-such-run", 4)
+    log_grid(3, tmp_path / "step-0000003.pt")   # no such checkpoint: a warning, not an exception
+    assert "no progress grid at step 3: FileNotFoundError" in caplog.text
