@@ -139,10 +139,10 @@ def recipe_steps(images_uint8: torch.Tensor, minutes: float, probe_steps: int = 
     from ddpm.data import BatchLoader
     from ddpm.training import Trainer
     from ddpm.unet import preset
-    from flows.train_pipeline import DEFAULT_DIFFUSION, DEFAULT_TRAIN
+    from tasks.config import DEFAULTS
 
-    probe = Trainer(preset("tiny-16"), DEFAULT_DIFFUSION, DEFAULT_TRAIN.model_copy(update={"device": "cpu"}),
-                    BatchLoader(images_uint8, DEFAULT_TRAIN.batch_size, seed=0).batch)
+    probe = Trainer(preset("tiny-16"), DEFAULTS.diffusion, DEFAULTS.train.model_copy(update={"device": "cpu"}),
+                    BatchLoader(images_uint8, DEFAULTS.train.batch_size, seed=0).batch)
     probe.train_step()
     start = time.perf_counter()
     for _ in range(probe_steps):

@@ -30,20 +30,21 @@ from ddpm.data import BatchLoader
 from ddpm.images import to_uint8
 from ddpm.metrics.classifier import accuracy
 from ddpm.samplers import SamplerConfig, generate
-from ddpm.training import Trainer, load_model
+from ddpm.checkpoint import load_model
+from ddpm.training import Trainer
 from ddpm.unet import preset
-from flows.train_pipeline import DEFAULT_DIFFUSION, DEFAULT_TRAIN
+from tasks.config import DEFAULTS
 from tasks.evaluate import GUIDANCE_SWEEP
 
 
 def train(images: torch.Tensor, labels: torch.Tensor | None, steps: int, out: Path) -> dict:
     """The pipeline's recipe on tiny-16 (class-conditional when `labels` are given) for `steps`."""
-    config = DEFAULT_TRAIN.model_copy(update={"steps": steps, "device": "cpu", "checkpoint_every": 10**9})
+    config = DEFAULTS.train.model_copy(update={"steps": steps, "device": "cpu", "checkpoint_every": 10**9})
     model = preset("tiny-16", num_classes=10 if labels is not None else None)
     loader = BatchLoader(images, config.batch_size, seed=0, labels=labels)
     shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
-    trainer = Trainer(model, DEFAULT_DIFFUSION, config, loader.labelled_batch if labels is not None else loader.batch,
+    trainer = Trainer(model, DEFAULTS.diffusion, config, loader.labelled_batch if labels is not None else loader.batch,
                       checkpoint_dir=out)
     result = trainer.train()
     return {"steps": result.step, "checkpoint": str(result.checkpoints[-1]), "final_loss": result.final_loss,

@@ -2,7 +2,7 @@
 train_unconditional recipe at equal CPU minutes, Inception FID against the 10,000 test images.
 
 Data: the four official MNIST files (md5-verified), the official split (train on the 60,000,
-reference = the 10,000 test images), 28x28 padded to 32x32 (flows.train_pipeline.RECIPES["mnist"]).
+reference = the 10,000 test images), 28x28 padded to 32x32 (tasks.config.RECIPES["mnist"]).
 Model: tiny-32 (280,177 parameters) and its diffusers twin (UNet2DModel, same parameter count).
 
 1. diffusers: trained as its unconditional example does by default (benchmarks/common.py
@@ -41,9 +41,10 @@ from ddpm.data import BatchLoader, DataConfig, PreparedDataset, load_prepared, p
 from ddpm.diffusion import DiffusionConfig
 from ddpm.images import save_grid
 from ddpm.samplers import SamplerConfig
-from ddpm.training import Trainer, load_model
+from ddpm.checkpoint import load_model
+from ddpm.training import Trainer
 from ddpm.unet import count_parameters
-from flows.train_pipeline import DEFAULT_DIFFUSION, RECIPES
+from tasks.config import DEFAULTS, recipe as pipeline_recipe
 
 MNIST_FULL_DIR = ROOT.parent / "shared" / "data" / "mnist-full"
 SAMPLER = SamplerConfig(sampler="ddim", num_steps=50, eta=1.0)   # DDIM-50 eta 1 (section 6's sampler), both sides
@@ -51,15 +52,15 @@ PROGRESS_EVERY_S = 60
 
 
 def prepare(out: Path, mnist_dir: Path) -> PreparedDataset:
-    config = DataConfig(**{**RECIPES["mnist"]["data"].model_dump(), "source": f"mnist:{Path(mnist_dir).resolve()}"})
+    config = DataConfig(**{**pipeline_recipe("mnist").data.model_dump(), "source": f"mnist:{Path(mnist_dir).resolve()}"})
     return load_prepared(prepare_dataset(config, out / "data"))
 
 
 def train_ours(images_uint8: torch.Tensor, seed: int, minutes: float, snapshot_minutes, out: Path) -> dict:
     """The `mnist` recipe for `minutes`, with checkpoints (EMA inside) at each snapshot minute."""
-    recipe = RECIPES["mnist"]
-    batch = recipe["train"].batch_size
-    probe = Trainer(recipe["model"], DEFAULT_DIFFUSION, recipe["train"].model_copy(update={"device": "cpu"}),
+    recipe = pipeline_recipe("mnist")
+    batch = recipe.train.batch_size
+    probe = Trainer(recipe.model, DEFAULTS.diffusion, recipe.train.model_copy(update={"device": "cpu"}),
                     BatchLoader(images_uint8, batch, seed=seed).batch)
     probe.train_step()   # first step pays one-off allocation costs
     start = time.perf_counter()
@@ -67,10 +68,10 @@ def train_ours(images_uint8: torch.Tensor, seed: int, minutes: float, snapshot_m
         probe.train_step()
     steps = int(60 * minutes / ((time.perf_counter() - start) / 20))
     del probe
-    train = recipe["train"].model_copy(update={"steps": steps, "seed": seed, "device": "cpu",
+    train = recipe.train.model_copy(update={"steps": steps, "seed": seed, "device": "cpu",
                                                "checkpoint_every": 10**9, "keep_last": 10})
     shutil.rmtree(out / "ours", ignore_errors=True)   # a crashed earlier attempt: start clean
-    trainer = Trainer(recipe["model"], DEFAULT_DIFFUSION, train, BatchLoader(images_uint8, batch, seed=seed).batch,
+    trainer = Trainer(recipe.model, DEFAULTS.diffusion, train, BatchLoader(images_uint8, batch, seed=seed).batch,
                       checkpoint_dir=out / "ours")
     pending = sorted(m for m in snapshot_minutes if m < minutes)
     losses, curve, snapshots = [], [], {}
@@ -115,14 +116,14 @@ def main() -> None:
 
     dataset = prepare(args.out, args.mnist)
     train_images, _ = dataset.split("train")
-    recipe = RECIPES["mnist"]
+    recipe = pipeline_recipe("mnist")
     print(machine())
     print(f"MNIST {len(train_images)} train / {len(dataset.holdout_indices)} test, 32x32 (padded), tiny-32, "
-          f"batch {recipe['train'].batch_size}, seed {args.seed}, {args.minutes:g} min each")
+          f"batch {recipe.train.batch_size}, seed {args.seed}, {args.minutes:g} min each")
 
     print("training diffusers ...", flush=True)
     theirs = cached_json(args.out / "diffusers.json", lambda: train_diffusers(
-        "tiny-32", train_images, recipe["train"].batch_size, args.seed, args.minutes, None, args.out,
+        "tiny-32", train_images, recipe.train.batch_size, args.seed, args.minutes, None, args.out,
         tuple(args.curve)), announce=True)
     print("training ours ...", flush=True)
     ours = cached_json(args.out / "ours.json", lambda: train_ours(

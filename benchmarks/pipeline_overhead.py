@@ -31,9 +31,8 @@ from ddpm.images import to_uint8  # noqa: E402
 from ddpm.metrics.fid import frechet_distance, reference_statistics  # noqa: E402
 from ddpm.samplers import generate  # noqa: E402
 from ddpm.training import Trainer  # noqa: E402
-from flows.train_pipeline import (  # noqa: E402
-    DEFAULT_DIFFUSION, DEFAULT_MODEL, DEFAULT_SAMPLING, DEFAULT_TRAIN, train_pipeline,
-)
+from flows.train_pipeline import train_pipeline  # noqa: E402
+from tasks.config import DEFAULTS  # noqa: E402
 from tasks.evaluate import cache_dir, make_extractor  # noqa: E402
 
 
@@ -51,14 +50,14 @@ def bare(dataset, train_config, extractor, reference) -> dict:
         return batch
 
     start = time.perf_counter()
-    trainer = Trainer(DEFAULT_MODEL, DEFAULT_DIFFUSION, train_config, batch_fn)
+    trainer = Trainer(DEFAULTS.model, DEFAULTS.diffusion, train_config, batch_fn)
     while trainer.step < train_config.steps:
         trainer.train_step()
     trained = time.perf_counter()
-    sampler = DEFAULT_SAMPLING.build(trainer.schedule)
+    sampler = DEFAULTS.sampling.build(trainer.schedule)
     model = trainer.ema.module.eval()
-    images = to_uint8(generate(model, sampler, DEFAULT_SAMPLING.num_images, DEFAULT_SAMPLING.seed,
-                               DEFAULT_SAMPLING.batch_size))
+    images = to_uint8(generate(model, sampler, DEFAULTS.sampling.num_images, DEFAULTS.sampling.seed,
+                               DEFAULTS.sampling.batch_size))
     fid = frechet_distance(extractor, reference, images)
     end = time.perf_counter()
     return {"total": end - start, "train": trained - start, "data_wait": waited, "fid": fid}
@@ -70,9 +69,9 @@ def empty_flow() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=DEFAULT_TRAIN.steps)
+    parser.add_argument("--steps", type=int, default=DEFAULTS.train.steps)
     args = parser.parse_args()
-    train_config = DEFAULT_TRAIN.model_copy(update={"steps": args.steps})
+    train_config = DEFAULTS.train.model_copy(update={"steps": args.steps})
     print(machine())
 
     dataset = load_prepared(prepare_dataset(DataConfig(), home / "data"))

@@ -8,7 +8,7 @@ MNIST 16x16, at the same model size, batch and seed.
    clock. Its cosine schedule spans --diffusers-epochs (the example's default is 100); "auto"
    sizes it to end with the budget, from the speed of 50 probe steps, so the baseline gets a
    finished schedule in the same minutes. It reaches N steps.
-2. ours: the pipeline's default recipe (flows.train_pipeline.DEFAULT_TRAIN) at the same batch,
+2. ours: the pipeline's default recipe (tasks.config.DEFAULTS.train) at the same batch,
    for the same minutes (budget b), snapshotting the EMA weights at step N (budget a; our
    learning rate is constant after warm-up, so the snapshot at N is exactly an N-step run).
 3. 500 samples of each with DDPM-1000 and DDIM-100 (diffusers: its schedulers' defaults; ours:
@@ -37,9 +37,10 @@ from common import (
 from ddpm.data import BatchLoader
 from ddpm.images import save_grid
 from ddpm.samplers import SamplerConfig
-from ddpm.training import Trainer, load_model
+from ddpm.checkpoint import load_model
+from ddpm.training import Trainer
 from ddpm.unet import count_parameters, preset
-from flows.train_pipeline import DEFAULT_DIFFUSION, DEFAULT_TRAIN
+from tasks.config import DEFAULTS
 
 PROGRESS_EVERY_S = 60
 
@@ -53,12 +54,12 @@ def train_ours(model_name: str, images_uint8: torch.Tensor, batch: int, seed: in
     (its schedule must end at N for budget a); if it finishes inside the minutes, the same
     weights stand for budget b, else b is the checkpoint at the deadline.
     """
-    decays = DEFAULT_TRAIN.lr_schedule != "constant"
-    recipe = DEFAULT_TRAIN.model_copy(update={"steps": snapshot_step if decays else 10**7, "batch_size": batch,
+    decays = DEFAULTS.train.lr_schedule != "constant"
+    recipe = DEFAULTS.train.model_copy(update={"steps": snapshot_step if decays else 10**7, "batch_size": batch,
                                               "seed": seed, "device": "cpu", "keep_last": 10})
     loader = BatchLoader(images_uint8, batch, seed=seed)
     shutil.rmtree(out / "ours", ignore_errors=True)   # a crashed earlier attempt: start clean
-    trainer = Trainer(preset(model_name), DEFAULT_DIFFUSION, recipe, loader.batch, checkpoint_dir=out / "ours")
+    trainer = Trainer(preset(model_name), DEFAULTS.diffusion, recipe, loader.batch, checkpoint_dir=out / "ours")
     losses, curve, checkpoints = [], [], {}
     start = last_report = time.perf_counter()
     deadline = start + 60 * minutes

@@ -28,7 +28,7 @@ from common import (
 from ddpm.data import load_prepared
 from ddpm.diffusion import DiffusionConfig
 from ddpm.samplers import SamplerConfig
-from ddpm.training import load_model
+from ddpm.checkpoint import load_model
 
 DDIM_STEPS = (10, 25, 50, 100, 250)
 

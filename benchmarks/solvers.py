@@ -28,9 +28,10 @@ from common import (Scorer, cached_json, diffusers_samples, machine, prepare_mni
 
 from ddpm.data import BatchLoader
 from ddpm.samplers import SamplerConfig
-from ddpm.training import Trainer, load_model
+from ddpm.checkpoint import load_model
+from ddpm.training import Trainer
 from ddpm.unet import preset
-from flows.train_pipeline import DEFAULT_DIFFUSION, DEFAULT_TRAIN
+from tasks.config import DEFAULTS
 
 STEPS = (5, 10, 15, 20, 50)
 OURS = ("dpm++2m", "dpm++2m-sde", "unipc", "heun")
@@ -55,11 +56,11 @@ class OursAsDiffusers(torch.nn.Module):
 
 def train(images_uint8: torch.Tensor, minutes: float, out: Path) -> dict:
     """The pipeline's recipe on tiny-16, its cosine learning-rate decay sized to end with the budget."""
-    batch = DEFAULT_TRAIN.batch_size
+    batch = DEFAULTS.train.batch_size
     steps = recipe_steps(images_uint8, minutes)
-    config = DEFAULT_TRAIN.model_copy(update={"steps": steps, "device": "cpu", "checkpoint_every": 10**9})
+    config = DEFAULTS.train.model_copy(update={"steps": steps, "device": "cpu", "checkpoint_every": 10**9})
     shutil.rmtree(out / "weights", ignore_errors=True)
-    trainer = Trainer(preset("tiny-16"), DEFAULT_DIFFUSION, config, BatchLoader(images_uint8, batch, seed=0).batch,
+    trainer = Trainer(preset("tiny-16"), DEFAULTS.diffusion, config, BatchLoader(images_uint8, batch, seed=0).batch,
                       checkpoint_dir=out / "weights")
     result = trainer.train()
     return {"steps": result.step, "checkpoint": str(result.checkpoints[-1]), "final_loss": result.final_loss}

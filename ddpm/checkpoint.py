@@ -5,6 +5,11 @@ A checkpoint is `step-XXXXXXX.pt` (a torch file of tensors and plain Python valu
 file that is renamed into place, so a crash mid-write never leaves a half file under the real
 name; the checksum catches files damaged later.
 
+This module is the one home of checkpoint knowledge: the file name (`checkpoint_path`,
+`checkpoint_step`), discovery (`list_checkpoints`, `latest_valid_checkpoint`), verification,
+the EMA weights inside a training checkpoint (`ema_weights`) and loading a model for sampling
+(`load_model`).
+
 A damaged checkpoint found when resuming is never deleted nor overwritten: it is renamed to
 `step-XXXXXXX.pt.corrupt` (with its checksum file), out of the way of the step's next save and
 of keep_last pruning, and kept for inspection.
@@ -18,6 +23,9 @@ import re
 from pathlib import Path
 
 import torch
+
+from ddpm.diffusion import DiffusionConfig
+from ddpm.unet import UNet, UNetConfig
 
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d+)\.pt$")
 
@@ -45,6 +53,14 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def checkpoint_path(directory: Path, step: int) -> Path:
     return Path(directory) / f"step-{step:07d}.pt"
+
+
+def checkpoint_step(path: Path | str) -> int:
+    """The training step of checkpoint file `path` (`step-0001500.pt` -> 1500)."""
+    match = CHECKPOINT_PATTERN.match(Path(path).name)
+    if match is None:
+        raise CheckpointError(f"{path} is not a checkpoint file name (step-XXXXXXX.pt)")
+    return int(match.group(1))
 
 
 def save_checkpoint(state: dict, directory: Path, step: int, keep_last: int | None = None) -> Path:
@@ -75,8 +91,7 @@ def list_checkpoints(directory: Path) -> list[Path]:
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name))]
-    return [p for _, p in sorted(found)]
+    return sorted((p for p in directory.iterdir() if CHECKPOINT_PATTERN.match(p.name)), key=checkpoint_step)
 
 
 def verify_checkpoint(path: Path) -> None:
@@ -152,3 +167,28 @@ def latest_valid_checkpoint(directory: Path, warn=print, quarantine: bool = Fals
             else:
                 warn(f"skipping {error}")
     return None
+
+
+def ema_weights(state: dict) -> dict[str, torch.Tensor]:
+    """The EMA model's weights of a training checkpoint, as the UNet's own state dict: the
+    AveragedModel keys are 'module.<name>' beside its 'n_averaged' counter."""
+    return {k.removeprefix("module."): v for k, v in state["ema"].items() if k.startswith("module.")}
+
+
+def load_model(checkpoint: Path | str, use_ema: bool = True,
+               device: str | torch.device = "cpu") -> tuple[UNet, DiffusionConfig, dict]:
+    """A UNet (EMA weights by default) ready for sampling, its diffusion config, and the raw state."""
+    state = load_checkpoint(Path(checkpoint), map_location=device)
+    try:
+        model_config = UNetConfig(**state["model_config"])
+        diffusion_config = DiffusionConfig(**state["diffusion_config"])
+    except (KeyError, ValueError) as error:
+        raise CheckpointError(f"checkpoint {checkpoint} holds no valid configuration: {error}") from error
+    model = UNet(model_config)
+    try:
+        model.load_state_dict(ema_weights(state) if use_ema else state["model"])
+    except RuntimeError as error:
+        raise CheckpointError(
+            f"checkpoint {checkpoint} does not match its model config {model_config.model_dump()}: {error}"
+        ) from error
+    return model.to(device).eval(), diffusion_config, state

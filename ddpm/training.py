@@ -494,25 +494,3 @@ def dataset_trainer(
     )
     batch_fn = loader.labelled_batch if conditional else loader.batch
     return Trainer(model_config, diffusion_config, train_config, batch_fn, checkpoint_dir, distributed=ctx)
-
-
-def load_model(checkpoint: Path | str, use_ema: bool = True, device: str | torch.device = "cpu") -> tuple[UNet, DiffusionConfig, dict]:
-    """A UNet (EMA weights by default) ready for sampling, its diffusion config, and the raw state."""
-    state = load_checkpoint(Path(checkpoint), map_location=device)
-    try:
-        model_config = UNetConfig(**state["model_config"])
-        diffusion_config = DiffusionConfig(**state["diffusion_config"])
-    except (KeyError, ValueError) as error:
-        raise CheckpointError(f"checkpoint {checkpoint} holds no valid configuration: {error}") from error
-    model = UNet(model_config)
-    weights = state["model"]
-    if use_ema:
-        # AveragedModel keys are 'module.<name>' plus its 'n_averaged' counter
-        weights = {k.removeprefix("module."): v for k, v in state["ema"].items() if k.startswith("module.")}
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as error:
-        raise CheckpointError(
-            f"checkpoint {checkpoint} does not match its model config {model_config.model_dump()}: {error}"
-        ) from error
-    return model.to(device).eval(), diffusion_config, state

@@ -86,57 +86,74 @@ def update_config(config, changes: dict):
     return type(config).model_validate({**config.model_dump(), **changes})
 
 
-def flow_defaults(flow) -> dict:
-    return {name: p.default for name, p in inspect.signature(flow.fn).parameters.items()
-            if p.default is not inspect.Parameter.empty}
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+# The pipeline options: each sets one PipelineConfig setting (tasks.config, the one home of their
+# defaults; `--show-config` prints them), as `--set KEY=VALUE` would.   flag: (setting, type, help)
+PIPELINE_OPTIONS = {
+    "--source": ("data.source", str, "data source: digits, mnist[:DIR], cifar10[:PATH], folder:DIR"),
+    "--max-images": ("data.max_images", positive_int, "use a random subset of this many images"),
+    "--image-size": ("data.image_size", positive_int, "side of the square images"),
+    "--schedule": ("diffusion.schedule", str, "noise schedule: linear, cosine, sigmoid, ..."),
+    "--steps": ("train.steps", positive_int, "optimizer steps"),
+    "--batch-size": ("train.batch_size", positive_int, "images per optimizer step"),
+    "--lr": ("train.learning_rate", float, "learning rate"),
+    "--processes": ("train.num_processes", positive_int,
+                    "data-parallel training processes (torchrun; one GPU or CPU core each); several nodes: "
+                    "--set train.nnodes=N --set train.rdzv_endpoint=HOST:PORT"),
+    "--num-samples": ("sampling.num_images", positive_int, "images sampled for the FID"),
+    "--sample-steps": ("sampling.num_steps", positive_int, "sampler steps for the FID samples"),
+    "--fid-extractor": ("fid_extractor", str, "auto, classifier or inception"),
+}
+
+
+def option_dest(flag: str) -> str:
+    return flag.removeprefix("--").replace("-", "_")
+# Options of the flows besides the pipeline's configuration.
+FLOW_OPTIONS = ("experiment", "run_name", "schedules", "num_timesteps", "max_parallel", "dask_cluster")
+
+
+def pipeline_config(args):
+    """The PipelineConfig the command line asks for: the recipe (default: the defaults), then the
+    preset, the options and every --set, validated once (a bad value is one line naming the setting)."""
+    from ddpm.unet import preset
+    from tasks.config import recipe
+
+    config = recipe(args.recipe or "digits")
+    if args.preset:
+        config = config.model_copy(update={"model": preset(args.preset)})
+    settings = {key: getattr(args, option_dest(flag)) for flag, (key, _, _) in PIPELINE_OPTIONS.items()
+                if getattr(args, option_dest(flag), None) is not None}
+    settings.update({f"{section}.{field}": value for section, field, value in args.set or []})
+    if getattr(args, "conditional", False) and "model.num_classes" not in settings:
+        data = config.with_settings({k: v for k, v in settings.items() if k.startswith("data.")}).data
+        settings["model.num_classes"] = data_class_count(data)
+    return config.with_settings(settings)
 
 
 def pipeline_arguments(flow, args) -> dict:
-    """The flow's keyword arguments: its defaults with the command-line options applied."""
-    from ddpm.unet import preset
-
-    defaults = flow_defaults(flow)
+    """The flow's keyword arguments: the sections of `pipeline_config(args)` the flow takes, and
+    the flow's other options given on the command line."""
+    config = pipeline_config(args)
+    parameters = inspect.signature(flow.fn).parameters
     kwargs = {}
-    if args.recipe:
-        from flows.train_pipeline import RECIPES
-
-        kwargs = {k: v for k, v in RECIPES[args.recipe].items() if k in defaults}
-    changes: dict[str, dict] = {"data": {}, "model": {}, "diffusion": {}, "train": {}, "sampling": {}}
-    options = {("data", "source"): args.source, ("data", "max_images"): args.max_images,
-               ("data", "image_size"): args.image_size, ("train", "steps"): args.steps,
-               ("train", "batch_size"): args.batch_size, ("train", "learning_rate"): args.lr,
-               ("train", "num_processes"): args.processes,
-               ("sampling", "num_images"): args.num_samples, ("sampling", "num_steps"): args.sample_steps,
-               ("diffusion", "schedule"): getattr(args, "schedule", None)}
-    for (section, field), value in options.items():
-        if value is not None:
-            changes[section][field] = value
-    for section, field, value in args.set or []:
-        if section not in changes:
-            raise CLIError(f"--set {section}.{field}: unknown section '{section}'; use one of {sorted(changes)}")
-        changes[section][field] = value
-
-    if args.preset:
-        kwargs["model"] = preset(args.preset)
-    if getattr(args, "conditional", False):
-        data = update_config(kwargs.get("data", defaults["data"]), changes["data"])
-        changes["model"].setdefault("num_classes", data_class_count(data))
-    for section, fields in changes.items():
-        if not fields:
-            continue
-        if section not in defaults and section not in kwargs:
-            raise CLIError(f"{flow.name} has no '{section}' settings (it takes {sorted(defaults)})")
-        kwargs[section] = update_config(kwargs.get(section, defaults[section]), fields)
-    for name in ("experiment", "run_name", "fid_extractor", "schedules", "num_timesteps", "max_parallel",
-                 "dask_cluster"):
+    for name in type(config).model_fields:
+        value = getattr(config, name)
+        if name in parameters:
+            kwargs[name] = value
+        elif value != getattr(type(config)(), name):
+            raise CLIError(f"{flow.name} does not take {name} settings (it sets them itself)")
+    for name in FLOW_OPTIONS:
         value = getattr(args, name, None)
         if value is not None:
-            if name not in defaults and name != "run_name":
+            if name not in parameters:
                 raise CLIError(f"{flow.name} does not take --{name.replace('_', '-')}")
             kwargs[name] = value
-    unknown = set(kwargs) - set(inspect.signature(flow.fn).parameters)
-    if unknown:
-        raise CLIError(f"{flow.name} does not take {sorted(unknown)}")
     return kwargs
 
 
@@ -213,11 +230,11 @@ def sampler_config(args, num_images: int = 1):
 
 
 def cmd_prepare(args) -> None:
-    from ddpm.data import DataConfig, load_prepared, prepare_dataset
-    from flows.train_pipeline import RECIPES
+    from ddpm.data import load_prepared, prepare_dataset
+    from tasks.config import recipe
     from tasks.settings import ddpm_home
 
-    base = RECIPES[args.recipe].get("data", DataConfig()) if args.recipe else DataConfig()
+    base = recipe(args.recipe or "digits").data
     options = {"source": args.source, "image_size": args.image_size, "channels": args.channels,
                "max_images": args.max_images, "split": args.split, "resize": args.resize}
     config = update_config(base, {k: v for k, v in options.items() if v is not None})
@@ -243,24 +260,39 @@ def validated(flow, kwargs: dict) -> dict:
 
 
 def preflight(flow, kwargs: dict) -> None:
-    """The pipeline's checks that need no data, before Prefect starts (seconds, not a training)."""
+    """The flow's parameter validation and the pipeline's checks that need no data, before
+    Prefect starts (seconds, not a training)."""
     from flows.train_pipeline import check_config
+    from tasks.config import PipelineConfig
 
-    settings = {**flow_defaults(flow), **validated(flow, kwargs)}
-    check_config(settings["data"], settings["model"], settings.get("fid_extractor", "auto"), settings.get("sampling"),
-                 settings.get("train"))
+    validated(flow, kwargs)
+    check_config(PipelineConfig(**{k: v for k, v in kwargs.items() if k in PipelineConfig.model_fields}))
+
+
+def show_config(kwargs: dict) -> None:
+    """--show-config: the flow's arguments, every setting spelled out, as JSON; nothing runs."""
+    from pydantic import BaseModel
+
+    print_json({name: value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+                for name, value in kwargs.items()})
 
 
 def cmd_train(args) -> None:
     flow = lazy_flow("flows.train_pipeline", "train_pipeline", args)
-    kwargs = pipeline_arguments(flow, args)
     if args.resume:
-        changed = sorted(set(kwargs) - {"experiment"})   # experiment: only for --promote
+        from tasks.config import DEFAULTS
+
+        changed = [change.split()[0] for change in DEFAULTS.differences(pipeline_config(args))] + [
+            f"--{name.replace('_', '-')}" for name in FLOW_OPTIONS if name != "experiment"   # experiment: for --promote
+            and getattr(args, name, None) is not None]
         if changed:
             raise CLIError(f"--resume continues run {args.resume} with the configuration it was started with; "
                            f"drop the options that set {', '.join(changed)}")
         kwargs = {"resume": args.resume}
     else:
+        kwargs = pipeline_arguments(flow, args)
+        if args.show_config:
+            return show_config(kwargs)
         preflight(flow, kwargs)
     result = run_flow(flow, **kwargs)
     if args.promote:
@@ -274,6 +306,8 @@ def cmd_train(args) -> None:
 def cmd_compare(args) -> None:
     flow = lazy_flow("flows.compare_schedules", "compare_schedules", args)
     kwargs = pipeline_arguments(flow, args)
+    if args.show_config:
+        return show_config(kwargs)
     preflight(flow, kwargs)
     print_json(run_flow(flow, **kwargs))
 
@@ -338,44 +372,30 @@ def require_file(path: str) -> None:
 # --- the parser -----------------------------------------------------------------------------
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-# The names of flows.train_pipeline.RECIPES, spelled out so that building the parser imports no
+# The names of tasks.config.RECIPES, spelled out so that building the parser imports no
 # torch; tests/test_cli.py checks that the two agree.
 RECIPE_NAMES = ("digits", "mnist", "digits-conditional")
 
 
 def add_pipeline_options(parser: argparse.ArgumentParser, schedule_option: bool) -> None:
-    group = parser.add_argument_group("data, model and training (default: the flow's defaults)")
+    group = parser.add_argument_group("the pipeline's settings (tasks.config.PipelineConfig; --show-config prints "
+                                      "them all, with what these options changed)")
     group.add_argument("--recipe", choices=RECIPE_NAMES,
                        help="start from a named recipe (mnist: full size, official split, 32x32); options override it")
-    group.add_argument("--source", help="data source: digits, mnist[:DIR], cifar10[:PATH], folder:DIR")
-    group.add_argument("--max-images", type=positive_int, help="use a random subset of this many images")
-    group.add_argument("--image-size", type=positive_int, help="side of the square images")
     group.add_argument("--preset", help="UNet preset: tiny-16, small-16, tiny-32, article-32, ddpm-cifar10")
-    group.add_argument("--steps", type=positive_int, help="optimizer steps")
-    group.add_argument("--batch-size", type=positive_int, help="images per optimizer step")
-    group.add_argument("--lr", type=float, help="learning rate")
-    group.add_argument("--processes", type=positive_int,
-                       help="data-parallel training processes (torchrun; one GPU or CPU core each); several "
-                            "nodes: --set train.nnodes=N --set train.rdzv_endpoint=HOST:PORT")
-    if schedule_option:
-        group.add_argument("--schedule", help="noise schedule: linear, cosine, sigmoid, ...")
     group.add_argument("--conditional", action="store_true",
                        help="a class-conditional model (as many classes as the data has) with classifier-free "
                             "guidance; its run adds the guidance sweep")
-    group.add_argument("--num-samples", type=positive_int, help="images sampled for the FID")
-    group.add_argument("--sample-steps", type=positive_int, help="sampler steps for the FID samples")
-    group.add_argument("--fid-extractor", choices=["auto", "classifier", "inception"])
-    group.add_argument("--experiment", help="MLflow experiment")
+    for flag, (key, type_, help_) in PIPELINE_OPTIONS.items():
+        if key.startswith("diffusion.") and not schedule_option:
+            continue
+        group.add_argument(flag, type=type_, help=f"{help_} (sets {key})")
     group.add_argument("--set", action="append", type=parse_setting, metavar="SECTION.FIELD=VALUE",
                        help="any other setting, e.g. --set train.ema_decay=0.995 --set model.dropout=0 "
                             "(sections: data, model, diffusion, train, sampling); repeatable")
+    group.add_argument("--show-config", action="store_true",
+                       help="print the settings this command would run with, as JSON, and stop")
+    parser.add_argument("--experiment", help="MLflow experiment")
 
 
 SAMPLER_NAMES = ("ddpm", "ddim", "dpm++2m", "dpm++2m-sde", "unipc", "heun")   # ddpm.samplers.SAMPLERS

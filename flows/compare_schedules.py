@@ -20,19 +20,14 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from pydantic import AfterValidator, Field
 
-from ddpm.data import DataConfig, read_manifest, validate_for_model
+from ddpm.data import read_manifest, validate_for_model
 from ddpm.diffusion import DiffusionConfig
-from ddpm.samplers import SamplerConfig
 from ddpm.schedules import BETA_SCHEDULES
-from ddpm.training import TrainConfig
-from ddpm.unet import UNetConfig
-from flows.train_pipeline import (
-    DEFAULT_MODEL, DEFAULT_SAMPLING, DEFAULT_TRAIN, DataParam, ExperimentName, ModelParam, SamplingParam, TrainParam,
-    check_config, run_pipeline, start_run,
-)
+from flows.train_pipeline import ExperimentName, check_config, run_pipeline, start_run
 from tasks import plots, settings, tracking
+from tasks.config import DEFAULTS, DataParam, ExtractorKind, ModelParam, PipelineConfig, SamplingParam, TrainParam
 from tasks.data import prepare_data
-from tasks.evaluate import ExtractorKind, check_evaluation, warm_scoring_cache
+from tasks.evaluate import check_evaluation, warm_scoring_cache
 from tasks.registry import promote_best
 
 TABLE_COLUMNS = ["schedule", "metric", "num_samples", "fid", "fid_floor", "final_loss", "images_per_second", "steps", "run_id"]
@@ -88,15 +83,11 @@ def check_scheduler(address: str, timeout_seconds: float = 10.0) -> None:
                          f"{error}") from None
 
 
-@task(name="train_schedule", task_run_name="train-{diffusion.schedule}")
-def train_schedule(
-    data: DataConfig, model: UNetConfig, diffusion: DiffusionConfig, train: TrainConfig,
-    sampling: SamplerConfig, fid_extractor: ExtractorKind, experiment: str, parent_run_id: str,
-) -> dict:
+@task(name="train_schedule", task_run_name="train-{config.diffusion.schedule}")
+def train_schedule(config: PipelineConfig, experiment: str, parent_run_id: str) -> dict:
     """The whole pipeline for one schedule, as an MLflow child run of the comparison."""
-    return run_pipeline(data, model, diffusion, train, sampling, fid_extractor, experiment,
-                        run_name=f"schedule-{diffusion.schedule}", parent_run_id=parent_run_id,
-                        tags={"comparison.parent": parent_run_id})
+    return run_pipeline(config, experiment, run_name=f"schedule-{config.diffusion.schedule}",
+                        parent_run_id=parent_run_id, tags={"comparison.parent": parent_run_id})
 
 
 def comparison_table(results: dict[str, dict]) -> pd.DataFrame:
@@ -113,15 +104,10 @@ def comparison_table(results: dict[str, dict]) -> pd.DataFrame:
 
 
 @flow(name="train_schedules", log_prints=True)
-def train_schedules(
-    diffusions: dict[str, DiffusionConfig], data: DataConfig, model: UNetConfig, train: TrainConfig,
-    sampling: SamplerConfig, fid_extractor: ExtractorKind, experiment: str, parent_run_id: str,
-) -> dict[str, dict]:
+def train_schedules(configs: dict[str, PipelineConfig], experiment: str, parent_run_id: str) -> dict[str, dict]:
     """One pipeline per schedule, all submitted at once to this subflow's task runner (set by the
     caller with `.with_options(task_runner=...)`), whose capacity bounds how many run together."""
-    futures = {name: train_schedule.submit(data, model, diffusion, train, sampling, fid_extractor, experiment,
-                                           parent_run_id)
-               for name, diffusion in diffusions.items()}
+    futures = {name: train_schedule.submit(config, experiment, parent_run_id) for name, config in configs.items()}
     return {name: future.result() for name, future in futures.items()}
 
 
@@ -129,11 +115,11 @@ def train_schedules(
 def compare_schedules(
     schedules: ScheduleList = ["linear", "cosine", "sigmoid"],  # noqa: B006 (pydantic copies it)
     num_timesteps: Annotated[int, Field(ge=1)] = 1000,
-    data: DataParam = DataConfig(),
-    model: ModelParam = DEFAULT_MODEL,
-    train: TrainParam = DEFAULT_TRAIN,
-    sampling: SamplingParam = DEFAULT_SAMPLING,
-    fid_extractor: ExtractorKind = "auto",
+    data: DataParam = DEFAULTS.data,
+    model: ModelParam = DEFAULTS.model,
+    train: TrainParam = DEFAULTS.train,
+    sampling: SamplingParam = DEFAULTS.sampling,
+    fid_extractor: ExtractorKind = DEFAULTS.fid_extractor,
     experiment: ExperimentName = "ddpm-schedules",
     max_parallel: Annotated[int, Field(ge=1, le=64, description="pipelines training at once (threads, or "
                                                                 "local Dask worker processes)")] = 1,
@@ -149,9 +135,15 @@ def compare_schedules(
     `promote_to` (None: no promotion), which moves its `champion` alias only if it is better.
     `dask_cluster` runs the pipelines on Dask (see DaskCluster).
     """
-    diffusions = {name: DiffusionConfig(schedule=name, num_timesteps=num_timesteps) for name in schedules}
+    # the same configuration but for the schedule (and T); the loss weighting is the pipeline's
+    configs = {name: PipelineConfig(data=data, model=model, train=train, sampling=sampling,
+                                    fid_extractor=fid_extractor,
+                                    diffusion=DEFAULTS.diffusion.model_copy(
+                                        update={"schedule": name, "num_timesteps": num_timesteps}))
+               for name in schedules}
     runner = fan_out_runner(dask_cluster, max_parallel)
-    check_config(data, model, fid_extractor, train=train)
+    for config in configs.values():
+        check_config(config)
     home = settings.ddpm_home()
     # Prepared once here, so the concurrent pipelines all hit the cache instead of racing to write it.
     dataset_path = prepare_data.with_options(result_storage=home / "task-results")(data, out_dir=str(home / "data"))
@@ -168,10 +160,9 @@ def compare_schedules(
                               tags={"comparison": "noise_schedule"})
     print(f"comparison: MLflow parent run {parent_run_id} in experiment '{experiment}'")
     with tracking.run_lifecycle(parent_run_id):
-        results = train_schedules.with_options(task_runner=runner)(
-            diffusions, data, model, train, sampling, fid_extractor, experiment, parent_run_id)
+        results = train_schedules.with_options(task_runner=runner)(configs, experiment, parent_run_id)
         table = comparison_table(results)
-        log_comparison(parent_run_id, table, diffusions)
+        log_comparison(parent_run_id, table, {name: config.diffusion for name, config in configs.items()})
     print(table.to_string(index=False))
     if promote_to:
         promote_best([experiment], promote_to)

@@ -18,12 +18,12 @@ from pathlib import Path
 import mlflow
 from prefect import flow, runtime
 
-from ddpm.checkpoint import list_checkpoints
-from ddpm.data import DataConfig, read_manifest
+from ddpm.data import read_manifest
 from ddpm.samplers import SamplerConfig
 from tasks import settings, tracking
 from tasks.data import prepare_data
-from tasks.evaluate import ExtractorKind, check_evaluation, evaluate_samples
+from tasks.config import ExtractorKind, PipelineConfig
+from tasks.evaluate import check_evaluation, evaluate_samples
 from tasks.sample import sample_checkpoint
 
 
@@ -32,19 +32,11 @@ class NoCheckpointsError(FileNotFoundError):
 
 
 def checkpoints_of(run: mlflow.entities.Run) -> list[Path]:
-    """The run's checkpoints: in its `checkpoint_dir` tag, else $DDPM_HOME/runs/<run id>/checkpoints."""
-    run_id = run.info.run_id
-    tagged = run.data.tags.get(tracking.CHECKPOINT_DIR_TAG)
-    folders = [Path(tagged)] if tagged else []
-    default = settings.ddpm_home() / "runs" / run_id / "checkpoints"
-    if default not in folders:
-        folders.append(default)
-    for folder in folders:
-        if folder.is_dir() and (found := list_checkpoints(folder)):
-            return found
-    raise NoCheckpointsError(
-        f"MLflow run {run_id} has no checkpoints to evaluate (looked in {', '.join(map(str, folders))})"
-    )
+    """The run's checkpoints (tracking.run_checkpoints); NoCheckpointsError when it has none."""
+    if found := tracking.run_checkpoints(run):
+        return found
+    folders = ", ".join(map(str, tracking.checkpoint_folders(run)))
+    raise NoCheckpointsError(f"MLflow run {run.info.run_id} has no checkpoints to evaluate (looked in {folders})")
 
 
 @flow(name="evaluate", log_prints=True)
@@ -66,14 +58,14 @@ def evaluate(
     run = tracking.find_run(mlflow_run_id, prefect_flow_run_id)
     run_id = run.info.run_id
     checkpoints = checkpoints_of(run)
-    config = tracking.run_config(run)
-    sampling = sampling or SamplerConfig.model_validate(config["sampling"])
-    extractor = fid_extractor or config.get("fid_extractor", "auto")
+    config = PipelineConfig.from_stored(tracking.run_config(run))
+    sampling = sampling or config.sampling
+    extractor = fid_extractor or config.fid_extractor
     print(f"evaluating {len(checkpoints)} checkpoints of MLflow run {run_id} with {sampling.describe()}")
 
     home = settings.ddpm_home()
-    dataset_path = prepare_data.with_options(result_storage=home / "task-results")(
-        DataConfig.model_validate(config["data"]), out_dir=str(home / "data"))
+    dataset_path = prepare_data.with_options(result_storage=home / "task-results")(config.data,
+                                                                                 out_dir=str(home / "data"))
     check_evaluation(extractor, read_manifest(dataset_path), sampling.num_images)
     out_dir = settings.run_dir(run_id) / "evaluation"
     fids: dict[int, float] = {}

@@ -20,10 +20,9 @@ from pydantic import BaseModel
 
 from ddpm.data import DataConfig
 from ddpm.training import PLACEMENT_FIELDS, TrainConfig
-from flows.train_pipeline import (
-    DEFAULT_DIFFUSION, DEFAULT_MODEL, DEFAULT_SAMPLING, DEFAULT_TRAIN, SECTIONS, ExperimentName, run_pipeline,
-)
+from flows.train_pipeline import ExperimentName, run_pipeline
 from tasks import tracking
+from tasks.config import DEFAULTS, PipelineConfig
 from tasks.registry import comparable_runs, promote_best
 
 M = TypeVar("M", bound=BaseModel)
@@ -37,8 +36,8 @@ def overlay(base: M, changes: M | None) -> M:
     return type(base).model_validate({**base.model_dump(), **changes.model_dump(include=changes.model_fields_set)})
 
 
-def best_run_config(experiment: str, metric: str | None = None) -> tuple[str, str, dict] | None:
-    """(run id, metric, config.json) of the best FINISHED train_pipeline run of `experiment`.
+def best_run_config(experiment: str, metric: str | None = None) -> tuple[str, str, PipelineConfig] | None:
+    """(run id, metric, configuration) of the best FINISHED train_pipeline run of `experiment`.
 
     Ranked by `metric` (default: the newest run's primary FID) among runs comparable with each
     other (tasks.registry.comparable_runs: same data and sample count). None when the experiment
@@ -50,10 +49,10 @@ def best_run_config(experiment: str, metric: str | None = None) -> tuple[str, st
         return None
     for run in runs:
         try:
-            config = tracking.run_config(run)
+            stored = tracking.run_config(run)
         except FileNotFoundError:  # not a pipeline run
             continue
-        return run.info.run_id, criteria["metric"], config
+        return run.info.run_id, criteria["metric"], PipelineConfig.from_stored(stored)
     return None
 
 
@@ -78,21 +77,19 @@ def retrain(
     best = best_run_config(experiment, metric)
     if best is None:
         print(f"no finished run with {metric or 'an FID'} in experiment '{experiment}': training with the defaults")
-        based_on, config = None, {}
+        based_on, config = None, DEFAULTS
     else:
         based_on, metric, config = best
         print(f"best configuration: MLflow run {based_on} (ranked by {metric})")
-    stored = {name: SECTIONS[name].model_validate(config[name]) for name in SECTIONS if name in config}
-    sections = {"data": DataConfig(), "model": DEFAULT_MODEL, "diffusion": DEFAULT_DIFFUSION, "train": DEFAULT_TRAIN,
-                "sampling": DEFAULT_SAMPLING, **stored}
-    sections["data"] = overlay(sections["data"], data)
     # where the best run trained (8 GPUs, two nodes) is not where this one runs: placement is this
     # deployment's (the defaults, then `train`); everything that shapes the model is the best run's
-    placement = {name: getattr(DEFAULT_TRAIN, name) for name in PLACEMENT_FIELDS}
-    sections["train"] = overlay(TrainConfig(**{**sections["train"].model_dump(), **placement}), train)
+    placement = {name: getattr(DEFAULTS.train, name) for name in PLACEMENT_FIELDS}
+    config = config.model_copy(update={
+        "data": overlay(config.data, data),
+        "train": overlay(TrainConfig(**{**config.train.model_dump(), **placement}), train),
+    })
     summary = run_pipeline(
-        **sections,
-        fid_extractor=config.get("fid_extractor", "auto"),
+        config,
         experiment=experiment,
         run_name=None,
         tags={"retrain.based_on": based_on or "defaults"},

@@ -40,10 +40,9 @@ from ddpm.metrics.fid import (
 from ddpm.progress import progress_bar
 from ddpm.samplers import SamplerConfig
 from tasks import plots, tracking
+from tasks.config import ExtractorKind
 from tasks.sample import draw_images, load_sampler
 from tasks.settings import ddpm_home
-
-ExtractorKind = Literal["auto", "classifier", "inception"]
 
 
 def cache_dir() -> Path:

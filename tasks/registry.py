@@ -35,13 +35,13 @@ from mlflow.pyfunc import PythonModel
 from mlflow.types import ColSpec, Schema
 from mlflow.types.schema import AnyType
 
-from ddpm.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
+from ddpm.checkpoint import (
+    CheckpointError, checkpoint_step, ema_weights, list_checkpoints, load_checkpoint, load_model, save_checkpoint,
+)
 from ddpm.guidance import MAX_GUIDANCE_SCALE
 from ddpm.images import to_uint8
 from ddpm.samplers import SAMPLERS, SamplerConfig, generate
-from ddpm.training import load_model
 from tasks import tracking
-from tasks.settings import run_dir
 
 CHAMPION = "champion"
 DEFAULT_MODEL_NAME = "ddpm"
@@ -182,8 +182,7 @@ def write_ema_checkpoint(checkpoint: Path | str, out_dir: Path | str) -> Path:
     ddpm.checkpoint.save_checkpoint so it carries its sha256 and loads with load_model(use_ema=False).
     """
     state = load_checkpoint(Path(checkpoint))
-    ema = {k.removeprefix("module."): v for k, v in state["ema"].items() if k.startswith("module.")}
-    slim = {"step": state["step"], "model": ema, "model_config": state["model_config"],
+    slim = {"step": state["step"], "model": ema_weights(state), "model_config": state["model_config"],
             "diffusion_config": state["diffusion_config"], "train_config": state.get("train_config", {}),
             "weights": "ema"}
     return save_checkpoint(slim, Path(out_dir), int(state["step"]))
@@ -294,15 +293,13 @@ def comparable_runs(experiments: list[str] | str, metric: str | None = None, fin
 
 def checkpoint_for_fid(run, metric: str) -> Path | None:
     """The checkpoint whose samples gave the run's `metric` (the step of it), else the newest one;
-    looked for where evaluate looks: the run's `checkpoint_dir` tag, else its run folder."""
-    folder = run.data.tags.get(tracking.CHECKPOINT_DIR_TAG)
-    checkpoints = list_checkpoints(Path(folder)) if folder and Path(folder).is_dir() else []
-    checkpoints = checkpoints or list_checkpoints(run_dir(run.info.run_id) / "checkpoints")
+    found where evaluate finds them (tracking.run_checkpoints)."""
+    checkpoints = tracking.run_checkpoints(run)
     if not checkpoints:
         return None
     history = tracking.client().get_metric_history(run.info.run_id, metric)
     step = max(history, key=lambda m: m.timestamp).step if history else None
-    by_step = {int(p.stem.split("-")[1]): p for p in checkpoints}
+    by_step = {checkpoint_step(p): p for p in checkpoints}
     return by_step.get(step, checkpoints[-1])
 
 
@@ -310,7 +307,7 @@ def register_logged_model(run, checkpoint: Path, model_name: str, max_images: in
     """Register the model the training run logged of `checkpoint` (same step, same request bound)
     instead of logging it again; None when the run has no such model."""
     mlflow_client = tracking.client()
-    step = str(int(checkpoint.stem.split("-")[1]))
+    step = str(checkpoint_step(checkpoint))
     models = mlflow_client.search_logged_models(
         [run.info.experiment_id],
         filter_string=f"source_run_id = '{run.info.run_id}' AND tags.`checkpoint.step` = '{step}' "
@@ -405,7 +402,7 @@ def _promote_best(experiments, model_name, fingerprint, metric, max_images, log,
         if checkpoint is None:
             skipped.append(run.info.run_id)
             log(f"run {run.info.run_id} ({metric} {fid_of(run):.4g}) has no checkpoint under "
-                f"{run_dir(run.info.run_id) / 'checkpoints'}; trying the next best")
+                f"{', '.join(map(str, tracking.checkpoint_folders(run)))}; trying the next best")
             continue
         version = register_logged_model(run, checkpoint, model_name, max_images)
         if version is None:

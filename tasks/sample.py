@@ -13,8 +13,9 @@ from prefect import task
 
 from ddpm.images import make_grid, save_grid, to_uint8
 from ddpm.progress import progress_bar
+from ddpm.checkpoint import load_model
 from ddpm.samplers import SamplerConfig, generate
-from ddpm.training import load_model, resolve_device
+from ddpm.training import resolve_device
 from tasks import tracking
 
 

@@ -22,6 +22,7 @@ from mlflow.entities import Metric, RunStatus
 from mlflow.tracking import MlflowClient
 from prefect.exceptions import TerminationSignal
 
+from ddpm.checkpoint import list_checkpoints
 from tasks.settings import artifact_root, ddpm_home, tracking_uri
 
 
@@ -219,6 +220,22 @@ def run_config(run: mlflow.entities.Run) -> dict:
         raise FileNotFoundError(
             f"MLflow run {run.info.run_id} has no {CONFIG_ARTIFACT}: it was not made by train_pipeline"
         ) from error
+
+
+def checkpoint_folders(run: mlflow.entities.Run) -> list[Path]:
+    """Where a run's checkpoints may be: its `checkpoint_dir` tag, then $DDPM_HOME/runs/<run id>/checkpoints."""
+    tagged = run.data.tags.get(CHECKPOINT_DIR_TAG)
+    default = ddpm_home() / "runs" / run.info.run_id / "checkpoints"
+    return [Path(tagged), default] if tagged and Path(tagged) != default else [default]
+
+
+def run_checkpoints(run: mlflow.entities.Run) -> list[Path]:
+    """The checkpoints of `run`, oldest first, from the first of its `checkpoint_folders` that has
+    any ([] when none has): evaluation and promotion find a run's checkpoints this one way."""
+    for folder in checkpoint_folders(run):
+        if found := list_checkpoints(folder):
+            return found
+    return []
 
 
 # --- the run lifecycle ------------------------------------------------------------------------

@@ -102,6 +102,7 @@ def test_sample_from_the_registered_champion(checkpoint, env, tmp_path, monkeypa
     (["sample", "--checkpoint", "x.pt", "--sampler", "euler"], 2, "invalid choice: 'euler'"),
     (["train", "--set", "lr=1"], 2, "expected SECTION.FIELD=VALUE"),
     (["train", "--set", "optimizer.lr=1"], 1, "unknown section 'optimizer'"),
+    (["train", "--set", "train.lr=1"], 1, "train has no setting 'lr'"),
     (["train", "--set", "train.steps=-3"], 1, "steps: Input should be greater than or equal to 1"),
     (["sample", "--checkpoint", "x.pt", "--eta", "7"], 1, "eta: Input should be less than or equal to 1"),
     (["sample", "--checkpoint", "x.pt", "--guidance", "25"], 1, "guidance_scale: Input should be less than or equal"),
@@ -202,8 +203,9 @@ def test_sampler_options_default_to_the_sampler_config_defaults():
 
 
 def test_train_options_map_onto_the_pipeline_parameters():
-    from flows.cli import CLIError, build_parser, flow_defaults, lazy_flow, pipeline_arguments
+    from flows.cli import CLIError, build_parser, lazy_flow, pipeline_arguments
     from flows.train_pipeline import train_pipeline
+    from tasks.config import DEFAULTS
 
     args = build_parser().parse_args([
         "train", "--steps", "12", "--schedule", "cosine", "--source", "digits", "--max-images", "200",
@@ -211,7 +213,7 @@ def test_train_options_map_onto_the_pipeline_parameters():
         "--experiment", "e", "--num-samples", "8"])
     kwargs = pipeline_arguments(train_pipeline, args)
     assert kwargs["train"].steps == 12 and kwargs["train"].ema_decay == 0.99
-    assert kwargs["train"].batch_size == flow_defaults(train_pipeline)["train"].batch_size  # untouched: the default
+    assert kwargs["train"] == DEFAULTS.train.model_copy(update={"steps": 12, "ema_decay": 0.99})  # the rest: defaults
     assert kwargs["diffusion"].schedule == "cosine" and kwargs["data"].max_images == 200
     assert kwargs["model"].base_channels == 8 and kwargs["sampling"].num_images == 8
     assert kwargs["experiment"] == "e"
@@ -223,17 +225,20 @@ def test_train_options_map_onto_the_pipeline_parameters():
 
 
 def test_recipe_options_start_from_the_recipe_and_options_override_it():
+    from ddpm.unet import preset
     from flows.cli import RECIPE_NAMES, build_parser, pipeline_arguments
-    from flows.train_pipeline import RECIPES, train_pipeline
+    from flows.train_pipeline import train_pipeline
+    from tasks.config import DEFAULTS, RECIPES, recipe
 
     assert RECIPE_NAMES == tuple(RECIPES)
     args = build_parser().parse_args(["train", "--recipe", "mnist", "--source", "mnist:/data/mnist", "--steps", "7"])
     kwargs = pipeline_arguments(train_pipeline, args)
-    mnist = RECIPES["mnist"]
-    assert kwargs["data"] == mnist["data"].model_copy(update={"source": "mnist:/data/mnist"})
+    mnist = recipe("mnist")
+    assert kwargs["data"] == mnist.data.model_copy(update={"source": "mnist:/data/mnist"})
     assert kwargs["data"].split == "official" and kwargs["data"].resize == "pad" and kwargs["data"].image_size == 32
-    assert kwargs["model"] == mnist["model"] and kwargs["sampling"] == mnist["sampling"]
-    assert kwargs["train"] == mnist["train"].model_copy(update={"steps": 7})
+    assert kwargs["model"] == mnist.model == preset("tiny-32") and kwargs["sampling"] == mnist.sampling
+    assert kwargs["train"] == mnist.train.model_copy(update={"steps": 7})
+    assert mnist.train == DEFAULTS.train.model_copy(update={"steps": 2000})   # the recipe's one change to train
 
 
 @pytest.mark.skipif(not (REPO.parent / "shared/data/mnist-full/train-images-idx3-ubyte.gz").exists(),

@@ -40,14 +40,15 @@ def test_a_recipe_deployment_carries_its_recipe(recipe):
     against the flow, which fills in the pipeline's defaults (not the config classes')."""
     import yaml
 
-    from flows.train_pipeline import RECIPES, train_pipeline
+    from flows.train_pipeline import train_pipeline
+    from tasks.config import RECIPES, recipe as recipe_config
 
     deployments = {d["name"]: d for d in yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]}
     parameters = deployments[f"train-{recipe}"]["parameters"]
-    assert set(parameters) == set(RECIPES[recipe])
+    assert parameters == RECIPES[recipe]
     validated = train_pipeline.validate_parameters(parameters)
-    for section, config in RECIPES[recipe].items():
-        assert validated[section] == config, section
+    for section in parameters:
+        assert validated[section] == getattr(recipe_config(recipe), section), section
     assert f"train-{recipe}" in deployments["evaluate"]["triggers"][0]["match_related"]["prefect.resource.name"]
 
 

@@ -15,7 +15,8 @@ from ddpm.guidance import ClassifierFreeGuidance
 from ddpm.images import to_uint8
 from ddpm.samplers import SAMPLERS, SamplerConfig, generate
 from ddpm.schedules import NoiseSchedule
-from ddpm.training import Trainer, TrainConfig, load_model
+from ddpm.checkpoint import load_model
+from ddpm.training import Trainer, TrainConfig
 from ddpm.unet import UNet, preset
 
 CONDITIONAL = preset("tiny-16", base_channels=8, num_groups=4, num_classes=3)

@@ -96,10 +96,10 @@ def test_two_processes_through_the_flow_give_one_process_losses(two_process_run,
     losses = client.get_metric_history(summary["run_id"], "loss")
     assert [m.step for m in losses] == list(range(1, TRAIN.steps + 1))   # rank 0 alone logs, each step once
 
-    from flows.train_pipeline import DEFAULT_DIFFUSION
+    from tasks.config import DEFAULTS
 
     single_config = TrainConfig(**{**TRAIN.model_dump(), "num_processes": 1})
-    single = dataset_trainer(summary["dataset"], MODEL, DEFAULT_DIFFUSION, single_config, tmp_path / "single")
+    single = dataset_trainer(summary["dataset"], MODEL, DEFAULTS.diffusion, single_config, tmp_path / "single")
     single_losses = dict(single.train(progress=False).loss_history)
     difference = max(abs(m.value - single_losses[m.step]) for m in losses)
     print(f"2 processes x 8 vs 1 process x 16 through the flow: max loss difference {difference:.1e}")

@@ -6,7 +6,11 @@ from ddpm.data import DataConfig
 from ddpm.training import TrainConfig
 from flows.compare_schedules import compare_schedules
 from flows.retrain import overlay, retrain
-from flows.train_pipeline import DEFAULT_DIFFUSION, DEFAULT_MODEL, DEFAULT_SAMPLING, DEFAULT_TRAIN, train_pipeline
+from flows.train_pipeline import train_pipeline
+from tasks.config import DEFAULTS
+
+DEFAULT_DIFFUSION, DEFAULT_MODEL, DEFAULT_SAMPLING, DEFAULT_TRAIN = (
+    DEFAULTS.diffusion, DEFAULTS.model, DEFAULTS.sampling, DEFAULTS.train)
 
 PARTIAL = {"data": {"max_images": 100}, "model": {"dropout": 0.2}, "train": {"steps": 3000},
            "sampling": {"num_steps": 20}}
@@ -38,3 +42,55 @@ def test_retrain_changes_only_the_named_fields_of_the_best_runs_settings():
     given = retrain.validate_parameters({"train": {"steps": 3000}})["train"]
     assert overlay(best, given) == best.model_copy(update={"steps": 3000})
     assert overlay(best, None) is best
+
+
+def test_the_flows_parameters_are_the_pipeline_configs_sections_with_its_defaults():
+    import inspect
+
+    from tasks.config import PipelineConfig
+
+    parameters = inspect.signature(train_pipeline.fn).parameters
+    for name in PipelineConfig.model_fields:
+        assert parameters[name].default == getattr(DEFAULTS, name), name
+    assert DEFAULTS == PipelineConfig.model_validate({})   # one home of the defaults
+    assert DEFAULTS.train != TrainConfig()   # the pipeline's recipe, not the paper's
+
+
+def test_settings_by_dotted_key_and_unknown_ones_named():
+    import pytest
+
+    config = DEFAULTS.with_settings({"train.steps": 7, "model.dropout": 0.1, "fid_extractor": "classifier"})
+    assert config == DEFAULTS.model_copy(update={"train": DEFAULT_TRAIN.model_copy(update={"steps": 7}),
+                                                 "model": DEFAULT_MODEL.model_copy(update={"dropout": 0.1}),
+                                                 "fid_extractor": "classifier"})
+    assert DEFAULTS.differences(config) == ["model.dropout 0.0 -> 0.1", "train.steps 1500 -> 7",
+                                            "fid_extractor 'auto' -> 'classifier'"]
+    with pytest.raises(ValueError, match="train has no setting 'learning_rat' \\(did you mean learning_rate"):
+        DEFAULTS.with_settings({"train.learning_rat": 1})
+    with pytest.raises(ValueError, match="train has no setting 'lr'; it has \\['batch_size', "):
+        DEFAULTS.with_settings({"train.lr": 1})
+    with pytest.raises(ValueError, match="unknown section 'optimizer'"):
+        DEFAULTS.with_settings({"optimizer.lr": 1})
+    with pytest.raises(ValueError, match="greater than or equal to 1"):
+        DEFAULTS.with_settings({"train.steps": 0})
+
+
+def test_a_stored_config_of_an_older_run_loads_as_it_ran():
+    """config.json of a run started before min_snr_gamma, p_uncond or fid_extractor existed: a
+    missing field takes the class's default (the behaviour that run had: no Min-SNR weighting),
+    not the pipeline's current default (Min-SNR-5)."""
+    import pytest
+
+    from tasks.config import PipelineConfig
+
+    current = DEFAULTS.to_stored()
+    old = {section: dict(values) for section, values in current.items() if section != "fid_extractor"}
+    del old["diffusion"]["min_snr_gamma"], old["train"]["p_uncond"], old["train"]["progress_images"]
+    loaded = PipelineConfig.from_stored(old)
+    assert loaded.diffusion.min_snr_gamma is None and DEFAULTS.diffusion.min_snr_gamma == 5.0
+    assert loaded.train == DEFAULT_TRAIN and loaded.fid_extractor == "auto"
+    assert PipelineConfig.from_stored(current) == DEFAULTS   # a round trip
+    with pytest.raises(ValueError, match="cannot read .*train.optimizer: Extra inputs are not permitted"):
+        PipelineConfig.from_stored({**current, "train": {**current["train"], "optimizer": "lamb"}})
+    with pytest.raises(ValueError, match="sections \\['scheduler'\\] are not settings"):
+        PipelineConfig.from_stored({**current, "scheduler": {}})
