@@ -46,13 +46,28 @@ def q_step(schedule: NoiseSchedule, x_prev: Tensor, t: Tensor, noise: Tensor) ->
     )
 
 
+def posterior_coefficients(abar_t, abar_prev):
+    """q(x_prev | x_t, x_0) = N(coef_x0 x_0 + coef_xt x_t, variance I), eqs. 6-7, for any two steps
+    prev < t of the chain (consecutive, or a respaced pair) with alphas_cumprod abar_t, abar_prev:
+
+        beta = 1 - abar_t / abar_prev                 (beta_t itself for consecutive steps)
+        coef_x0 = sqrt(abar_prev) beta / (1 - abar_t)
+        coef_xt = sqrt(1 - beta) (1 - abar_prev) / (1 - abar_t)
+        variance = beta (1 - abar_prev) / (1 - abar_t)   (beta-tilde; 0 at the first step)
+
+    Floats or tensors alike. Returns (coef_x0, coef_xt, variance, beta).
+    """
+    beta = 1 - abar_t / abar_prev
+    coef_x0 = abar_prev**0.5 * beta / (1 - abar_t)
+    coef_xt = (1 - beta) ** 0.5 * (1 - abar_prev) / (1 - abar_t)
+    return coef_x0, coef_xt, beta * (1 - abar_prev) / (1 - abar_t), beta
+
+
 def q_posterior(schedule: NoiseSchedule, x0: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
     """Mean and variance (beta-tilde) of q(x_{t-1} | x_t, x_0), eqs. 6-7."""
-    mean = (
-        schedule.gather("posterior_mean_coef1", t, x_t) * x0
-        + schedule.gather("posterior_mean_coef2", t, x_t) * x_t
-    )
-    return mean, schedule.gather("posterior_variance", t, x_t)
+    coef_x0, coef_xt, variance, _ = posterior_coefficients(schedule.gather("alphas_cumprod", t, x_t),
+                                                           schedule.gather("alphas_cumprod_prev", t, x_t))
+    return coef_x0 * x0 + coef_xt * x_t, variance
 
 
 # --- conversions between what the network predicts -----------------------------------------

@@ -25,7 +25,7 @@ from typing import Annotated, Callable, Iterable, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from ddpm.diffusion import PredictionType, predict_x0_and_epsilon, q_sample
+from ddpm.diffusion import PredictionType, posterior_coefficients, predict_x0_and_epsilon, q_sample
 from ddpm.guidance import (DEFAULT_GUIDANCE_SCALE, MAX_GUIDANCE_SCALE, ClassifierFreeGuidance, balanced_labels,
                            check_class_labels)
 from ddpm.schedules import NoiseSchedule
@@ -77,16 +77,14 @@ class DDPMSampler:
 
     def step(self, model_output: Tensor, t: int, t_prev: int, x_t: Tensor, noise: Tensor) -> Tensor:
         abar_t, abar_prev = _alphas_cumprod_pair(self.schedule, t, t_prev)
-        beta = 1 - abar_t / abar_prev
         tt = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
         x0, _ = predict_x0_and_epsilon(self.schedule, x_t, tt, model_output, self.prediction_type, self.clip_x0)
         # posterior q(x_prev | x_t, x_0) of the pair (t, t_prev), eqs. 6-7
-        coef_x0 = abar_prev**0.5 * beta / (1 - abar_t)
-        coef_xt = (1 - beta) ** 0.5 * (1 - abar_prev) / (1 - abar_t)
+        coef_x0, coef_xt, beta_tilde, beta = posterior_coefficients(abar_t, abar_prev)
         mean = coef_x0 * x0 + coef_xt * x_t
         if t_prev < 0:  # the last step returns the mean (z = 0 in Algorithm 2)
             return mean
-        variance = beta if self.variance == "beta" else beta * (1 - abar_prev) / (1 - abar_t)
+        variance = beta if self.variance == "beta" else beta_tilde
         return mean + variance**0.5 * noise
 
 

@@ -6,8 +6,9 @@ once in float64 so that products over 1000 steps keep their precision:
     alphas_t         = 1 - beta_t
     alphas_cumprod_t = prod_{s<=t} alpha_s                    (alpha-bar in the paper)
     q(x_t | x_0)     = N(sqrt(alphas_cumprod_t) x_0, (1 - alphas_cumprod_t) I)
-    q(x_{t-1} | x_t, x_0) = N(posterior_mean_coef1_t x_0 + posterior_mean_coef2_t x_t,
-                              posterior_variance_t I)          (eqs. 6-7 of Ho et al. 2020)
+
+The posterior q(x_{t-1} | x_t, x_0) (eqs. 6-7) is ddpm.diffusion.posterior_coefficients, for
+consecutive steps and respaced pairs alike.
 
 Timesteps are 0-based here: index t in [0, T) is the paper's step t+1.
 """
@@ -104,16 +105,6 @@ class NoiseSchedule:
         self.sqrt_one_minus_alphas_cumprod = self.one_minus_alphas_cumprod.sqrt()
         self.sqrt_recip_alphas_cumprod = self.alphas_cumprod.rsqrt()
         self.sqrt_recipm1_alphas_cumprod = (1.0 / self.alphas_cumprod - 1).sqrt()
-        # beta-tilde: the variance of q(x_{t-1} | x_t, x_0) (eq. 7); 0 at t = 0.
-        self.posterior_variance = betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
-        # log of it with the t = 0 entry replaced by t = 1's, so the log stays finite.
-        self.posterior_log_variance_clipped = torch.log(
-            torch.cat([self.posterior_variance[1:2], self.posterior_variance[1:]])
-            if self.num_timesteps > 1
-            else betas
-        )
-        self.posterior_mean_coef1 = betas * self.alphas_cumprod_prev.sqrt() / (1.0 - self.alphas_cumprod)
-        self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * self.alphas.sqrt() / (1.0 - self.alphas_cumprod)
         self._device_cache: dict[tuple, Tensor] = {}
 
     @classmethod

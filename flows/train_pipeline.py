@@ -23,7 +23,7 @@ from tasks.config import (
 )
 from tasks.data import log_dataset_input, prepare_data
 from tasks.evaluate import check_evaluation, evaluate_samples, extractor_names, guidance_sweep
-from tasks.registry import log_ddpm_model
+from tasks.serving import log_ddpm_model
 from tasks.sample import sample_checkpoint
 from tasks.train import train_model
 

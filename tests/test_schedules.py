@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from ddpm.diffusion import posterior_coefficients
 from ddpm.schedules import BETA_SCHEDULES, NoiseSchedule
 
 
@@ -37,17 +38,21 @@ def test_every_schedule_is_valid_for_any_T(name, T):
     assert schedule.num_timesteps == T
     assert ((schedule.betas > 0) & (schedule.betas < 1)).all()
     assert (schedule.alphas_cumprod[1:] <= schedule.alphas_cumprod[:-1]).all()  # monotone decreasing
-    assert torch.isfinite(schedule.posterior_log_variance_clipped).all()
+    _, _, variance, _ = posterior_coefficients(schedule.alphas_cumprod, schedule.alphas_cumprod_prev)
+    assert torch.isfinite(variance).all() and variance[0] == 0
 
 
 def test_posterior_quantities_match_eq_7():
+    """For consecutive steps the pairwise posterior is the paper's eq. 7 with beta_t itself."""
     s = NoiseSchedule.from_name("linear", 1000)
     t = 500
     abar, abar_prev, beta = s.alphas_cumprod[t], s.alphas_cumprod[t - 1], s.betas[t]
-    assert math.isclose(s.posterior_variance[t], beta * (1 - abar_prev) / (1 - abar), rel_tol=1e-12)
-    assert math.isclose(s.posterior_mean_coef1[t], abar_prev.sqrt() * beta / (1 - abar), rel_tol=1e-12)
-    assert math.isclose(s.posterior_mean_coef2[t], (1 - beta).sqrt() * (1 - abar_prev) / (1 - abar), rel_tol=1e-12)
-    assert s.posterior_variance[0] == 0
+    coef_x0, coef_xt, variance, pair_beta = posterior_coefficients(float(abar), float(abar_prev))
+    assert math.isclose(pair_beta, beta, rel_tol=1e-9)
+    assert math.isclose(variance, beta * (1 - abar_prev) / (1 - abar), rel_tol=1e-9)
+    assert math.isclose(coef_x0, abar_prev.sqrt() * beta / (1 - abar), rel_tol=1e-9)
+    assert math.isclose(coef_xt, (1 - beta).sqrt() * (1 - abar_prev) / (1 - abar), rel_tol=1e-9)
+    assert posterior_coefficients(float(s.alphas_cumprod[0]), 1.0)[2] == 0
 
 
 def test_custom_betas_and_errors():

@@ -109,3 +109,17 @@ def test_served_champion_returns_png_images_and_400_for_bad_requests(tmp_path, m
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()
         log.close()
+
+
+def test_a_model_pickled_before_the_serving_module_split_still_unpickles():
+    """Registered models pickle their PythonModel class by reference; those registered before
+    tasks.serving existed name tasks.registry.DDPMImageModel."""
+    import pickle
+
+    from tasks.serving import DDPMImageModel
+
+    new = pickle.dumps(DDPMImageModel(max_images=7), protocol=0)
+    assert b"tasks.serving" in new
+    old = new.replace(b"tasks.serving", b"tasks.registry")
+    model = pickle.loads(old)
+    assert type(model) is DDPMImageModel and model.max_images == 7
