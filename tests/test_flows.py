@@ -208,7 +208,7 @@ def test_retrain_uses_the_best_runs_configuration(trained, store):
     summary, _ = trained
     metric = summary["evaluation"]["metric"]   # fid_inception with the extra installed, else fid_classifier
     best_id, ranked_by, config = best_run_config("flows-test")
-    assert best_id == summary["run_id"] and ranked_by == metric and config["model"]["base_channels"] == 8
+    assert best_id == summary["run_id"] and ranked_by == metric and config.model.base_channels == 8
 
     result = retrain(experiment="flows-test", promote_to="retrain-test-model")
     assert result["based_on"] == summary["run_id"] and result["run_id"] != summary["run_id"]
