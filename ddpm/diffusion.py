@@ -65,8 +65,10 @@ def posterior_coefficients(abar_t, abar_prev):
 
 def q_posterior(schedule: NoiseSchedule, x0: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
     """Mean and variance (beta-tilde) of q(x_{t-1} | x_t, x_0), eqs. 6-7."""
-    coef_x0, coef_xt, variance, _ = posterior_coefficients(schedule.gather("alphas_cumprod", t, x_t),
-                                                           schedule.gather("alphas_cumprod_prev", t, x_t))
+    # in the schedule's float64, then cast: 1 - abar_t / abar_prev loses small betas in float32
+    coefficients = posterior_coefficients(schedule.alphas_cumprod, schedule.alphas_cumprod_prev)
+    coef_x0, coef_xt, variance = (c.to(x_t.device, x_t.dtype)[t].reshape(-1, *([1] * (x_t.dim() - 1)))
+                                  for c in coefficients[:3])
     return coef_x0 * x0 + coef_xt * x_t, variance
 
 

@@ -73,7 +73,8 @@ def parse_setting(text: str) -> tuple[str, str, object]:
     key, sep, raw = text.partition("=")
     section, dot, field = key.partition(".")
     if not sep or not dot or not field:
-        raise argparse.ArgumentTypeError(f"expected SECTION.FIELD=VALUE (e.g. train.learning_rate=1e-3), got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected SECTION.FIELD=VALUE (e.g. train.learning_rate=1e-3; the FID "
+                                         f"extractor is --fid-extractor), got {text!r}")
     try:
         value = json.loads(raw)
     except json.JSONDecodeError:
@@ -93,6 +94,15 @@ def positive_int(text: str) -> int:
     return value
 
 
+def one_of(*names: str):
+    """An argparse type accepting only `names` (a usage error, exit 2, otherwise)."""
+    def parse(text: str) -> str:
+        if text not in names:
+            raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from {', '.join(names)})")
+        return text
+    return parse
+
+
 # The pipeline options: each sets one PipelineConfig setting (tasks.config, the one home of their
 # defaults; `--show-config` prints them), as `--set KEY=VALUE` would.   flag: (setting, type, help)
 PIPELINE_OPTIONS = {
@@ -108,12 +118,14 @@ PIPELINE_OPTIONS = {
                     "--set train.nnodes=N --set train.rdzv_endpoint=HOST:PORT"),
     "--num-samples": ("sampling.num_images", positive_int, "images sampled for the FID"),
     "--sample-steps": ("sampling.num_steps", positive_int, "sampler steps for the FID samples"),
-    "--fid-extractor": ("fid_extractor", str, "auto, classifier or inception"),
+    "--fid-extractor": ("fid_extractor", one_of("auto", "classifier", "inception"), "auto, classifier or inception"),
 }
 
 
 def option_dest(flag: str) -> str:
     return flag.removeprefix("--").replace("-", "_")
+
+
 # Options of the flows besides the pipeline's configuration.
 FLOW_OPTIONS = ("experiment", "run_name", "schedules", "num_timesteps", "max_parallel", "dask_cluster")
 
@@ -125,8 +137,8 @@ def pipeline_config(args):
     from tasks.config import recipe
 
     config = recipe(args.recipe or "digits")
-    if args.preset:
-        config = config.model_copy(update={"model": preset(args.preset)})
+    if args.preset:   # a conditional recipe stays conditional
+        config = config.model_copy(update={"model": preset(args.preset, num_classes=config.model.num_classes)})
     settings = {key: getattr(args, option_dest(flag)) for flag, (key, _, _) in PIPELINE_OPTIONS.items()
                 if getattr(args, option_dest(flag), None) is not None}
     settings.update({f"{section}.{field}": value for section, field, value in args.set or []})
@@ -147,7 +159,8 @@ def pipeline_arguments(flow, args) -> dict:
         if name in parameters:
             kwargs[name] = value
         elif value != getattr(type(config)(), name):
-            raise CLIError(f"{flow.name} does not take {name} settings (it sets them itself)")
+            raise CLIError(f"{flow.name} sets the {name} settings itself (compare_schedules: from --schedules and "
+                           "--num-timesteps)")
     for name in FLOW_OPTIONS:
         value = getattr(args, name, None)
         if value is not None:
@@ -282,7 +295,15 @@ def cmd_train(args) -> None:
     if args.resume:
         from tasks.config import DEFAULTS
 
-        changed = [change.split()[0] for change in DEFAULTS.differences(pipeline_config(args))] + [
+        if args.show_config:   # the settings it resumes with: the run's own
+            from tasks import tracking
+            from tasks.config import PipelineConfig
+
+            return print_json(PipelineConfig.from_stored(tracking.run_config(tracking.find_run(args.resume))).to_stored())
+        # --conditional first: working out its class count would prepare the data
+        changed = ["--conditional"] if args.conditional else [
+            change.split()[0] for change in DEFAULTS.differences(pipeline_config(args))]
+        changed += [
             f"--{name.replace('_', '-')}" for name in FLOW_OPTIONS if name != "experiment"   # experiment: for --promote
             and getattr(args, name, None) is not None]
         if changed:

@@ -23,13 +23,11 @@ from tasks.config import (
 )
 from tasks.data import log_dataset_input, prepare_data
 from tasks.evaluate import check_evaluation, evaluate_samples, extractor_names, guidance_sweep
-from tasks.serving import log_ddpm_model
 from tasks.sample import sample_checkpoint
+from tasks.serving import log_ddpm_model
 from tasks.train import train_model
 
 ExperimentName = Annotated[str, Field(min_length=1, description="MLflow experiment")]
-CHECKPOINT_DIR_TAG, CONFIG_ARTIFACT, CONDITIONAL_TAG = (
-    tracking.CHECKPOINT_DIR_TAG, tracking.CONFIG_ARTIFACT, tracking.CONDITIONAL_TAG)
 
 
 def start_run(experiment: str, run_name: str | None, params: dict, tags: dict | None = None) -> str:
@@ -107,7 +105,7 @@ def run_pipeline(
         print(f"resuming MLflow run {run_id} from its newest valid checkpoint")
     else:
         run_tags = {"dataset.fingerprint": dataset.fingerprint, "schedule": config.diffusion.schedule,
-                    CONDITIONAL_TAG: str(model.num_classes is not None).lower(), **(tags or {})}
+                    tracking.CONDITIONAL_TAG: str(model.num_classes is not None).lower(), **(tags or {})}
         if parent_run_id:
             run_tags["mlflow.parentRunId"] = parent_run_id
         run_id = start_run(experiment, run_name, config.to_stored(), tags=run_tags)
@@ -115,13 +113,14 @@ def run_pipeline(
     with tracking.run_lifecycle(run_id):
         out = settings.run_dir(run_id)
         if resume_run_id:
-            checkpoint_dir = Path(run.data.tags.get(CHECKPOINT_DIR_TAG) or out / "checkpoints")
+            found = tracking.run_checkpoints(run)   # where evaluate and promotion find them too
+            checkpoint_dir = found[-1].parent if found else tracking.checkpoint_folders(run)[0]
         else:
             checkpoint_dir = out / "checkpoints"
             log_dataset_input(run_id, dataset)
             # evaluate finds the checkpoints from these, even when its DDPM_HOME is another folder
-            tracking.client().set_tag(run_id, CHECKPOINT_DIR_TAG, str(checkpoint_dir))
-            tracking.log_dict(run_id, config.to_stored(), CONFIG_ARTIFACT)
+            tracking.client().set_tag(run_id, tracking.CHECKPOINT_DIR_TAG, str(checkpoint_dir))
+            tracking.log_dict(run_id, config.to_stored(), tracking.CONFIG_ARTIFACT)
         trained = train_model(dataset_path, model, config.diffusion, config.train, run_id, str(checkpoint_dir))
         final = trained["checkpoints"][-1]
         # the run's model (MLflow 3 LoggedModel, the EMA weights), its FIDs linked to it; promotion

@@ -9,10 +9,10 @@ The five sections are ddpm's own config classes, whose defaults stay the paper's
 defaults are the pipeline's (the small-model recipe tuned by measurement, docs/benchmarks.md), the
 one place they are written. A section given partially, as a deployment's `--param`, the Prefect
 UI form, `--set train.steps=3000` or a recipe gives it, changes only the fields it names; the rest
-keep the pipeline's defaults, not the class's. The flows take the sections as their parameters
-(`SECTION_PARAMETERS`: Prefect's schema of every deployment), store the whole object as the run's
-config.json, and `retrain`, `evaluate` and `--resume` read it back with `from_stored`. The CLI's
-options and `--set` keys are its fields.
+keep the pipeline's defaults, not the class's. The training flows take the sections as their
+parameters (typed `DataParam`, `TrainParam`, ...: Prefect's schema of their deployments), store
+the whole object as the run's config.json, and `retrain`, `evaluate` and `--resume` read it back
+with `from_stored`. The CLI's options and `--set` keys are its settings (`settings()`).
 """
 
 from __future__ import annotations

@@ -111,6 +111,9 @@ def test_sample_from_the_registered_champion(checkpoint, env, tmp_path, monkeypa
     (["train", "--lr", "nan"], 1, "learning_rate: Input should be a finite number"),
     (["train", "--image-size", "32"], 1, "the data is 32x32 with 1 channel(s) but the model takes 16x16"),
     (["train", "--resume", "abc", "--steps", "5"], 1, "drop the options that set train"),
+    (["train", "--resume", "abc", "--conditional"], 1, "drop the options that set --conditional"),
+    (["train", "--fid-extractor", "bogus"], 2, "invalid choice: 'bogus'"),
+    (["compare", "--set", "diffusion.num_timesteps=5"], 1, "sets the diffusion settings itself"),
     (["train", "--experiment", ""], 1, "experiment: String should have at least 1 character"),
     (["compare", "--schedules", "linear", "wobbly"], 1, "unknown noise schedule(s) ['wobbly']"),
     (["train", "--processes", "64"], 1, "train.num_processes=64 but this machine has"),
@@ -239,6 +242,9 @@ def test_recipe_options_start_from_the_recipe_and_options_override_it():
     assert kwargs["model"] == mnist.model == preset("tiny-32") and kwargs["sampling"] == mnist.sampling
     assert kwargs["train"] == mnist.train.model_copy(update={"steps": 7})
     assert mnist.train == DEFAULTS.train.model_copy(update={"steps": 2000})   # the recipe's one change to train
+    # a preset replaces the recipe's model but keeps it conditional
+    args = build_parser().parse_args(["train", "--recipe", "digits-conditional", "--preset", "small-16"])
+    assert pipeline_arguments(train_pipeline, args)["model"] == preset("small-16", num_classes=10)
 
 
 @pytest.mark.skipif(not (REPO.parent / "shared/data/mnist-full/train-images-idx3-ubyte.gz").exists(),

@@ -355,3 +355,29 @@ def test_ddp_two_processes_match_one_process_with_the_same_global_batch(tmp_path
     final = load_checkpoint(tmp_path / "ddp" / "step-0000006.pt")
     assert final["world_size"] == 2
     assert max_param_difference(final["model"], single.model.state_dict()) < 1e-4  # Adam: see accumulation test
+
+
+def test_a_runs_checkpoints_are_found_in_its_tagged_folder_else_its_run_folder(tmp_path, monkeypatch):
+    """Evaluation, promotion and resume find a run's checkpoints the same way (tasks.tracking):
+    a stale `checkpoint_dir` tag (DDPM_HOME moved, a container's path) falls back to the run folder."""
+    from types import SimpleNamespace
+
+    from trained_runs import tiny_checkpoint
+
+    from ddpm.checkpoint import checkpoint_step, load_model
+    from tasks import tracking
+
+    monkeypatch.setenv("DDPM_HOME", str(tmp_path / "home"))
+    run_folder = tmp_path / "home" / "runs" / "abc" / "checkpoints"
+    checkpoint = tiny_checkpoint(run_folder, steps=2)
+    assert checkpoint_step(checkpoint) == 2 and load_model(checkpoint)[2]["step"] == 2
+
+    def run(tags):
+        return SimpleNamespace(info=SimpleNamespace(run_id="abc"), data=SimpleNamespace(tags=tags))
+
+    stale = run({tracking.CHECKPOINT_DIR_TAG: str(tmp_path / "gone")})
+    assert tracking.checkpoint_folders(stale) == [tmp_path / "gone", run_folder]
+    assert tracking.run_checkpoints(stale) == [checkpoint] == tracking.run_checkpoints(run({}))
+    assert tracking.run_checkpoints(run({tracking.CHECKPOINT_DIR_TAG: str(run_folder)})) == [checkpoint]
+    with pytest.raises(CheckpointError, match="not a checkpoint file name"):
+        checkpoint_step(tmp_path / "model.pt")
