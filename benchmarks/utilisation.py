@@ -10,7 +10,8 @@ MSE, backward: the convolutions, matmuls and attention; elementwise work is not 
 usual MFU convention) and divided by the batch. The peak is the best of a few large square
 matmuls (n = 2048 on CPU, 8192 on CUDA) on the same threads, fp32 and bf16. MFU = achieved /
 peak of the variant's precision (for bf16, the better of the two peaks). Variants: eager (fp32), channels_last, bf16 (autocast), compile
-(torch.compile of the model, default mode), compile+bf16. Steps of both models run interleaved,
+(torch.compile of the model, default mode), compile+bf16, channels_last+bf16, fused_adam (Adam's fused
+CPU kernel instead of its foreach default). Steps of both models run interleaved,
 round by round, so drift of the machine cancels; the table gives the median over rounds.
 Compilation time and the number of graphs dynamo compiled (after warm-up, and again after the
 timed rounds: equal means no recompilation) are printed with each compiled variant. Runs as is
@@ -33,7 +34,7 @@ from common import diffusers_unet, machine
 from ddpm.unet import PRESETS, UNet
 
 BATCH_SIZES = {"ddpm-cifar10": 32, "small-16": 128, "tiny-16": 64, "tiny-32": 64}
-VARIANTS = ("eager", "channels_last", "bf16", "compile", "compile+bf16")
+VARIANTS = ("eager", "channels_last", "bf16", "channels_last+bf16", "fused_adam", "compile", "compile+bf16")
 
 
 def synchronize(device: torch.device) -> None:
@@ -69,11 +70,12 @@ class Step:
         self.x = torch.randn(batch, *shape, device=device)
         self.t = torch.randint(0, 1000, (batch,), device=device)
         self.noise = torch.randn_like(self.x)
-        if variant == "channels_last":
+        if variant.startswith("channels_last"):
             self.model = self.model.to(memory_format=torch.channels_last)
             self.x = self.x.contiguous(memory_format=torch.channels_last)
         self.forward = call(torch.compile(self.model) if variant.startswith("compile") else self.model)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=2e-4, fused=device.type == "cuda" or None)
+        fused = device.type == "cuda" or variant == "fused_adam" or None   # fused Adam: CUDA's default, and a CPU kernel
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=2e-4, fused=fused)
         self.bf16 = variant.endswith("bf16")
 
     def __call__(self) -> None:
