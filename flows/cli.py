@@ -286,8 +286,17 @@ def show_config(kwargs: dict) -> None:
     """--show-config: the flow's arguments, every setting spelled out, as JSON; nothing runs."""
     from pydantic import BaseModel
 
-    print_json({name: value.model_dump(mode="json") if isinstance(value, BaseModel) else value
-                for name, value in kwargs.items()})
+    def plain(value):
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+
+    print_json(plain(kwargs))
+
+
+def flow_defaults(flow) -> dict:
+    return {name: p.default for name, p in inspect.signature(flow.fn).parameters.items()
+            if p.default is not inspect.Parameter.empty}
 
 
 def cmd_train(args) -> None:
@@ -327,8 +336,14 @@ def cmd_train(args) -> None:
 def cmd_compare(args) -> None:
     flow = lazy_flow("flows.compare_schedules", "compare_schedules", args)
     kwargs = pipeline_arguments(flow, args)
-    if args.show_config:
-        return show_config(kwargs)
+    if args.show_config:   # with each schedule's diffusion settings, as the flow will build them
+        from flows.compare_schedules import schedule_configs
+        from tasks.config import PipelineConfig
+
+        given = {**flow_defaults(flow), **kwargs}
+        configs = schedule_configs(given["schedules"], given["num_timesteps"], PipelineConfig(
+            **{k: v for k, v in given.items() if k in PipelineConfig.model_fields}))
+        return show_config({**kwargs, "diffusion": {name: c.diffusion for name, c in configs.items()}})
     preflight(flow, kwargs)
     print_json(run_flow(flow, **kwargs))
 

@@ -83,6 +83,14 @@ def check_scheduler(address: str, timeout_seconds: float = 10.0) -> None:
                          f"{error}") from None
 
 
+def schedule_configs(schedules: list[str], num_timesteps: int, base: PipelineConfig) -> dict[str, PipelineConfig]:
+    """The configuration of each schedule's run: `base` with that schedule and T, everything else
+    (the loss weighting and prediction type of its diffusion section included) equal."""
+    return {name: base.model_copy(update={"diffusion": base.diffusion.model_copy(
+                update={"schedule": name, "num_timesteps": num_timesteps})})
+            for name in schedules}
+
+
 @task(name="train_schedule", task_run_name="train-{config.diffusion.schedule}")
 def train_schedule(config: PipelineConfig, experiment: str, parent_run_id: str) -> dict:
     """The whole pipeline for one schedule, as an MLflow child run of the comparison."""
@@ -135,12 +143,8 @@ def compare_schedules(
     `promote_to` (None: no promotion), which moves its `champion` alias only if it is better.
     `dask_cluster` runs the pipelines on Dask (see DaskCluster).
     """
-    # the same configuration but for the schedule (and T); the loss weighting is the pipeline's
-    configs = {name: PipelineConfig(data=data, model=model, train=train, sampling=sampling,
-                                    fid_extractor=fid_extractor,
-                                    diffusion=DEFAULTS.diffusion.model_copy(
-                                        update={"schedule": name, "num_timesteps": num_timesteps}))
-               for name in schedules}
+    configs = schedule_configs(schedules, num_timesteps, PipelineConfig(
+        data=data, model=model, train=train, sampling=sampling, fid_extractor=fid_extractor))
     runner = fan_out_runner(dask_cluster, max_parallel)
     for config in configs.values():
         check_config(config)

@@ -267,3 +267,21 @@ def test_conditional_takes_the_class_count_from_the_data(tmp_path, monkeypatch):
     flow = lazy_flow("flows.train_pipeline", "train_pipeline")
     kwargs = pipeline_arguments(flow, build_parser().parse_args(["train", "--conditional", "--steps", "5"]))
     assert kwargs["model"].num_classes == 10 and kwargs["train"].steps == 5
+
+
+def test_show_config_prints_the_settings_and_runs_nothing(tmp_path, monkeypatch, capsys):
+    """`--show-config` prints what would run, compare's per-schedule diffusion settings included,
+    and starts no server, no run and no data preparation (DDPM_HOME holds only the log folder)."""
+    from flows.cli import main
+    from tasks.config import DEFAULTS
+
+    monkeypatch.setenv("DDPM_HOME", str(tmp_path / "home"))
+    assert main(["train", "--show-config", "--steps", "7", "--set", "model.dropout=0.1"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["train"] == DEFAULTS.train.model_copy(update={"steps": 7}).model_dump(mode="json")
+    assert shown["model"]["dropout"] == 0.1 and shown["fid_extractor"] == "auto"
+    assert main(["compare", "--show-config", "--schedules", "linear", "cosine", "--num-timesteps", "500"]) == 0
+    diffusion = json.loads(capsys.readouterr().out)["diffusion"]
+    assert diffusion == {name: DEFAULTS.diffusion.model_copy(update={"schedule": name, "num_timesteps": 500})
+                         .model_dump(mode="json") for name in ("linear", "cosine")}
+    assert [p.name for p in (tmp_path / "home").iterdir()] == ["logs"]
