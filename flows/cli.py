@@ -151,6 +151,8 @@ def pipeline_config(args):
 def pipeline_arguments(flow, args) -> dict:
     """The flow's keyword arguments: the sections of `pipeline_config(args)` the flow takes, and
     the flow's other options given on the command line."""
+    from tasks.config import DEFAULTS
+
     config = pipeline_config(args)
     parameters = inspect.signature(flow.fn).parameters
     kwargs = {}
@@ -158,7 +160,7 @@ def pipeline_arguments(flow, args) -> dict:
         value = getattr(config, name)
         if name in parameters:
             kwargs[name] = value
-        elif value != getattr(type(config)(), name):
+        elif value != getattr(DEFAULTS, name):
             raise CLIError(f"{flow.name} sets the {name} settings itself (compare_schedules: from --schedules and "
                            "--num-timesteps)")
     for name in FLOW_OPTIONS:
@@ -276,10 +278,16 @@ def preflight(flow, kwargs: dict) -> None:
     """The flow's parameter validation and the pipeline's checks that need no data, before
     Prefect starts (seconds, not a training)."""
     from flows.train_pipeline import check_config
-    from tasks.config import PipelineConfig
 
     validated(flow, kwargs)
-    check_config(PipelineConfig(**{k: v for k, v in kwargs.items() if k in PipelineConfig.model_fields}))
+    check_config(config_of(kwargs))
+
+
+def config_of(arguments: dict):
+    """The PipelineConfig of a flow's arguments (the sections it does not take: the defaults)."""
+    from tasks.config import PipelineConfig
+
+    return PipelineConfig(**{k: v for k, v in arguments.items() if k in PipelineConfig.model_fields})
 
 
 def show_config(kwargs: dict) -> None:
@@ -338,11 +346,9 @@ def cmd_compare(args) -> None:
     kwargs = pipeline_arguments(flow, args)
     if args.show_config:   # with each schedule's diffusion settings, as the flow will build them
         from flows.compare_schedules import schedule_configs
-        from tasks.config import PipelineConfig
 
         given = {**flow_defaults(flow), **kwargs}
-        configs = schedule_configs(given["schedules"], given["num_timesteps"], PipelineConfig(
-            **{k: v for k, v in given.items() if k in PipelineConfig.model_fields}))
+        configs = schedule_configs(given["schedules"], given["num_timesteps"], config_of(given))
         return show_config({**kwargs, "diffusion": {name: c.diffusion for name, c in configs.items()}})
     preflight(flow, kwargs)
     print_json(run_flow(flow, **kwargs))

@@ -143,11 +143,10 @@ def compare_schedules(
     `promote_to` (None: no promotion), which moves its `champion` alias only if it is better.
     `dask_cluster` runs the pipelines on Dask (see DaskCluster).
     """
-    configs = schedule_configs(schedules, num_timesteps, PipelineConfig(
-        data=data, model=model, train=train, sampling=sampling, fid_extractor=fid_extractor))
+    base = PipelineConfig(data=data, model=model, train=train, sampling=sampling, fid_extractor=fid_extractor)
+    configs = schedule_configs(schedules, num_timesteps, base)
     runner = fan_out_runner(dask_cluster, max_parallel)
-    for config in configs.values():
-        check_config(config)
+    check_config(base)   # the schedule changes nothing it checks
     home = settings.ddpm_home()
     # Prepared once here, so the concurrent pipelines all hit the cache instead of racing to write it.
     dataset_path = prepare_data.with_options(result_storage=home / "task-results")(data, out_dir=str(home / "data"))
