@@ -75,8 +75,13 @@ class TrainConfig(BaseModel):
                                                               "(EMA weights, the default sampler, the same seeds "
                                                               "every time) for MLflow's image slider; 0: none")
     device: str = Field("auto", description="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1', ...")
+    # Speed switches, set by measurement (docs/benchmarks.md section 9): on CPU none pays at the
+    # default preset, so each is on for CUDA only or off.
     mixed_precision: Literal["auto", "bf16", "no"] = Field("auto", description="auto: bf16 autocast on CUDA only")
-    compile: bool = Field(False, description="torch.compile the model (CUDA)")
+    memory_format: Literal["auto", "channels_last", "contiguous"] = Field(
+        "auto", description="layout of weights and images: auto = channels_last on CUDA only")
+    compile: bool = Field(False, description="torch.compile the model (inductor, CPU or CUDA): compiled once, in the "
+                                             "first step, whose time is logged as compile_seconds")
     # Data-parallel training (ddpm.distributed): the pipeline launches torchrun when world_size > 1.
     # batch_size stays the global batch, so the trajectory does not depend on these.
     num_processes: int = Field(1, ge=1, description="training processes per node, one device each (GPUs, or CPU "
@@ -101,6 +106,10 @@ class TrainConfig(BaseModel):
             raise ValueError(f"nnodes={self.nnodes} needs rdzv_endpoint, the host:port of the rendezvous "
                              "(one of the nodes, reachable from all)")
         return self
+
+    def autocast_bf16(self, device: torch.device) -> bool:
+        """Whether training on `device` runs under bf16 autocast."""
+        return self.mixed_precision == "bf16" or (self.mixed_precision == "auto" and device.type == "cuda")
 
     @property
     def world_size(self) -> int:
@@ -139,10 +148,11 @@ class TrainResult:
     checkpoints: list[Path] = field(default_factory=list)
     loss_history: list[tuple[int, float]] = field(default_factory=list)
     resumed_from: int | None = None
+    compile_seconds: float | None = None   # train.compile: the first step's time, compilation included
 
 
 # TrainConfig fields that shape the training trajectory: a resume must not change them. The rest
-# (steps: extend a run; logging, checkpointing, device, compile) may differ between sessions.
+# (steps: extend a run; logging, checkpointing, device, memory_format, compile) may differ between sessions.
 TRAJECTORY_FIELDS = ("batch_size", "grad_accum_steps", "learning_rate", "warmup_steps", "lr_schedule", "grad_clip",
                      "ema_decay", "ema_warmup", "hflip", "seed", "mixed_precision", "p_uncond")
 # TrainConfig fields that say where a run trains, not what it learns: a rerun elsewhere (retrain)
@@ -165,6 +175,20 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def check_compiler(device: torch.device) -> None:
+    """train.compile on the CPU builds C++ kernels in the first step: without a compiler, say so
+    before training starts, in one line (inductor's own search: $CXX, else g++)."""
+    if device.type != "cpu":
+        return
+    from torch._inductor import cpp_builder, exc
+
+    try:
+        cpp_builder.get_cpp_compiler()
+    except exc.InvalidCxxCompiler:
+        raise ValueError("train.compile on the CPU needs a C++ compiler and none was found (it looks for $CXX, "
+                         "else g++): install one, or set train.compile=false") from None
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -227,6 +251,8 @@ class Trainer:
         self.micro_batch_size = train_config.rank_micro_batch_size(self.world_size)
         self.image_shape = (model_config.in_channels, model_config.image_size, model_config.image_size)
         self.device = resolve_device(train_config.device)
+        if train_config.compile:
+            check_compiler(self.device)
         self.schedule = diffusion_config.make_schedule()
 
         torch.manual_seed(train_config.seed)  # initial weights: the same on every rank
@@ -234,6 +260,9 @@ class Trainer:
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
+        memory_format = train_config.memory_format
+        self.channels_last = memory_format == "channels_last" or (memory_format == "auto" and self.device.type == "cuda")
+        if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.ema = AveragedModel(
             self.model, multi_avg_fn=ema_multi_avg_fn(train_config.ema_decay, train_config.ema_warmup), use_buffers=True
@@ -251,6 +280,7 @@ class Trainer:
             self.ddp_model = DistributedDataParallel(self.model, device_ids=device_ids)
         wrapped = self.ddp_model or self.model
         self.forward_model = torch.compile(wrapped) if train_config.compile else wrapped
+        self.compile_seconds: float | None = None   # the first step's time when compiling
         self.step = 0
         self.generator = torch.Generator(device=self.device)
 
@@ -332,8 +362,7 @@ class Trainer:
     # --- the loop -------------------------------------------------------------------------
 
     def _autocast(self):
-        mode = self.config.mixed_precision
-        if mode == "bf16" or (mode == "auto" and self.device.type == "cuda"):
+        if self.config.autocast_bf16(self.device):
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return nullcontext()
 
@@ -373,7 +402,7 @@ class Trainer:
                     f"{(micro, *self.image_shape)} (batch_size {cfg.batch_size} / (world_size {self.world_size} "
                     f"x grad_accum_steps {accum}))"
                 )
-            if self.device.type == "cuda":
+            if self.channels_last:
                 x0 = x0.contiguous(memory_format=torch.channels_last)
             start = (m * self.world_size + self.rank) * micro
             if num_classes:
@@ -432,19 +461,24 @@ class Trainer:
         barrier()  # every rank has loaded before any trains
         end = min(stop_at or cfg.steps, cfg.steps)
         result = TrainResult(step=self.step, final_loss=float("nan"), images_per_second=0.0, resumed_from=resumed_from)
-        window_loss, window_norm, window_steps = 0.0, 0.0, 0
+        window_loss, window_norm, window_steps, compiled_in_window = 0.0, 0.0, 0, False
         window_start = time.perf_counter()
         total_time, total_images = 0.0, 0
         bar = progress_bar(total=end, initial=self.step, desc="train", unit="step", disable=not (progress and main))
         while self.step < end:
             lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler moves on after it)
+            step_start = time.perf_counter()
             loss, grad_norm = self.train_step()
+            if cfg.compile and self.compile_seconds is None:   # the first step compiles
+                self.compile_seconds, compiled_in_window = time.perf_counter() - step_start, True
             window_loss, window_norm, window_steps = window_loss + loss, window_norm + grad_norm, window_steps + 1
             bar.update(1)
             if self.step % cfg.log_every == 0 or self.step == end:
-                elapsed = time.perf_counter() - window_start
-                images_per_second = window_steps * cfg.batch_size / max(elapsed, 1e-9)
-                total_time, total_images = total_time + elapsed, total_images + window_steps * cfg.batch_size
+                elapsed, timed_steps = time.perf_counter() - window_start, window_steps
+                if compiled_in_window and window_steps > 1:   # compiling is a one-off cost, not throughput
+                    elapsed, timed_steps = elapsed - self.compile_seconds, window_steps - 1
+                images_per_second = timed_steps * cfg.batch_size / max(elapsed, 1e-9)
+                total_time, total_images = total_time + elapsed, total_images + timed_steps * cfg.batch_size
                 metrics = {
                     "loss": window_loss / window_steps,
                     "lr": lr,
@@ -452,11 +486,13 @@ class Trainer:
                     "images_per_second": images_per_second,
                     "ema_decay": last_ema_decay(cfg.ema_decay, cfg.ema_warmup, int(self.ema.n_averaged)),
                 }
+                if compiled_in_window:
+                    metrics["compile_seconds"] = self.compile_seconds
                 result.loss_history.append((self.step, metrics["loss"]))
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{images_per_second:.0f}", refresh=False)
                 if on_log and main:
                     on_log(self.step, metrics)
-                window_loss, window_norm, window_steps = 0.0, 0.0, 0
+                window_loss, window_norm, window_steps, compiled_in_window = 0.0, 0.0, 0, False
                 window_start = time.perf_counter()
             if self.checkpoint_dir and main and (self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps):
                 path = self.save()
@@ -469,6 +505,7 @@ class Trainer:
         result.step = self.step
         result.final_loss = result.loss_history[-1][1] if result.loss_history else float("nan")
         result.images_per_second = total_images / total_time if total_time else 0.0
+        result.compile_seconds = self.compile_seconds
         return result
 
 

@@ -17,6 +17,7 @@ from pydantic import Field
 
 from ddpm.data import load_prepared, validate_for_model
 from ddpm.distributed import check_num_processes
+from ddpm.training import check_compiler, resolve_device
 from tasks import settings, tracking
 from tasks.config import (
     DEFAULTS, DataParam, DiffusionParam, ExtractorKind, ModelParam, PipelineConfig, SamplingParam, TrainParam,
@@ -43,8 +44,9 @@ def start_run(experiment: str, run_name: str | None, params: dict, tags: dict | 
 def check_config(config: PipelineConfig) -> None:
     """The checks that need no data, for callers to run before anything starts (the CLI runs them
     before Prefect): the model's input matches the images, the FID extractor asked for is here,
-    classes and guidance are asked only of a class-conditional model, within its classes, and
-    this machine has a device for each training process asked for."""
+    classes and guidance are asked only of a class-conditional model, within its classes,
+    this machine has a device for each training process asked for, and a C++ compiler when
+    compiling on the CPU."""
     data, model, train = config.data, config.model, config.train
     if (data.image_size, data.channels) != (model.image_size, model.in_channels):
         raise ValueError(
@@ -56,6 +58,8 @@ def check_config(config: PipelineConfig) -> None:
     config.sampling.class_labels(model.num_classes)
     if train.world_size > 1:
         check_num_processes(train.num_processes, train.device)
+    if train.compile:
+        check_compiler(resolve_device(train.device))
 
 
 def resumed_config(run_id: str, given: PipelineConfig) -> PipelineConfig:

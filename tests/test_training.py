@@ -261,6 +261,54 @@ def test_lr_warmup_ema_warmup_and_logged_metrics():
     assert max_param_difference(ema_expected, params) > 1e-4
 
 
+def test_compiled_training_compiles_once_follows_eager_and_its_checkpoints_resume_eagerly(tmp_path):
+    """train.compile on the CPU (inductor): one compilation in the first step, reported as
+    compile_seconds and kept out of images/s; no recompilation in later steps; the losses and
+    weights follow eager training to float tolerance (fused kernels round differently); the
+    checkpoints hold the plain module's keys, so an eager Trainer resumes a compiled run."""
+    from torch._dynamo.utils import counters
+
+    # the smallest UNet with every block kind: compiling tiny-16 takes a minute on 2 cores
+    model = MODEL.model_copy(update={"base_channels": 8, "channel_mults": (1,), "num_groups": 4,
+                                     "attention_resolutions": (16,), "middle_attention": False})
+    cfg = config(steps=4, checkpoint_every=2, log_every=2)
+    loader = BatchLoader(IMAGES, batch_size=cfg.batch_size, seed=cfg.seed)
+    eager = Trainer(model, DIFFUSION, cfg, loader.batch, tmp_path / "eager").train(progress=False)
+
+    torch._dynamo.reset()
+    compiled = Trainer(model, DIFFUSION, cfg.model_copy(update={"compile": True}), loader.batch, tmp_path / "compiled")
+    logged, graphs = [], []
+    result = compiled.train(progress=False, on_log=lambda s, m: (logged.append(m), graphs.append(
+        counters["stats"]["unique_graphs"])))
+    assert graphs[0] >= 1 and graphs[-1] == graphs[0]   # compiled in the first step, never again
+    assert result.compile_seconds > 0 and logged[0]["compile_seconds"] == result.compile_seconds
+    assert "compile_seconds" not in logged[1]
+    # the first window's images/s is its second step's: the compiling step is far slower
+    assert logged[0]["images_per_second"] > 2 * cfg.batch_size / result.compile_seconds
+    assert [loss for _, loss in result.loss_history] == pytest.approx([loss for _, loss in eager.loss_history],
+                                                                      rel=1e-4)
+
+    plain = load_checkpoint(tmp_path / "eager" / "step-0000004.pt")
+    from_compiled = load_checkpoint(tmp_path / "compiled" / "step-0000004.pt")
+    assert from_compiled["model"].keys() == plain["model"].keys() and from_compiled["ema"].keys() == plain["ema"].keys()
+    assert max_param_difference(from_compiled["model"], plain["model"]) < 1e-4
+
+    for step_4 in (tmp_path / "compiled").glob("step-0000004.*"):
+        step_4.unlink()
+    resumed = Trainer(model, DIFFUSION, cfg, loader.batch, tmp_path / "compiled")
+    assert resumed.train(progress=False).resumed_from == 2
+    assert max_param_difference(resumed.model.state_dict(), from_compiled["model"]) < 1e-4
+
+
+def test_compiling_on_the_cpu_without_a_compiler_is_refused_before_training(tmp_path, monkeypatch):
+    import torch._inductor.config
+
+    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", ("no-such-c++",))
+    with pytest.raises(ValueError, match=r"train.compile on the CPU needs a C\+\+ compiler"):
+        make_trainer(config(compile=True, device="cpu"), tmp_path)
+    assert not list(tmp_path.iterdir())
+
+
 def test_cosine_lr_schedule_decays_from_the_end_of_the_warm_up_to_zero():
     cfg = config(steps=10, warmup_steps=2, learning_rate=1e-3, lr_schedule="cosine", log_every=1)
     expected = [0.5, 1.0] + [0.5 * (1 + math.cos(math.pi * (s - 2) / 8)) for s in range(2, 10)]
