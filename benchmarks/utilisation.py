@@ -32,34 +32,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from common import diffusers_unet, machine
 
 from ddpm.unet import PRESETS, UNet
+from ddpm.utilisation import matmul_peak, synchronize
 
 BATCH_SIZES = {"ddpm-cifar10": 32, "small-16": 128, "tiny-16": 64, "tiny-32": 64}
 VARIANTS = ("eager", "channels_last", "bf16", "channels_last+bf16", "fused_adam", "compile", "compile+bf16")
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def matmul_peak(dtype: torch.dtype, device: torch.device, repeats: int = 5) -> float:
-    """Best GFLOP/s of an n x n matmul (2 n^3 FLOPs) in `dtype`."""
-    n = 8192 if device.type == "cuda" else 2048
-    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
-    synchronize(device)
-    start = time.perf_counter()
-    torch.matmul(a, b)
-    synchronize(device)
-    best = time.perf_counter() - start
-    if best > 2.0:   # no fast kernel for this dtype here (bf16 on many CPUs): one slow call says enough
-        repeats = 0
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        torch.matmul(a, b)
-        synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best / 1e9
 
 
 class Step:

@@ -22,6 +22,7 @@ from collections import deque
 from pathlib import Path
 from typing import Callable
 
+import torch
 from prefect import task
 from prefect.exceptions import MissingContextError
 from prefect.logging import get_run_logger
@@ -30,8 +31,9 @@ from ddpm.checkpoint import list_checkpoints
 from ddpm.diffusion import DiffusionConfig
 from ddpm.distributed import (EVENT_PREFIX, TrainingProcessError, check_num_processes, device_slots,
                               parent_death_signal, torchrun_command)
-from ddpm.training import REPEATING_ERRORS, TrainConfig, TrainResult, dataset_trainer
+from ddpm.training import REPEATING_ERRORS, TrainConfig, TrainResult, dataset_trainer, resolve_device
 from ddpm.unet import UNet, UNetConfig, count_parameters
+from ddpm.utilisation import matmul_peak, training_flops_per_image
 from tasks import plots, tracking
 from tasks.sample import progress_grid
 
@@ -112,7 +114,10 @@ def train_model(
         "world_size": train_config.world_size,
         "logging_seconds": metrics.seconds,
         "logging_fraction": metrics.seconds / max(train_seconds, 1e-9),  # share of the train() wall time
+        **utilisation(model_config, train_config, result.images_per_second),
     }
+    if result.compile_seconds is not None:
+        summary["compile_seconds"] = result.compile_seconds
     mlflow_client.log_batch(run_id, metrics=[
         tracking.Metric(f"train.{key}", float(value), int(time.time() * 1000), result.step)
         for key, value in summary.items()
@@ -121,6 +126,23 @@ def train_model(
     return {**summary, "resumed_from": result.resumed_from, "checkpoints": checkpoints,
             "checkpoint": checkpoints[-1] if checkpoints else None, "log_batches": metrics.batches,
             "log_calls": metrics.calls}
+
+
+def utilisation(model_config: UNetConfig, train_config: TrainConfig, images_per_second: float) -> dict[str, float]:
+    """How close the training just done ran to the hardware (ddpm.utilisation): FLOPs per image,
+    achieved GFLOP/s, the devices' matmul peak in the training precision, and their ratio (MFU)."""
+    if not images_per_second:   # no step trained (a resume of a finished run)
+        return {}
+    device = resolve_device(train_config.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True   # as the Trainer trains
+    dtype = torch.bfloat16 if train_config.autocast_bf16(device) else torch.float32
+    # one GPU per process; CPU processes share the node's cores, which this process's peak uses
+    devices = train_config.world_size if device.type == "cuda" else train_config.nnodes
+    flops = training_flops_per_image(model_config)
+    achieved, peak = flops * images_per_second / 1e9, matmul_peak(dtype, device) * devices
+    return {"gflops_per_image": flops / 1e9, "achieved_gflops_per_second": achieved,
+            "peak_gflops_per_second": peak, "mfu": achieved / peak}
 
 
 def chained(*callbacks: Callable | None) -> Callable:

@@ -9,6 +9,7 @@ from ddpm.data import DataConfig, prepare_dataset
 from ddpm.diffusion import DiffusionConfig
 from ddpm.training import TrainConfig
 from ddpm.unet import preset
+from ddpm.utilisation import training_flops_per_image
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -79,6 +80,12 @@ def test_train_task_failing_after_a_checkpoint_is_retried_and_resumes(prefect_ha
     steps_logged = {m.step for m in client.get_metric_history(run_id, "loss")}
     assert steps_logged == {1, 2, 3, 4, 5, 6}
     assert client.get_metric_history(run_id, "train.steps")[-1].value == 6
+    # the utilisation of the attempt that finished: FLOPs per image x images/s against the peak
+    assert result["gflops_per_image"] == training_flops_per_image(preset("tiny-16")) / 1e9
+    assert result["achieved_gflops_per_second"] == pytest.approx(result["gflops_per_image"] * result["images_per_second"])
+    assert result["mfu"] == pytest.approx(result["achieved_gflops_per_second"] / result["peak_gflops_per_second"])
+    assert client.get_metric_history(run_id, "train.mfu")[-1].value == pytest.approx(result["mfu"])
+    assert "compile_seconds" not in result
 
 
 def test_a_progress_grid_that_fails_warns_and_lets_training_go_on(tmp_path):

@@ -1,0 +1,58 @@
+"""Hardware utilisation of training: model FLOPs per image, the device's peak, and their ratio.
+
+    achieved FLOP/s = (FLOPs of forward + backward per image) x (images per second)
+    MFU             = achieved FLOP/s / peak FLOP/s
+
+FLOPs are what torch's FlopCounterMode counts: convolutions, matmuls and attention. The
+GroupNorm/SiLU/add chains and the optimizer count as none, so MFU says how close the model's
+matrix work runs to the hardware's best, not how busy the device is. The peak is measured, not
+looked up: the best large matmul this device runs in the training precision (benchmarks and
+the training task use the same function).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from ddpm.unet import UNet, UNetConfig
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def training_flops_per_image(config: UNetConfig, batch: int = 2) -> float:
+    """FLOPs of one training image's forward and backward pass through a UNet of `config`,
+    counted on the CPU with a small batch (per-image FLOPs do not depend on the batch)."""
+    torch.manual_seed(0)
+    model = UNet(config)
+    x = torch.randn(batch, config.in_channels, config.image_size, config.image_size)
+    t = torch.randint(0, 1000, (batch,))
+    with FlopCounterMode(display=False) as counter:   # a class-conditional model: the null class, as cheap
+        model(x, t).float().square().mean().backward()
+    return counter.get_total_flops() / batch
+
+
+def matmul_peak(dtype: torch.dtype, device: torch.device, repeats: int = 5) -> float:
+    """The best GFLOP/s of an n x n matmul (2 n^3 FLOPs) in `dtype` on `device`, with the
+    threads and TF32 setting this process has."""
+    n = 8192 if device.type == "cuda" else 2048
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    synchronize(device)
+    start = time.perf_counter()
+    torch.matmul(a, b)
+    synchronize(device)
+    best = time.perf_counter() - start
+    if best > 2.0:   # no fast kernel for this dtype here (bf16 on CPUs without it): one slow call says enough
+        repeats = 0
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        torch.matmul(a, b)
+        synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
