@@ -127,6 +127,19 @@ def test_sample_from_the_registered_champion(checkpoint, env, tmp_path, monkeypa
 def test_bad_arguments_exit_nonzero_with_one_clear_line(args, code, message, env, tmp_path, monkeypatch, capsys):
     """`main(argv)` in this process (the console script's own entry point): a subprocess per case
     spent ~10 s importing torch, Prefect and MLflow again. The other tests here run subprocesses."""
+    assert_one_error_line(args, code, message, env, tmp_path, monkeypatch, capsys)
+
+
+def test_compiling_on_a_cpu_without_a_compiler_is_one_line_before_any_work(env, tmp_path, monkeypatch, capsys):
+    import torch._inductor.config
+
+    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", ("no-such-c++",))
+    assert_one_error_line(["train", "--set", "train.compile=true", "--set", "train.device=cpu"], 1,
+                          "train.compile on the CPU needs a C++ compiler", env, tmp_path, monkeypatch, capsys)
+    assert [p.name for p in (tmp_path / "home").iterdir()] == ["logs"]   # no data prepared, no store created
+
+
+def assert_one_error_line(args, code, message, env, tmp_path, monkeypatch, capsys):
     from flows.cli import main
 
     for name in ("DDPM_HOME", "MLFLOW_TRACKING_URI"):

@@ -292,6 +292,7 @@ def test_compiled_training_compiles_once_follows_eager_and_its_checkpoints_resum
     from_compiled = load_checkpoint(tmp_path / "compiled" / "step-0000004.pt")
     assert from_compiled["model"].keys() == plain["model"].keys() and from_compiled["ema"].keys() == plain["ema"].keys()
     assert max_param_difference(from_compiled["model"], plain["model"]) < 1e-4
+    assert max_param_difference(from_compiled["ema"], plain["ema"]) < 1e-4
 
     for step_4 in (tmp_path / "compiled").glob("step-0000004.*"):
         step_4.unlink()
