@@ -133,9 +133,9 @@ def test_bad_arguments_exit_nonzero_with_one_clear_line(args, code, message, env
 def test_compiling_on_a_cpu_without_a_compiler_is_one_line_before_any_work(env, tmp_path, monkeypatch, capsys):
     import torch._inductor.config
 
-    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", ("no-such-c++",))
-    assert_one_error_line(["train", "--set", "train.compile=true", "--set", "train.device=cpu"], 1,
-                          "train.compile on the CPU needs a C++ compiler", env, tmp_path, monkeypatch, capsys)
+    with torch._inductor.config.patch({"cpp.cxx": ("no-such-c++",)}):   # inductor's own search finds none
+        assert_one_error_line(["train", "--set", "train.compile=true", "--set", "train.device=cpu"], 1,
+                              "train.compile on the CPU needs a C++ compiler", env, tmp_path, monkeypatch, capsys)
     assert [p.name for p in (tmp_path / "home").iterdir()] == ["logs"]   # no data prepared, no store created
 
 

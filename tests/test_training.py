@@ -261,6 +261,7 @@ def test_lr_warmup_ema_warmup_and_logged_metrics():
     assert max_param_difference(ema_expected, params) > 1e-4
 
 
+@pytest.mark.slow   # ~50 s: inductor builds its C++ kernels with gcc
 def test_compiled_training_compiles_once_follows_eager_and_its_checkpoints_resume_eagerly(tmp_path):
     """train.compile on the CPU (inductor): one compilation in the first step, reported as
     compile_seconds and kept out of images/s; no recompilation in later steps; the losses and
@@ -301,11 +302,11 @@ def test_compiled_training_compiles_once_follows_eager_and_its_checkpoints_resum
     assert max_param_difference(resumed.model.state_dict(), from_compiled["model"]) < 1e-4
 
 
-def test_compiling_on_the_cpu_without_a_compiler_is_refused_before_training(tmp_path, monkeypatch):
+def test_compiling_on_the_cpu_without_a_compiler_is_refused_before_training(tmp_path):
     import torch._inductor.config
 
-    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", ("no-such-c++",))
-    with pytest.raises(ValueError, match=r"train.compile on the CPU needs a C\+\+ compiler"):
+    no_compiler = torch._inductor.config.patch({"cpp.cxx": ("no-such-c++",)})   # inductor's own search finds none
+    with no_compiler, pytest.raises(ValueError, match=r"train.compile on the CPU needs a C\+\+ compiler"):
         make_trainer(config(compile=True, device="cpu"), tmp_path)
     assert not list(tmp_path.iterdir())
 
