@@ -12,6 +12,7 @@ the training task use the same function).
 
 from __future__ import annotations
 
+import functools
 import time
 
 import torch
@@ -39,7 +40,14 @@ def training_flops_per_image(config: UNetConfig, batch: int = 2) -> float:
 
 def matmul_peak(dtype: torch.dtype, device: torch.device, repeats: int = 5) -> float:
     """The best GFLOP/s of an n x n matmul (2 n^3 FLOPs) in `dtype` on `device`, with the
-    threads and TF32 setting this process has."""
+    threads and TF32 setting this process has; measured once per process and setting (~1 s on a
+    CPU core)."""
+    tf32 = device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
+    return _matmul_peak(dtype, device, repeats, torch.get_num_threads(), tf32)
+
+
+@functools.lru_cache(maxsize=None)
+def _matmul_peak(dtype: torch.dtype, device: torch.device, repeats: int, threads: int, tf32: bool) -> float:
     n = 8192 if device.type == "cuda" else 2048
     a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
     synchronize(device)
