@@ -29,12 +29,13 @@ def synchronize(device: torch.device) -> None:
 def training_flops_per_image(config: UNetConfig, batch: int = 2) -> float:
     """FLOPs of one training image's forward and backward pass through a UNet of `config`,
     counted on the CPU with a small batch (per-image FLOPs do not depend on the batch)."""
-    torch.manual_seed(0)
-    model = UNet(config)
-    x = torch.randn(batch, config.in_channels, config.image_size, config.image_size)
-    t = torch.randint(0, 1000, (batch,))
-    with FlopCounterMode(display=False) as counter:   # a class-conditional model: the null class, as cheap
-        model(x, t).float().square().mean().backward()
+    x = torch.zeros(batch, config.in_channels, config.image_size, config.image_size)   # values do not change FLOPs
+    t = torch.zeros(batch, dtype=torch.long)
+    # the initial weights and dropout draw from the global generator: leave the caller's state as it was
+    with torch.random.fork_rng(devices=[]):
+        model = UNet(config)
+        with FlopCounterMode(display=False) as counter:   # a class-conditional model: the null class, as cheap
+            model(x, t).float().square().mean().backward()
     return counter.get_total_flops() / batch
 
 
@@ -49,7 +50,8 @@ def matmul_peak(dtype: torch.dtype, device: torch.device, repeats: int = 5) -> f
 @functools.lru_cache(maxsize=None)
 def _matmul_peak(dtype: torch.dtype, device: torch.device, repeats: int, threads: int, tf32: bool) -> float:
     n = 8192 if device.type == "cuda" else 2048
-    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    generator = torch.Generator(device=device).manual_seed(0)   # not the global one: the caller's state stays
+    a, b = (torch.randn(n, n, device=device, generator=generator).to(dtype) for _ in range(2))
     synchronize(device)
     start = time.perf_counter()
     torch.matmul(a, b)

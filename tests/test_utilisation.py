@@ -25,6 +25,14 @@ def test_training_flops_are_per_image_and_count_the_backward_pass():
     assert 2.9 * forward < flops < 3 * forward
 
 
-def test_matmul_peak_is_a_rate_in_gflops():
+def test_counting_leaves_the_global_random_state_alone():
+    state = torch.get_rng_state()
+    training_flops_per_image(preset("small-16"))   # initial weights and dropout both draw
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_matmul_peak_is_a_rate_in_gflops_and_leaves_the_global_random_state_alone():
+    state = torch.get_rng_state()
     peak = matmul_peak(torch.float32, torch.device("cpu"), repeats=1)
     assert 0.1 < peak < 1e5
+    assert torch.equal(torch.get_rng_state(), state)
