@@ -8,7 +8,8 @@
 or file. batch_size is the global batch: each of the world_size ranks trains on its slice
 (batch_size / world_size, in grad_accum_steps micro-batches). Rerunning the same command
 resumes from the newest valid checkpoint in CKPT_DIR. Rank 0 writes the checkpoints and the
---result JSON (step, resumed_from, loss_history, checkpoints, images_per_second, world_size).
+--result JSON (step, resumed_from, loss_history, checkpoints, images_per_second, compile_seconds,
+world_size).
 With --events, rank 0 prints each log window and checkpoint as a line `@ddpm-event {json}` and
 any rank prints its error the same way before it exits (the pipeline's training task reads them).
 """
@@ -79,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
                 "loss_history": result.loss_history,
                 "checkpoints": [str(p) for p in result.checkpoints],
                 "images_per_second": result.images_per_second,
+                "compile_seconds": result.compile_seconds,
                 "world_size": ctx.world_size,
             }, indent=1))
     except BaseException as error:

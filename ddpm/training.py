@@ -452,7 +452,8 @@ class Trainer:
         """Train until `config.steps` (or `stop_at`), resuming first if a checkpoint exists.
 
         Every `log_every` steps, `on_log(step, metrics)` gets the window's mean loss and gradient
-        norm, the learning rate, images/s and the EMA decay; after each checkpoint is written,
+        norm, the learning rate, images/s (not in a window of the compiling step alone) and the EMA
+        decay (and compile_seconds, in the window of the compiling step); after each checkpoint is written,
         `on_checkpoint(step, path)`. Both run on rank 0 only.
         """
         cfg = self.config
@@ -475,21 +476,23 @@ class Trainer:
             bar.update(1)
             if self.step % cfg.log_every == 0 or self.step == end:
                 elapsed, timed_steps = time.perf_counter() - window_start, window_steps
-                if compiled_in_window and window_steps > 1:   # compiling is a one-off cost, not throughput
+                if compiled_in_window:   # compiling is a one-off cost, not throughput
                     elapsed, timed_steps = elapsed - self.compile_seconds, window_steps - 1
-                images_per_second = timed_steps * cfg.batch_size / max(elapsed, 1e-9)
-                total_time, total_images = total_time + elapsed, total_images + timed_steps * cfg.batch_size
+                if timed_steps:   # a window of the compiling step alone has no throughput to tell
+                    total_time, total_images = total_time + elapsed, total_images + timed_steps * cfg.batch_size
                 metrics = {
                     "loss": window_loss / window_steps,
                     "lr": lr,
                     "grad_norm": window_norm / window_steps,
-                    "images_per_second": images_per_second,
                     "ema_decay": last_ema_decay(cfg.ema_decay, cfg.ema_warmup, int(self.ema.n_averaged)),
                 }
+                if timed_steps:
+                    metrics["images_per_second"] = timed_steps * cfg.batch_size / max(elapsed, 1e-9)
                 if compiled_in_window:
                     metrics["compile_seconds"] = self.compile_seconds
                 result.loss_history.append((self.step, metrics["loss"]))
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{images_per_second:.0f}", refresh=False)
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics.get('images_per_second', 0):.0f}",
+                                refresh=False)
                 if on_log and main:
                     on_log(self.step, metrics)
                 window_loss, window_norm, window_steps, compiled_in_window = 0.0, 0.0, 0, False

@@ -3,9 +3,10 @@
     achieved FLOP/s = (FLOPs of forward + backward per image) x (images per second)
     MFU             = achieved FLOP/s / peak FLOP/s
 
-FLOPs are what torch's FlopCounterMode counts: convolutions, matmuls and attention. The
-GroupNorm/SiLU/add chains and the optimizer count as none, so MFU says how close the model's
-matrix work runs to the hardware's best, not how busy the device is. The peak is measured, not
+FLOPs are what torch's FlopCounterMode counts: convolutions, matmuls and attention (counted
+through SDPA's math backend: torch has no FLOP formula for the fused CPU kernel, which would
+count 0). The GroupNorm/SiLU/add chains and the optimizer count as none, so MFU says how close
+the model's matrix work runs to the hardware's best, not how busy the device is. The peak is measured, not
 looked up: the best large matmul this device runs in the training precision (benchmarks and
 the training task use the same function).
 """
@@ -16,6 +17,7 @@ import functools
 import time
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from ddpm.unet import UNet, UNetConfig
@@ -32,37 +34,44 @@ def training_flops_per_image(config: UNetConfig, batch: int = 2) -> float:
     x = torch.zeros(batch, config.in_channels, config.image_size, config.image_size)   # values do not change FLOPs
     t = torch.zeros(batch, dtype=torch.long)
     # the initial weights and dropout draw from the global generator: leave the caller's state as it was
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), sdpa_kernel(SDPBackend.MATH):
         model = UNet(config)
         with FlopCounterMode(display=False) as counter:   # a class-conditional model: the null class, as cheap
             model(x, t).float().square().mean().backward()
     return counter.get_total_flops() / batch
 
 
-def matmul_peak(dtype: torch.dtype, device: torch.device, repeats: int = 5) -> float:
-    """The best GFLOP/s of an n x n matmul (2 n^3 FLOPs) in `dtype` on `device`, with the
-    threads and TF32 setting this process has; measured once per process and setting (~1 s on a
-    CPU core)."""
-    tf32 = device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
-    return _matmul_peak(dtype, device, repeats, torch.get_num_threads(), tf32)
+def matmul_peak(dtype: torch.dtype, device: torch.device, tf32: bool = False, repeats: int = 5) -> float:
+    """The best GFLOP/s of an n x n matmul (2 n^3 FLOPs) in `dtype` on `device` with this
+    process's threads; fp32 on CUDA with TF32 if `tf32`. Measured once per process and setting
+    (~1 s on a CPU core); the process's own TF32 setting is left as it was."""
+    tf32 = tf32 and device.type == "cuda"
+    return _matmul_peak(dtype, device, tf32, repeats, torch.get_num_threads())
 
 
 @functools.lru_cache(maxsize=None)
-def _matmul_peak(dtype: torch.dtype, device: torch.device, repeats: int, threads: int, tf32: bool) -> float:
+def _matmul_peak(dtype: torch.dtype, device: torch.device, tf32: bool, repeats: int, threads: int) -> float:
     n = 8192 if device.type == "cuda" else 2048
     generator = torch.Generator(device=device).manual_seed(0)   # not the global one: the caller's state stays
     a, b = (torch.randn(n, n, device=device, generator=generator).to(dtype) for _ in range(2))
-    synchronize(device)
-    start = time.perf_counter()
-    torch.matmul(a, b)
-    synchronize(device)
-    best = time.perf_counter() - start
-    if best > 2.0:   # no fast kernel for this dtype here (bf16 on CPUs without it): one slow call says enough
-        repeats = 0
-    for _ in range(repeats):
+    allowed = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    try:
+        if device.type == "cuda":   # the first call starts cuBLAS: not the peak
+            torch.matmul(a, b)
         synchronize(device)
         start = time.perf_counter()
         torch.matmul(a, b)
         synchronize(device)
-        best = min(best, time.perf_counter() - start)
+        best = time.perf_counter() - start
+        if best > 2.0 and device.type == "cpu":   # no fast kernel for this dtype (bf16 on many CPUs): one call says enough
+            repeats = 0
+        for _ in range(repeats):
+            synchronize(device)
+            start = time.perf_counter()
+            torch.matmul(a, b)
+            synchronize(device)
+            best = min(best, time.perf_counter() - start)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = allowed
     return 2 * n**3 / best / 1e9

@@ -114,7 +114,7 @@ def train_model(
         "world_size": train_config.world_size,
         "logging_seconds": metrics.seconds,
         "logging_fraction": metrics.seconds / max(train_seconds, 1e-9),  # share of the train() wall time
-        **utilisation(model_config, train_config, result.images_per_second),
+        **training_utilisation(model_config, train_config, result.images_per_second),
     }
     if result.compile_seconds is not None:
         summary["compile_seconds"] = result.compile_seconds
@@ -128,19 +128,24 @@ def train_model(
             "log_calls": metrics.calls}
 
 
-def utilisation(model_config: UNetConfig, train_config: TrainConfig, images_per_second: float) -> dict[str, float]:
+def training_utilisation(model_config: UNetConfig, train_config: TrainConfig,
+                         images_per_second: float) -> dict[str, float]:
     """How close the training just done ran to the hardware (ddpm.utilisation): FLOPs per image,
-    achieved GFLOP/s, the devices' matmul peak in the training precision, and their ratio (MFU)."""
+    achieved GFLOP/s, the devices' matmul peak in the training precision, and their ratio (MFU).
+    A measurement that fails is a warning: the training it describes is done."""
     if not images_per_second:   # no step trained (a resume of a finished run)
         return {}
-    device = resolve_device(train_config.device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True   # as the Trainer trains
-    dtype = torch.bfloat16 if train_config.autocast_bf16(device) else torch.float32
-    # one GPU per process; CPU processes share the node's cores, which this process's peak uses
-    devices = train_config.world_size if device.type == "cuda" else train_config.nnodes
-    flops = training_flops_per_image(model_config)
-    achieved, peak = flops * images_per_second / 1e9, matmul_peak(dtype, device) * devices
+    try:
+        device = resolve_device(train_config.device)
+        dtype = torch.bfloat16 if train_config.autocast_bf16(device) else torch.float32
+        # one GPU per process; CPU processes share each node's cores, which this process's peak uses
+        devices = train_config.world_size if device.type == "cuda" else train_config.nnodes
+        flops = training_flops_per_image(model_config)
+        # TF32 as the Trainer trains on CUDA
+        achieved, peak = flops * images_per_second / 1e9, matmul_peak(dtype, device, tf32=True) * devices
+    except Exception as error:
+        _logger().warning(f"no utilisation figures: {type(error).__name__}: {error}")
+        return {}
     return {"gflops_per_image": flops / 1e9, "achieved_gflops_per_second": achieved,
             "peak_gflops_per_second": peak, "mfu": achieved / peak}
 
@@ -212,7 +217,8 @@ def train_with_torchrun(
                     if event["event"] == "log":
                         m = event["metrics"]
                         logger.info(f"step {event['step']}/{train_config.steps}: loss {m['loss']:.4f}, "
-                                    f"{m['images_per_second']:.0f} img/s")
+                                    + (f"{m['images_per_second']:.0f} img/s" if "images_per_second" in m
+                                       else f"compiled in {m.get('compile_seconds', 0):.0f} s"))
                         if on_log:
                             on_log(event["step"], m)
                     elif event["event"] == "checkpoint":
@@ -235,7 +241,7 @@ def train_with_torchrun(
     return TrainResult(step=summary["step"], final_loss=history[-1][1] if history else float("nan"),
                        images_per_second=summary["images_per_second"],
                        checkpoints=[Path(p) for p in summary["checkpoints"]], loss_history=history,
-                       resumed_from=summary["resumed_from"])
+                       resumed_from=summary["resumed_from"], compile_seconds=summary.get("compile_seconds"))
 
 
 def parse_event(line: str) -> dict | None:

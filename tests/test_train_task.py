@@ -4,12 +4,13 @@ and a retry after a failure that follows a checkpoint resumes from it instead of
 from pathlib import Path
 
 import pytest
+import torch
 
 from ddpm.data import DataConfig, prepare_dataset
 from ddpm.diffusion import DiffusionConfig
 from ddpm.training import TrainConfig
 from ddpm.unet import preset
-from ddpm.utilisation import training_flops_per_image
+from ddpm.utilisation import matmul_peak, training_flops_per_image
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -83,6 +84,7 @@ def test_train_task_failing_after_a_checkpoint_is_retried_and_resumes(prefect_ha
     # the utilisation of the attempt that finished: FLOPs per image x images/s against the peak
     assert result["gflops_per_image"] == training_flops_per_image(preset("tiny-16")) / 1e9
     assert result["achieved_gflops_per_second"] == pytest.approx(result["gflops_per_image"] * result["images_per_second"])
+    assert result["peak_gflops_per_second"] == matmul_peak(torch.float32, torch.device("cpu"))   # fp32, one CPU
     assert result["mfu"] == pytest.approx(result["achieved_gflops_per_second"] / result["peak_gflops_per_second"])
     assert client.get_metric_history(run_id, "train.mfu")[-1].value == pytest.approx(result["mfu"])
     assert "compile_seconds" not in result
