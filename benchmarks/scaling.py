@@ -32,14 +32,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 from common import machine
-from utilisation import Step, count_flops
 
 from ddpm.data import DataConfig, prepare_dataset
 from ddpm.distributed import EVENT_PREFIX
 from ddpm.unet import UNet, count_parameters, preset
+from ddpm.utilisation import training_flops_per_image
 
 REPO = Path(__file__).resolve().parents[1]
 # On paper: NCCL all-reduce bus bandwidth (GB/s) of three interconnects, and the H100 SXM's dense
@@ -93,14 +91,6 @@ def allreduce_ms(numel: int) -> float:
         os.unlink(script.name)
 
 
-def train_flops_per_image(name: str, batch: int = 2) -> float:
-    """FLOPs of one training step per image, counted as benchmarks/utilisation.py counts them."""
-    config = preset(name)
-    step = Step(UNet(config), lambda model: model, "eager", batch,
-                (config.in_channels, config.image_size, config.image_size), torch.device("cpu"))
-    return count_flops(step) / batch
-
-
 def on_paper(presets: list[str], gpus: int = 8, global_batch: int = 128) -> None:
     per_gpu = global_batch // gpus
     rate = H100_BF16_TFLOPS * 1e12 * ASSUMED_MFU
@@ -114,7 +104,7 @@ def on_paper(presets: list[str], gpus: int = 8, global_batch: int = 128) -> None
     for name in presets:
         params = count_parameters(UNet(preset(name)))
         grad_bytes = 4 * params   # fp32 gradients (bf16 autocast keeps fp32 weights and gradients)
-        flops = train_flops_per_image(name)
+        flops = training_flops_per_image(preset(name))
         one_gpu_ms = max(LAUNCH_FLOOR_MS, flops * global_batch / rate * 1e3)
         compute_ms = max(LAUNCH_FLOOR_MS, flops * per_gpu / rate * 1e3)
         row = f"{name:<13} {params:>11,} {grad_bytes / 1e6:>8.1f} {one_gpu_ms:>9.2f} {compute_ms:>9.2f}"
