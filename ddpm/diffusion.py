@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ddpm.schedules import BETA_SCHEDULES, NoiseSchedule
+from ddpm.schedules import BETA_SCHEDULES, NoiseSchedule, at_timesteps
 
 Tensor = torch.Tensor
 PredictionType = Literal["epsilon", "x0", "v"]
@@ -67,8 +67,7 @@ def q_posterior(schedule: NoiseSchedule, x0: Tensor, x_t: Tensor, t: Tensor) -> 
     """Mean and variance (beta-tilde) of q(x_{t-1} | x_t, x_0), eqs. 6-7."""
     # in the schedule's float64, then cast: 1 - abar_t / abar_prev loses small betas in float32
     coefficients = posterior_coefficients(schedule.alphas_cumprod, schedule.alphas_cumprod_prev)
-    coef_x0, coef_xt, variance = (c.to(x_t.device, x_t.dtype)[t].reshape(-1, *([1] * (x_t.dim() - 1)))
-                                  for c in coefficients[:3])
+    coef_x0, coef_xt, variance = (at_timesteps(c, t, x_t) for c in coefficients[:3])
     return coef_x0 * x0 + coef_xt * x_t, variance
 
 

@@ -77,6 +77,11 @@ BETA_SCHEDULES: dict[str, Callable[..., Tensor]] = {
 }
 
 
+def at_timesteps(table: Tensor, t: Tensor, like: Tensor) -> Tensor:
+    """table[t] in `like`'s dtype and device, shaped (B, 1, 1, ...) to broadcast against it."""
+    return table.to(device=like.device, dtype=like.dtype)[t].reshape(-1, *([1] * (like.dim() - 1)))
+
+
 class NoiseSchedule:
     """The forward-process variances beta_1..beta_T and all the tensors derived from them.
 
@@ -129,7 +134,7 @@ class NoiseSchedule:
         table = self._device_cache.get(key)
         if table is None:
             table = self._device_cache[key] = getattr(self, name).to(device=like.device, dtype=like.dtype)
-        return table[t].reshape(-1, *([1] * (like.dim() - 1)))
+        return at_timesteps(table, t, like)
 
     def signal_to_noise(self) -> Tensor:
         """SNR(t) = alphas_cumprod / (1 - alphas_cumprod), falling with t."""
