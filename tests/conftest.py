@@ -51,13 +51,33 @@ def mlflow_store(tmp_path, monkeypatch):
     return uri
 
 
-# Fixtures that cost 20 s or more (a Prefect server, a trained FID classifier): their tests are
-# `slow` without each saying so. The others are marked where they stand.
+# The tiers. Fast (a plain `python -m pytest`, a few minutes on 2 cores): unit and component
+# tests, no servers, no subprocess trainings. Slow (`DDPM_SLOW_TESTS=1`, as the README's test
+# command and .ci/run set it; or any explicit `-m`): real Prefect servers and workers, CLI
+# processes, trainings, the Inception network, killed processes. A test is slow when it says so
+# (`@pytest.mark.slow`, or `pytestmark` for a module): one way to declare it.
+RUN_SLOW = os.environ.get("DDPM_SLOW_TESTS", "") not in ("", "0")
+
+# Fixtures that cost 20 s or more (a Prefect server, a trained FID classifier): a test using one
+# must be marked slow itself, or collection stops naming it.
 SLOW_FIXTURES = {"prefect_harness", "digits_model", "mnist_model"}
 
 
+def pytest_report_header(config):
+    if not (RUN_SLOW or config.option.markexpr):
+        return "fast tier only: DDPM_SLOW_TESTS=1 also runs the slow one (servers, trainings, Inception)"
+    return None
+
+
 def pytest_collection_modifyitems(config, items):
-    """`pytest -m "not slow"` runs the unit tests alone, in about a minute."""
-    for item in items:
-        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
-            item.add_marker(pytest.mark.slow)
+    unmarked = [item.nodeid for item in items
+                if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) and not item.get_closest_marker("slow")]
+    if unmarked:
+        raise pytest.UsageError(f"these tests use a slow fixture ({', '.join(sorted(SLOW_FIXTURES))}) without "
+                                f"@pytest.mark.slow: {', '.join(unmarked)}")
+    if RUN_SLOW or config.option.markexpr:   # an explicit -m chooses for itself
+        return
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if not item.get_closest_marker("slow")]

@@ -570,6 +570,7 @@ def test_loader_rejects_too_few_images(images):
 
 # ---------------------------------------------------------------------------- prefect task, mlflow
 
+@pytest.mark.slow
 def test_prepare_task_caches_across_runs(tmp_path, prefect_harness):
     from prefect import flow
 

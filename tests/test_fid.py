@@ -135,12 +135,14 @@ def mnist_model(mnist):
 # classifier
 
 
+@pytest.mark.slow
 def test_classifier_accuracy_on_digits(digits_model):
     model, val_accuracy = digits_model
     assert not model.training
     assert val_accuracy >= 0.90, f"digits 16x16 accuracy {val_accuracy:.3f} (measured 0.983)"
 
 
+@pytest.mark.slow
 def test_classifier_accuracy_on_mnist(mnist_model):
     _, val_accuracy, seconds = mnist_model
     assert val_accuracy >= 0.97, f"MNIST-16 accuracy {val_accuracy:.4f} (measured 0.989)"
@@ -148,6 +150,7 @@ def test_classifier_accuracy_on_mnist(mnist_model):
     assert seconds < 90, f"training took {seconds:.0f} s"
 
 
+@pytest.mark.slow
 def test_classifier_features_shape(digits_model, digits):
     model, _ = digits_model
     x = digits[0][:5].float() / 127.5 - 1
@@ -192,6 +195,7 @@ def test_load_or_train_classifier_uses_cache(digits, tmp_path, monkeypatch):
 # FID
 
 
+@pytest.mark.slow
 def test_fid_of_set_against_itself_is_zero(digits_extractor, digits):
     a, b = digits[0][:700], digits[0][700:1400]
     fid_self = frechet_distance(digits_extractor, a, a)
@@ -200,6 +204,7 @@ def test_fid_of_set_against_itself_is_zero(digits_extractor, digits):
     assert abs(fid_self) < 1e-6 * fid_between, (fid_self, fid_between)
 
 
+@pytest.mark.slow
 def test_fid_grows_monotonically_with_noise(digits_extractor, digits):
     reference = digits[2]
     fids = [frechet_distance(digits_extractor, reference, add_noise(reference, s)) for s in NOISE_SIGMAS]
@@ -208,6 +213,7 @@ def test_fid_grows_monotonically_with_noise(digits_extractor, digits):
     assert fids[-1] > 20 * fids[1], fids  # measured ~5.2 -> ~379
 
 
+@pytest.mark.slow
 def test_metric_names_say_which_extractor(digits_extractor):
     assert metric_name("fid", digits_extractor) == "fid_classifier"
     assert metric_name("kid", digits_extractor) == "kid_classifier"
@@ -216,6 +222,7 @@ def test_metric_names_say_which_extractor(digits_extractor):
         metric_name("is", digits_extractor)
 
 
+@pytest.mark.slow
 def test_reference_statistics_are_cached_and_reused(digits_extractor, digits, tmp_path):
     reference, generated = digits[2], add_noise(digits[2][:200], 0.2)
     fingerprint = "feedfacecafebeef" * 4
@@ -242,6 +249,7 @@ def test_reference_statistics_are_cached_and_reused(digits_extractor, digits, tm
     assert fid_cached == pytest.approx(fid_raw, rel=1e-6)
 
 
+@pytest.mark.slow
 def test_stale_reference_cache_is_recomputed(digits_model, digits_extractor, digits, tmp_path):
     reference = digits[2]
     stats = reference_statistics(digits_extractor, reference, tmp_path, "abc")
@@ -256,6 +264,7 @@ def test_stale_reference_cache_is_recomputed(digits_model, digits_extractor, dig
         frechet_distance(digits_extractor, restats, reference)
 
 
+@pytest.mark.slow
 def test_unreadable_reference_cache_is_recomputed(digits_extractor, digits, tmp_path):
     path = tmp_path / "fid-ref-classifier-0000000000000000.pt"
     path.write_bytes(b"truncated")
@@ -264,6 +273,7 @@ def test_unreadable_reference_cache_is_recomputed(digits_extractor, digits, tmp_
     assert reference_statistics(digits_extractor, digits[2], tmp_path, "0" * 64).was_cached
 
 
+@pytest.mark.slow
 def test_real_vs_real_floor_on_mnist(mnist_model, mnist):
     extractor = classifier_extractor(mnist_model[0])
     train_x, _, holdout_x, _ = mnist
@@ -273,6 +283,7 @@ def test_real_vs_real_floor_on_mnist(mnist_model, mnist):
     assert 0 < floor < 0.05 * noisy, (floor, noisy)  # measured ~6.3 vs ~361
 
 
+@pytest.mark.slow
 def test_real_vs_real_floor_on_digits(digits_extractor, digits, tmp_path):
     train_x, _, holdout_x, _ = digits
     floor = real_vs_real_fid(digits_extractor, train_x, holdout_x, n=300)
@@ -289,6 +300,7 @@ def test_real_vs_real_floor_on_digits(digits_extractor, digits, tmp_path):
 # classifier summary and histogram picture
 
 
+@pytest.mark.slow
 def test_classifier_summary_on_real_digits(digits_model, digits):
     model, val_accuracy = digits_model
     _, _, val_x, val_y = digits
@@ -314,6 +326,7 @@ def test_plot_class_histogram_writes_png(tmp_path):
 # bad input
 
 
+@pytest.mark.slow
 def test_too_few_samples(digits_extractor, digits):
     images = digits[2]
     with pytest.raises(FIDInputError, match="at least 2 generated images, got 1"):
@@ -324,6 +337,7 @@ def test_too_few_samples(digits_extractor, digits):
         frechet_distance(digits_extractor, images, images[:0])
 
 
+@pytest.mark.slow
 def test_shape_mismatch_names_both_shapes(digits_extractor, digits, tmp_path):
     images = digits[2]
     rgb = images.repeat(1, 3, 1, 1)
@@ -338,6 +352,7 @@ def test_shape_mismatch_names_both_shapes(digits_extractor, digits, tmp_path):
         classifier_summary(digits_extractor.network, rgb)
 
 
+@pytest.mark.slow
 def test_non_uint8_rejected(digits_extractor, digits):
     images = digits[2]
     with pytest.raises(FIDInputError, match="must be a uint8 tensor.*torch.float32"):

@@ -53,6 +53,7 @@ def failure_of(state) -> str:
 
 # --- evaluate -----------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_evaluate_logs_a_fid_curve_into_the_training_run(trained, store):
     from flows.evaluate import evaluate
 
@@ -80,6 +81,7 @@ def test_evaluate_logs_a_fid_curve_into_the_training_run(trained, store):
     assert {step for step in (5, 10) if any(f"+step+{step}+" in path for path in images)} == {5, 10}, images
 
 
+@pytest.mark.slow
 def test_evaluate_refuses_bad_requests_and_writes_nothing(trained, store):
     from flows.evaluate import evaluate
     from tasks import tracking
@@ -110,6 +112,7 @@ def test_evaluate_refuses_bad_requests_and_writes_nothing(trained, store):
 
 # --- compare_schedules --------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_compare_schedules_trains_child_runs_on_a_local_dask_cluster_and_logs_a_table(prefect_harness, store):
     """The two pipelines run in the two worker processes of a real local Dask cluster."""
     import os
@@ -170,6 +173,7 @@ def test_compare_schedules_trains_child_runs_on_a_local_dask_cluster_and_logs_a_
     (["linear", "wobbly"], "unknown noise schedule.*wobbly"),
     (["cosine", "cosine"], "repeat"),
 ])
+@pytest.mark.slow
 def test_compare_schedules_rejects_bad_lists_before_any_run(prefect_harness, store, schedules, message):
     from flows.compare_schedules import compare_schedules
 
@@ -178,6 +182,7 @@ def test_compare_schedules_rejects_bad_lists_before_any_run(prefect_harness, sto
     assert MlflowClient(store).get_experiment_by_name("compare-bad") is None
 
 
+@pytest.mark.slow
 def test_compare_schedules_without_prefect_dask_says_so_before_any_run(prefect_harness, store, monkeypatch):
     """prefect-dask is installed here; a None entry in sys.modules makes its import fail as if it were not."""
     import sys
@@ -202,6 +207,7 @@ def test_best_run_config_is_none_without_runs(store):
     assert best_run_config("no-such-experiment") is None
 
 
+@pytest.mark.slow
 def test_retrain_uses_the_best_runs_configuration(trained, store):
     from flows.retrain import best_run_config, retrain
 

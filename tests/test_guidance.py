@@ -244,6 +244,7 @@ PIPELINE_TRAIN = TrainConfig(steps=12, batch_size=16, warmup_steps=2, log_every=
 PIPELINE_SAMPLING = SamplerConfig(sampler="ddim", num_steps=4, num_images=20, batch_size=20)
 
 
+@pytest.mark.slow
 def test_a_conditional_pipeline_run_measures_accuracy_and_the_guidance_sweep(prefect_harness, mlflow_store):
     from mlflow.tracking import MlflowClient
 
@@ -276,6 +277,7 @@ def test_a_conditional_pipeline_run_measures_accuracy_and_the_guidance_sweep(pre
     assert "plots/guidance_sweep.png" in {a.path for a in client.list_artifacts(summary["run_id"], "plots")}
 
 
+@pytest.mark.slow
 def test_a_conditional_model_on_unlabelled_data_is_refused_before_any_run(prefect_harness, mlflow_store, tmp_path):
     import mlflow
     from PIL import Image

@@ -16,6 +16,7 @@ TINY_SAMPLING = SamplerConfig(sampler="ddim", num_steps=5, num_images=8, batch_s
 TINY_MODEL = preset("tiny-16", base_channels=8, num_groups=4)
 
 
+@pytest.mark.slow
 def test_pipeline_trains_samples_and_tracks_everything(prefect_harness, mlflow_store, tmp_path):
     from flows.train_pipeline import train_pipeline
 
@@ -79,6 +80,7 @@ def test_pipeline_trains_samples_and_tracks_everything(prefect_harness, mlflow_s
     assert len(client.search_logged_models([run.info.experiment_id])) == 1
 
 
+@pytest.mark.slow
 def test_a_failing_pipeline_marks_its_mlflow_run_failed(prefect_harness, mlflow_store, tmp_path):
     from flows.train_pipeline import train_pipeline
 
@@ -93,6 +95,7 @@ def test_a_failing_pipeline_marks_its_mlflow_run_failed(prefect_harness, mlflow_
     assert run.info.status == "FAILED" and "runs" in run.data.tags["error"]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not inception_available(), reason="the inception extra is not installed")
 def test_an_unlabelled_image_folder_gets_the_standard_fid(prefect_harness, mlflow_store, tmp_path):
     """A folder of images without class sub-folders has no labels, so no classifier: fid_inception only."""
@@ -117,6 +120,7 @@ def test_an_unlabelled_image_folder_gets_the_standard_fid(prefect_harness, mlflo
     assert "fid_classifier" not in run.data.metrics
 
 
+@pytest.mark.slow
 def test_checks_that_can_run_before_training_do(prefect_harness, mlflow_store):
     """More samples than reference images, a model for other images: refused before the MLflow run
     exists or anything trains."""
