@@ -1,5 +1,5 @@
 """What the side-by-side benchmarks share: the diffusers twin of each UNet preset, the MNIST
-16x16 data, the fid_classifier scorer with its real-vs-real floor, and machine facts.
+16x16 data, the pipeline's scorer (fid_classifier first, with its real-vs-real floor), and machine facts.
 
 Benchmarks run from a checkout (`python benchmarks/<name>.py`); diffusers comes from the `bench`
 extra and is imported only where a benchmark needs it.
@@ -27,10 +27,7 @@ sys.path.insert(0, str(ROOT))   # run from a checkout, not installed
 from ddpm.data import PreparedDataset, load_prepared  # noqa: E402
 from ddpm.data.prepare import DataConfig, prepare_dataset  # noqa: E402
 from ddpm.images import to_uint8  # noqa: E402
-from ddpm.metrics.classifier import load_or_train_classifier  # noqa: E402
-from ddpm.metrics.fid import (  # noqa: E402
-    classifier_extractor, frechet_distance, inception_extractor, real_vs_real_fid, reference_statistics,
-)
+from ddpm.metrics.scoring import Scorer  # noqa: E402
 from ddpm.samplers import generate  # noqa: E402
 
 MNIST_DIR = ROOT.parent / "shared" / "data" / "mnist"
@@ -99,38 +96,10 @@ def prepare_mnist(out_dir: Path, image_size: int = 16, mnist_dir: Path | None = 
     return load_prepared(prepare_dataset(config, Path(out_dir) / "data"))
 
 
-class Scorer:
-    """FID against the holdout split, and the real-vs-real floor at the same count.
-
-    `fid` / `floor`: fid_classifier (the domain classifier's features). With `inception`, also
-    fid_inception: `score` / `floors` give every metric by name.
-    """
-
-    def __init__(self, dataset: PreparedDataset, cache_dir: Path, inception: bool = False):
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        train_images, train_labels = dataset.split("train")
-        holdout_images, holdout_labels = dataset.split("holdout")
-        self.classifier, self.classifier_accuracy, _ = load_or_train_classifier(
-            cache_dir, dataset.fingerprint, train_images, train_labels, holdout_images, holdout_labels, 10)
-        self.extractors = {"fid_inception": inception_extractor()} if inception else {}
-        self.extractors["fid_classifier"] = classifier_extractor(self.classifier)
-        self.references = {name: reference_statistics(e, holdout_images, cache_dir, dataset.fingerprint)
-                           for name, e in self.extractors.items()}
-        self.train_images = train_images
-
-    def score(self, images_uint8: torch.Tensor) -> dict:
-        return {name: frechet_distance(e, self.references[name], images_uint8) for name, e in self.extractors.items()}
-
-    def floors(self, n: int) -> dict:
-        return {name: real_vs_real_fid(e, self.train_images, self.references[name], n)
-                for name, e in self.extractors.items()}
-
-    def fid(self, images_uint8: torch.Tensor) -> float:
-        return frechet_distance(self.extractors["fid_classifier"], self.references["fid_classifier"], images_uint8)
-
-    def floor(self, n: int) -> float:
-        return real_vs_real_fid(self.extractors["fid_classifier"], self.train_images,
-                                self.references["fid_classifier"], n)
+def make_scorer(dataset: PreparedDataset, cache_dir: Path, inception: bool = False) -> Scorer:
+    """The pipeline's scorer (ddpm.metrics.scoring) with fid_classifier as its primary metric
+    (`fid`, `floor`), and with `inception` also fid_inception (`fids`, `floors` give each by name)."""
+    return Scorer.build(dataset, ["classifier", *(["inception"] if inception else [])], cache_dir)
 
 
 def recipe_steps(images_uint8: torch.Tensor, minutes: float, probe_steps: int = 20) -> int:

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import Scorer, cached_json, machine, prepare_mnist, recipe_steps, write_json
+from common import make_scorer, cached_json, machine, prepare_mnist, recipe_steps, write_json
 
 from ddpm.data import BatchLoader
 from ddpm.images import to_uint8
@@ -74,7 +74,7 @@ def main() -> None:
         "conditional": cached_json(args.out / "conditional.json",
                                    lambda: train(images, labels, steps, args.out / "conditional"), announce=True),
     }
-    scorer = Scorer(dataset, args.out / "cache", inception=args.inception)
+    scorer = make_scorer(dataset, args.out / "cache", inception=args.inception)
     floors = scorer.floors(args.samples)
     print(f"tiny-16 on MNIST 16x16, {steps} steps ({args.minutes:g} min) each; {args.samples} samples x seeds "
           f"{args.seeds}, {SamplerConfig().describe()}; floors "
@@ -95,7 +95,7 @@ def main() -> None:
             result = {"fid_classifier": scorer.fid(samples), "seconds": seconds,
                       "accuracy": accuracy(scorer.classifier, samples, requested) if requested is not None else None}
             if args.inception and seed == args.seeds[0]:
-                result["fid_inception"] = scorer.score(samples)["fid_inception"]
+                result["fid_inception"] = scorer.fids(samples)["fid_inception"]
             return result
 
         per_seed = [cached_json(args.out / "rows" / f"{name}-seed{seed}-{args.samples}.json", lambda s=seed: one(s))

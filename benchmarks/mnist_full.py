@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from common import (
-    DiffusersEpsModel, ROOT, Scorer, cached_json, diffusers_samples, diffusers_unet, machine, timed_samples,
+    DiffusersEpsModel, ROOT, make_scorer, cached_json, diffusers_samples, diffusers_unet, machine, timed_samples,
     train_diffusers, write_json,
 )
 
@@ -130,7 +130,7 @@ def main() -> None:
         train_images, args.seed, args.minutes, args.curve, args.out), announce=True)
 
     print("reference statistics (Inception on the 10,000 test images: cached after the first run) ...", flush=True)
-    scorers = Scorer(dataset, args.cache or args.out / "cache", inception=True)
+    scorers = make_scorer(dataset, args.cache or args.out / "cache", inception=True)
     floors = cached_json(args.out / f"floors-{args.samples}.json", lambda: scorers.floors(args.samples))
 
     linear = DiffusionConfig(schedule="linear").make_schedule()   # what DDPMScheduler(beta_schedule="linear") is
@@ -163,7 +163,7 @@ def main() -> None:
             images, seconds = draw()
             np.savez(args.out / f"{stem}.npz", images=images.numpy())
             save_grid(images[:64], args.out / f"{stem}.png", nrow=8, scale=2)
-            return {**scorers.score(images), "seconds_per_image": seconds}
+            return {**scorers.fids(images), "seconds_per_image": seconds}
         print(f"sampling and scoring {stem} ...", flush=True)
         rows.append({"model": who, "minutes": minutes, "steps": steps, "sampler": sampler_name,
                      **cached_json(args.out / f"{stem}.json", score, announce=True)})

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import Scorer, cached_json, machine, prepare_mnist, write_json
+from common import make_scorer, cached_json, machine, prepare_mnist, write_json
 
 from ddpm.checkpoint import load_model
 from ddpm.data import BatchLoader
@@ -71,7 +71,7 @@ def main() -> None:
     print(machine())
     dataset = prepare_mnist(args.out, mnist_dir=args.mnist)
     images, _ = dataset.split("train")
-    scorer = Scorer(dataset, args.out / "cache")
+    scorer = make_scorer(dataset, args.out / "cache")
     sampling = SamplerConfig(num_images=args.samples, batch_size=250)
 
     rows = []

@@ -28,15 +28,15 @@ from prefect import flow  # noqa: E402
 
 from ddpm.data import BatchLoader, DataConfig, load_prepared, prepare_dataset  # noqa: E402
 from ddpm.images import to_uint8  # noqa: E402
-from ddpm.metrics.fid import frechet_distance, reference_statistics  # noqa: E402
+from ddpm.metrics.scoring import Scorer  # noqa: E402
 from ddpm.samplers import generate  # noqa: E402
 from ddpm.training import Trainer  # noqa: E402
 from flows.train_pipeline import train_pipeline  # noqa: E402
 from tasks.config import DEFAULTS  # noqa: E402
-from tasks.evaluate import cache_dir, make_extractor  # noqa: E402
+from tasks.evaluate import cache_dir  # noqa: E402
 
 
-def bare(dataset, train_config, extractor, reference) -> dict:
+def bare(dataset, train_config, scorer: Scorer) -> dict:
     """Train, sample, score: the work of the flow and nothing else. Times the batch function apart."""
     loader = BatchLoader(dataset.split("train")[0], train_config.batch_size, seed=train_config.seed,
                          hflip=train_config.hflip)
@@ -58,7 +58,7 @@ def bare(dataset, train_config, extractor, reference) -> dict:
     model = trainer.ema.module.eval()
     images = to_uint8(generate(model, sampler, DEFAULTS.sampling.num_images, DEFAULTS.sampling.seed,
                                DEFAULTS.sampling.batch_size))
-    fid = frechet_distance(extractor, reference, images)
+    fid = scorer.fid(images)
     end = time.perf_counter()
     return {"total": end - start, "train": trained - start, "data_wait": waited, "fid": fid}
 
@@ -75,8 +75,7 @@ def main() -> None:
     print(machine())
 
     dataset = load_prepared(prepare_dataset(DataConfig(), home / "data"))
-    extractor, _ = make_extractor(dataset, "classifier")
-    reference = reference_statistics(extractor, dataset.split("holdout")[0], cache_dir(), dataset.fingerprint)
+    scorer = Scorer.build(dataset, ["classifier"], cache_dir())   # the flow's fid_classifier, as it scores
 
     start = time.perf_counter()
     empty_flow()
@@ -87,7 +86,7 @@ def main() -> None:
 
     bares, flows = [], []
     for _ in range(args.rounds):
-        bares.append(bare(dataset, train_config, extractor, reference))
+        bares.append(bare(dataset, train_config, scorer))
         start = time.perf_counter()
         train_pipeline(train=train_config)
         flows.append(time.perf_counter() - start)

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from common import (
-    Scorer, cached_json, diffusers_samples, diffusers_unet, machine, prepare_mnist, timed_samples, train_diffusers,
+    make_scorer, cached_json, diffusers_samples, diffusers_unet, machine, prepare_mnist, timed_samples, train_diffusers,
     write_json,
 )
 
@@ -103,7 +103,7 @@ def main() -> None:
 
     dataset = prepare_mnist(args.out, mnist_dir=args.mnist)
     train_images, _ = dataset.split("train")
-    scorer = Scorer(dataset, args.out / "cache")
+    scorer = make_scorer(dataset, args.out / "cache")
     print(machine())
     print(f"MNIST 16x16 {len(train_images)} train / {len(dataset.holdout_indices)} holdout, {args.model}, "
           f"batch {args.batch}, seed {args.seed}, {args.minutes:g} min each")

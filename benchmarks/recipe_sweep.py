@@ -21,7 +21,7 @@ from pathlib import Path
 
 from torch.optim.swa_utils import AveragedModel
 
-from common import Scorer, machine, prepare_mnist, timed_samples, write_json
+from common import make_scorer, machine, prepare_mnist, timed_samples, write_json
 
 from ddpm.data import BatchLoader
 from ddpm.diffusion import DiffusionConfig
@@ -100,7 +100,7 @@ def main() -> None:
     sampler_config = SAMPLER if args.sampler == "ddim100" else SamplerConfig()
 
     dataset = prepare_mnist(args.out, mnist_dir=args.mnist)
-    scorer = Scorer(dataset, args.out / "cache")
+    scorer = make_scorer(dataset, args.out / "cache")
     train_images, _ = dataset.split("train")
     floor = scorer.floor(args.samples)
     print(f"{machine()}\nMNIST 16x16: {len(train_images)} train images; fid_classifier floor at "

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from common import (
-    DiffusersEpsModel, Scorer, cached_json, diffusers_samples, diffusers_unet, machine, timed_samples, write_json,
+    DiffusersEpsModel, make_scorer, cached_json, diffusers_samples, diffusers_unet, machine, timed_samples, write_json,
 )
 
 from ddpm.data import load_prepared
@@ -63,7 +63,7 @@ def main() -> None:
     from diffusers import DDIMScheduler, DDPMScheduler
 
     dataset = load_prepared(next((args.source / "data").iterdir()))
-    scorer = Scorer(dataset, args.source / "cache")
+    scorer = make_scorer(dataset, args.source / "cache")
     checkpoint = args.checkpoint or json.loads((args.source / "ours.json").read_text())["checkpoints"]["b"]
     model, diffusion, state = load_model(checkpoint)
     schedule = diffusion.make_schedule()

@@ -35,7 +35,7 @@ from pathlib import Path
 from common import machine
 
 from ddpm.data import DataConfig, prepare_dataset
-from ddpm.distributed import EVENT_PREFIX
+from ddpm.torchrun import parse_event
 from ddpm.unet import UNet, count_parameters, preset
 from ddpm.utilisation import training_flops_per_image
 
@@ -61,8 +61,8 @@ def run_training(data: Path, model: str, batch: int, steps: int, processes: int,
         done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=3600)
         if done.returncode:
             raise RuntimeError(done.stdout[-2000:] + done.stderr[-2000:])
-    windows = [json.loads(line[len(EVENT_PREFIX):])["metrics"]["images_per_second"]
-               for line in done.stdout.splitlines() if line.startswith(EVENT_PREFIX) and '"log"' in line]
+    events = [parse_event(line) for line in done.stdout.splitlines()]
+    windows = [event["metrics"]["images_per_second"] for event in events if event and event["event"] == "log"]
     return statistics.median(windows[1:])
 
 

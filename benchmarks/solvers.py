@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import (Scorer, cached_json, diffusers_samples, machine, prepare_mnist, recipe_steps, timed_samples,
+from common import (make_scorer, cached_json, diffusers_samples, machine, prepare_mnist, recipe_steps, timed_samples,
                     write_json)
 
 from ddpm.data import BatchLoader
@@ -79,7 +79,7 @@ def main() -> None:
 
     dataset = prepare_mnist(args.out, mnist_dir=args.mnist)
     train_images, _ = dataset.split("train")
-    scorer = Scorer(dataset, args.out / "cache")
+    scorer = make_scorer(dataset, args.out / "cache")
     print(machine())
     weights = cached_json(args.out / "weights.json", lambda: train(train_images, args.minutes, args.out), announce=True)
     model, diffusion, _ = load_model(weights["checkpoint"])

@@ -253,12 +253,36 @@ def interpolate(
     return reverse_process(model, sampler, mixed, generators, start_t=t)
 
 
-SAMPLERS = ("ddpm", "ddim", "dpm++2m", "dpm++2m-sde", "unipc", "heun")
-# The steps of each sampler when SamplerConfig.num_steps is None. ddpm: all T steps (Algorithm 2,
-# not a respaced approximation); ddim: 50 (its pick in docs/benchmarks.md section 3); the solvers:
-# 20, where each is within 5% of its best FID in the solver table (section 7).
-DEFAULT_STEPS: dict[str, int | None] = {"ddpm": None, "ddim": 50, "dpm++2m": 20, "dpm++2m-sde": 20, "unipc": 20,
-                                        "heun": 20}
+@dataclass(frozen=True)
+class SamplerKind:
+    """One entry of SAMPLERS: its steps when SamplerConfig.num_steps is None (None: all T steps),
+    and how a SamplerConfig becomes that sampler over a schedule, at `steps` steps."""
+
+    default_steps: int | None
+    build: Callable[[SamplerConfig, NoiseSchedule, PredictionType, int], Sampler]
+
+
+# The samplers by name: SamplerConfig's choices, the CLI's and the served model's. A new sampler is
+# its class (here or in ddpm/solvers.py) and one line. Default steps: ddpm all T (Algorithm 2, not
+# a respaced approximation); ddim 50 (its pick in docs/benchmarks.md section 3); the solvers 20,
+# where each is within 5% of its best FID in the solver table (section 7).
+SAMPLERS: dict[str, SamplerKind] = {
+    # respaced DDPM has no "leading" variant: it takes "leading" (the default) as "linspace"
+    "ddpm": SamplerKind(None, lambda c, schedule, prediction, steps: DDPMSampler(
+        schedule, c.variance, c.clip_x0, prediction, steps, "linspace" if c.spacing == "leading" else c.spacing)),
+    "ddim": SamplerKind(50, lambda c, schedule, prediction, steps: DDIMSampler(
+        schedule, steps, c.eta, c.clip_x0, prediction, c.spacing)),
+    "dpm++2m": SamplerKind(20, lambda c, schedule, prediction, steps: DPMSolverPP(
+        schedule, steps, c.clip_x0, prediction, c.order, sde=False)),
+    "dpm++2m-sde": SamplerKind(20, lambda c, schedule, prediction, steps: DPMSolverPP(
+        schedule, steps, c.clip_x0, prediction, c.order, sde=True)),
+    "unipc": SamplerKind(20, lambda c, schedule, prediction, steps: UniPC(
+        schedule, steps, c.clip_x0, prediction, c.order)),
+    "heun": SamplerKind(20, lambda c, schedule, prediction, steps: HeunKarras(
+        schedule, steps, c.clip_x0, prediction, c.order)),
+}
+SamplerName = Literal[tuple(SAMPLERS)]
+DEFAULT_STEPS: dict[str, int | None] = {name: kind.default_steps for name, kind in SAMPLERS.items()}
 
 
 class SamplerConfig(BaseModel):
@@ -280,14 +304,15 @@ class SamplerConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    sampler: Literal["ddpm", "ddim", "dpm++2m", "dpm++2m-sde", "unipc", "heun"] = "dpm++2m-sde"
+    sampler: SamplerName = "dpm++2m-sde"
     num_steps: int | None = Field(None, ge=1, description="None: the sampler's default (DEFAULT_STEPS; ddpm: all T)")
     eta: float = Field(1.0, ge=0, le=1, allow_inf_nan=False,
-                       description="DDIM noise scale (0 deterministic, 1 ancestral-like)")
+                       description="DDIM's noise scale (0 deterministic, 1 ancestral-like); no other sampler reads it")
     order: int = Field(2, ge=1, le=2, description="solver order (dpm++2m, dpm++2m-sde, unipc, heun)")
     variance: Literal["beta", "beta_tilde"] = "beta"
     clip_x0: bool = True
-    spacing: Spacing = "leading"
+    spacing: Spacing = Field("leading", description="the timesteps of fewer than T steps (ddim, respaced ddpm); "
+                                                     "ddpm takes 'leading' as 'linspace'")
     num_images: int = Field(64, ge=1)
     seed: int = 0
     batch_size: int = Field(64, ge=1)
@@ -322,18 +347,7 @@ class SamplerConfig(BaseModel):
         return self.num_steps or DEFAULT_STEPS[self.sampler] or num_timesteps
 
     def build(self, schedule: NoiseSchedule, prediction_type: PredictionType = "epsilon") -> Sampler:
-        steps = self.steps(schedule.num_timesteps)
-        if self.sampler == "ddpm":
-            return DDPMSampler(schedule, self.variance, self.clip_x0, prediction_type, steps,
-                               "linspace" if self.spacing == "leading" else self.spacing)
-        if self.sampler == "ddim":
-            return DDIMSampler(schedule, steps, self.eta, self.clip_x0, prediction_type, self.spacing)
-        if self.sampler == "unipc":
-            return UniPC(schedule, steps, self.clip_x0, prediction_type, self.order)
-        if self.sampler == "heun":
-            return HeunKarras(schedule, steps, self.clip_x0, prediction_type, self.order)
-        return DPMSolverPP(schedule, steps, self.clip_x0, prediction_type, self.order,
-                           sde=self.sampler == "dpm++2m-sde")
+        return SAMPLERS[self.sampler].build(self, schedule, prediction_type, self.steps(schedule.num_timesteps))
 
     def describe(self) -> str:
         steps = self.num_steps or DEFAULT_STEPS[self.sampler] or "T"

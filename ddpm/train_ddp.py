@@ -11,7 +11,8 @@ resumes from the newest valid checkpoint in CKPT_DIR. Rank 0 writes the checkpoi
 --result JSON (step, resumed_from, loss_history, checkpoints, images_per_second, compile_seconds,
 world_size).
 With --events, rank 0 prints each log window and checkpoint as a line `@ddpm-event {json}` and
-any rank prints its error the same way before it exits (the pipeline's training task reads them).
+any rank prints its error the same way before it exits: the worker end of the protocol in
+ddpm.torchrun, whose `train_under_torchrun` launches this command and reads them.
 """
 
 from __future__ import annotations
@@ -19,12 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
 from ddpm.diffusion import DiffusionConfig
-from ddpm.distributed import (EVENT_PREFIX, DistributedContext, cleanup, init_distributed, launched_by_torchrun,
-                              parent_death_signal)
+from ddpm.distributed import DistributedContext, cleanup, init_distributed, launched_by_torchrun
+from ddpm.torchrun import emit_event, parent_death_signal
 from ddpm.training import REPEATING_ERRORS, TrainConfig, dataset_trainer, resolve_device
 from ddpm.unet import PRESETS, UNetConfig, preset
 
@@ -33,13 +33,6 @@ def _json_arg(text: str) -> dict:
     """A JSON object given inline or as a file path."""
     text = text.strip()
     return json.loads(text if text.startswith("{") else Path(text).read_text())
-
-
-def emit_event(kind: str, **fields) -> None:
-    """One event line for the launching process: a single write, so that other ranks' output on the
-    same pipe cannot land inside it (torchrun runs its workers unbuffered)."""
-    sys.stdout.write(EVENT_PREFIX + json.dumps({"event": kind, **fields}) + "\n")
-    sys.stdout.flush()
 
 
 def _model_arg(text: str) -> UNetConfig:

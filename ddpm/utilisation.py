@@ -8,18 +8,21 @@ through SDPA's math backend: torch has no FLOP formula for the fused CPU kernel,
 count 0). The GroupNorm/SiLU/add chains and the optimizer count as none, so MFU says how close
 the model's matrix work runs to the hardware's best, not how busy the device is. The peak is measured, not
 looked up: the best large matmul this device runs in the training precision (benchmarks and
-the training task use the same function).
+the training task use the same function). `training_utilisation` puts the figures together for a
+training just done, in one process or many.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import time
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from ddpm.training import TrainConfig, resolve_device
 from ddpm.unet import UNet, UNetConfig
 
 
@@ -75,3 +78,27 @@ def _matmul_peak(dtype: torch.dtype, device: torch.device, tf32: bool, repeats: 
     finally:
         torch.backends.cuda.matmul.allow_tf32 = allowed
     return 2 * n**3 / best / 1e9
+
+
+def training_utilisation(model_config: UNetConfig, train_config: TrainConfig, images_per_second: float,
+                         logger: logging.Logger | logging.LoggerAdapter | None = None) -> dict[str, float]:
+    """How close a training of `model_config` with `train_config` ran to the hardware, given the
+    images/s it reached: FLOPs per image, achieved GFLOP/s, the devices' matmul peak in the
+    training precision, and their ratio (MFU); {} when no step was trained. A measurement that
+    fails is a warning to `logger` (this module's by default) and {}: the training it describes is done."""
+    if not images_per_second:   # no step trained (a resume of a finished run)
+        return {}
+    try:
+        device = resolve_device(train_config.device)
+        dtype = torch.bfloat16 if train_config.autocast_bf16(device) else torch.float32
+        # one GPU per process; CPU processes share each node's cores, which this process's peak uses
+        devices = train_config.world_size if device.type == "cuda" else train_config.nnodes
+        flops = training_flops_per_image(model_config)
+        # TF32 as the Trainer trains on CUDA
+        achieved, peak = flops * images_per_second / 1e9, matmul_peak(dtype, device, tf32=True) * devices
+    except Exception as error:
+        logger = logging.getLogger(__name__) if logger is None else logger
+        logger.warning(f"no utilisation figures: {type(error).__name__}: {error}")
+        return {}
+    return {"gflops_per_image": flops / 1e9, "achieved_gflops_per_second": achieved,
+            "peak_gflops_per_second": peak, "mfu": achieved / peak}

@@ -372,7 +372,8 @@ def cmd_promote(args) -> None:
 
 
 def cmd_sample(args) -> None:
-    from tasks.experiments import sample_images, write_images
+    from ddpm.sampling import write_images
+    from tasks.experiments import sample_images
 
     source = args.model or args.checkpoint
     if args.model and not args.model.startswith("models:/"):
@@ -604,8 +605,8 @@ def main(argv: list[str] | None = None) -> int:
         from mlflow.exceptions import MlflowException
 
         from ddpm.checkpoint import CheckpointError
-        from ddpm.distributed import TrainingProcessError
         from ddpm.metrics.extractors import InceptionUnavailable
+        from ddpm.torchrun import TrainingProcessError
 
         expected += (MlflowException, CheckpointError, InceptionUnavailable, TrainingProcessError)
     except ImportError:

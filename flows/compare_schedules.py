@@ -22,12 +22,13 @@ from pydantic import AfterValidator, Field
 
 from ddpm.data import read_manifest, validate_for_model
 from ddpm.diffusion import DiffusionConfig
+from ddpm.metrics.scoring import ExtractorKind, check_evaluation
 from ddpm.schedules import BETA_SCHEDULES
 from flows.train_pipeline import ExperimentName, check_config, run_pipeline, start_run
-from tasks import plots, settings, tracking
-from tasks.config import DEFAULTS, DataParam, ExtractorKind, ModelParam, PipelineConfig, SamplingParam, TrainParam
+from tasks import contract, plots, settings, tracking
+from tasks.config import DEFAULTS, DataParam, ModelParam, PipelineConfig, SamplingParam, TrainParam
 from tasks.data import prepare_data
-from tasks.evaluate import check_evaluation, warm_scoring_cache
+from tasks.evaluate import warm_scoring_cache
 from tasks.registry import promote_best
 
 TABLE_COLUMNS = ["schedule", "metric", "num_samples", "fid", "fid_floor", "final_loss", "images_per_second", "steps", "run_id"]
@@ -131,7 +132,7 @@ def compare_schedules(
     experiment: ExperimentName = "ddpm-schedules",
     max_parallel: Annotated[int, Field(ge=1, le=64, description="pipelines training at once (threads, or "
                                                                 "local Dask worker processes)")] = 1,
-    promote_to: str | None = "ddpm",
+    promote_to: str | None = contract.DEFAULT_MODEL_NAME,
     dask_cluster: DaskCluster = None,
 ) -> pd.DataFrame:
     """Train, sample and score one model per noise schedule with everything else (seed included) equal.

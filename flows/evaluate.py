@@ -19,11 +19,12 @@ import mlflow
 from prefect import flow, runtime
 
 from ddpm.data import read_manifest
+from ddpm.metrics.scoring import ExtractorKind, check_evaluation
 from ddpm.samplers import SamplerConfig
-from tasks import settings, tracking
+from tasks import contract, settings, tracking
 from tasks.data import prepare_data
-from tasks.config import ExtractorKind, PipelineConfig
-from tasks.evaluate import check_evaluation, evaluate_samples
+from tasks.config import PipelineConfig
+from tasks.evaluate import evaluate_samples
 from tasks.sample import sample_checkpoint
 
 
@@ -79,10 +80,10 @@ def evaluate(
 
     best_step = min(fids, key=fids.get)
     mlflow_client = tracking.client()
-    mlflow_client.log_batch(run_id, metrics=[tracking.Metric(f"{metric}_best", fids[best_step],
+    mlflow_client.log_batch(run_id, metrics=[tracking.Metric(metric + contract.BEST_SUFFIX, fids[best_step],
                                                              int(time.time() * 1000), best_step)])
-    mlflow_client.set_tag(run_id, "fid.best_step", str(best_step))
-    mlflow_client.set_tag(run_id, "evaluate.flow_run_id", str(runtime.flow_run.id or ""))
+    mlflow_client.set_tag(run_id, contract.FID_BEST_STEP_TAG, str(best_step))
+    mlflow_client.set_tag(run_id, contract.EVALUATE_FLOW_RUN_TAG, str(runtime.flow_run.id or ""))
     return {"run_id": run_id, "metric": metric, "fids": fids, "best_step": best_step}
 
 

@@ -18,7 +18,7 @@ import urllib.request
 from contextlib import contextmanager
 from typing import Iterator
 
-from ddpm.distributed import parent_death_signal
+from ddpm.torchrun import parent_death_signal
 
 
 def _free_port() -> int:

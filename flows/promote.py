@@ -14,7 +14,8 @@ import sys
 from prefect import flow
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.registry import DEFAULT_MODEL_NAME, promote_best
+from tasks import contract
+from tasks.registry import promote_best
 
 
 class PromoteConfig(BaseModel):
@@ -22,8 +23,8 @@ class PromoteConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    experiments: list[str] = Field(["ddpm"], min_length=1, description="MLflow experiments whose runs compete")
-    model_name: str = Field(DEFAULT_MODEL_NAME, min_length=1, description="registered model name")
+    experiments: list[str] = Field([contract.DEFAULT_EXPERIMENT], min_length=1, description="MLflow experiments whose runs compete")
+    model_name: str = Field(contract.DEFAULT_MODEL_NAME, min_length=1, description="registered model name")
     fingerprint: str | None = Field(None, description="dataset fingerprint; default: that of the newest run with an FID")
     metric: str | None = Field(None, description="fid_classifier or fid_inception; default: that of the newest run")
     max_images: int = Field(64, ge=1, le=1024, description="largest num_images one serving request may ask for")

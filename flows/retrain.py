@@ -21,7 +21,7 @@ from pydantic import BaseModel
 from ddpm.data import DataConfig
 from ddpm.training import PLACEMENT_FIELDS, TrainConfig
 from flows.train_pipeline import ExperimentName, run_pipeline
-from tasks import tracking
+from tasks import contract, tracking
 from tasks.config import DEFAULTS, PipelineConfig
 from tasks.registry import comparable_runs, promote_best
 
@@ -58,11 +58,11 @@ def best_run_config(experiment: str, metric: str | None = None) -> tuple[str, st
 
 @flow(name="retrain", log_prints=True)
 def retrain(
-    experiment: ExperimentName = "ddpm",
+    experiment: ExperimentName = contract.DEFAULT_EXPERIMENT,
     data: DataConfig | None = None,
     train: TrainConfig | None = None,
     metric: str | None = None,
-    promote_to: str | None = "ddpm",
+    promote_to: str | None = contract.DEFAULT_MODEL_NAME,
 ) -> dict:
     """Retrain with the best configuration stored in `experiment` (lowest `metric`, by default the
     newest run's primary FID, among runs on the same data and sample count), on fresh data.
@@ -92,7 +92,7 @@ def retrain(
         config,
         experiment=experiment,
         run_name=None,
-        tags={"retrain.based_on": based_on or "defaults"},
+        tags={contract.RETRAIN_BASED_ON_TAG: based_on or "defaults"},
     )
     promotion = promote_best([experiment], promote_to) if promote_to else None
     return {**summary, "based_on": based_on, "promotion": promotion}

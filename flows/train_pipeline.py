@@ -16,14 +16,15 @@ from prefect import flow, runtime
 from pydantic import Field
 
 from ddpm.data import load_prepared, validate_for_model
-from ddpm.distributed import check_num_processes
+from ddpm.metrics.scoring import ExtractorKind, check_evaluation, extractor_names
+from ddpm.torchrun import check_num_processes
 from ddpm.training import check_compiler, resolve_device
-from tasks import settings, tracking
+from tasks import contract, settings, tracking
 from tasks.config import (
-    DEFAULTS, DataParam, DiffusionParam, ExtractorKind, ModelParam, PipelineConfig, SamplingParam, TrainParam,
+    DEFAULTS, DataParam, DiffusionParam, ModelParam, PipelineConfig, SamplingParam, TrainParam,
 )
 from tasks.data import log_dataset_input, prepare_data
-from tasks.evaluate import check_evaluation, evaluate_samples, extractor_names, guidance_sweep
+from tasks.evaluate import evaluate_samples, guidance_sweep
 from tasks.sample import sample_checkpoint
 from tasks.serving import log_ddpm_model
 from tasks.train import train_model
@@ -36,8 +37,8 @@ def start_run(experiment: str, run_name: str | None, params: dict, tags: dict | 
     tracking.mark_vanished_runs(experiment)   # runs whose process was killed outright: FAILED, not RUNNING
     return tracking.create_run(
         experiment, run_name or runtime.flow_run.name, params,
-        tags={"prefect.flow_run_id": str(runtime.flow_run.id or ""),
-              "prefect.flow_name": str(runtime.flow_run.flow_name or ""), **(tags or {})},
+        tags={contract.FLOW_RUN_TAG: str(runtime.flow_run.id or ""),
+              contract.FLOW_NAME_TAG: str(runtime.flow_run.flow_name or ""), **(tags or {})},
     )
 
 
@@ -81,7 +82,7 @@ def resumed_config(run_id: str, given: PipelineConfig) -> PipelineConfig:
 
 def run_pipeline(
     config: PipelineConfig,
-    experiment: str = "ddpm",
+    experiment: str = contract.DEFAULT_EXPERIMENT,
     run_name: str | None = None,
     parent_run_id: str | None = None,
     tags: dict[str, str] | None = None,
@@ -108,10 +109,10 @@ def run_pipeline(
         run_id = run.info.run_id
         print(f"resuming MLflow run {run_id} from its newest valid checkpoint")
     else:
-        run_tags = {"dataset.fingerprint": dataset.fingerprint, "schedule": config.diffusion.schedule,
-                    tracking.CONDITIONAL_TAG: str(model.num_classes is not None).lower(), **(tags or {})}
+        run_tags = {contract.DATASET_FINGERPRINT_TAG: dataset.fingerprint, contract.SCHEDULE_TAG: config.diffusion.schedule,
+                    contract.CONDITIONAL_TAG: str(model.num_classes is not None).lower(), **(tags or {})}
         if parent_run_id:
-            run_tags["mlflow.parentRunId"] = parent_run_id
+            run_tags[contract.PARENT_RUN_TAG] = parent_run_id
         run_id = start_run(experiment, run_name, config.to_stored(), tags=run_tags)
         print(f"MLflow run {run_id} in experiment '{experiment}' at {settings.tracking_uri()}")
     with tracking.run_lifecycle(run_id):
@@ -123,8 +124,8 @@ def run_pipeline(
             checkpoint_dir = out / "checkpoints"
             log_dataset_input(run_id, dataset)
             # evaluate finds the checkpoints from these, even when its DDPM_HOME is another folder
-            tracking.client().set_tag(run_id, tracking.CHECKPOINT_DIR_TAG, str(checkpoint_dir))
-            tracking.log_dict(run_id, config.to_stored(), tracking.CONFIG_ARTIFACT)
+            tracking.client().set_tag(run_id, contract.CHECKPOINT_DIR_TAG, str(checkpoint_dir))
+            tracking.log_dict(run_id, config.to_stored(), contract.CONFIG_ARTIFACT)
         trained = train_model(dataset_path, model, config.diffusion, config.train, run_id, str(checkpoint_dir))
         final = trained["checkpoints"][-1]
         # the run's model (MLflow 3 LoggedModel, the EMA weights), its FIDs linked to it; promotion
@@ -154,7 +155,7 @@ def train_pipeline(
     train: TrainParam = DEFAULTS.train,
     sampling: SamplingParam = DEFAULTS.sampling,
     fid_extractor: ExtractorKind = DEFAULTS.fid_extractor,
-    experiment: ExperimentName = "ddpm",
+    experiment: ExperimentName = contract.DEFAULT_EXPERIMENT,
     run_name: str | None = None,
     resume: str | None = None,
 ) -> dict:

@@ -18,18 +18,17 @@ with `from_stored`. The CLI's options and `--set` keys are its settings (`settin
 from __future__ import annotations
 
 import difflib
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
 
 from ddpm.data import DataConfig
 from ddpm.diffusion import DiffusionConfig
+from ddpm.metrics.scoring import ExtractorKind   # "auto": every FID the data allows
 from ddpm.samplers import SamplerConfig
 from ddpm.training import TrainConfig
 from ddpm.unet import UNetConfig, preset
 
-# "auto": every FID the run can compute (Inception with the extra, the classifier with labels)
-ExtractorKind = Literal["auto", "classifier", "inception"]
 
 
 def partial_over(base: BaseModel) -> BeforeValidator:

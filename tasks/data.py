@@ -79,7 +79,7 @@ def log_dataset_input(run_id: str, dataset: PreparedDataset, context: str = "tra
     import mlflow.data
     from mlflow.entities import DatasetInput, InputTag
 
-    from tasks import tracking
+    from tasks import contract, tracking
 
     manifest = dataset.manifest
     name = f"{manifest['source']}-{manifest['image_size']}x{manifest['image_size']}x{manifest['channels']}"
@@ -107,8 +107,8 @@ def log_dataset_input(run_id: str, dataset: PreparedDataset, context: str = "tra
             if "UNIQUE constraint failed" not in str(error):
                 raise
             client.log_inputs(run_id, datasets=inputs)
-    for key, value in {"dataset.fingerprint": dataset.fingerprint, "dataset.name": name,
-                       "dataset.path": str(dataset.path),
-                       "dataset.train_count": str(manifest["splits"]["train"]),
-                       "dataset.holdout_count": str(manifest["splits"]["holdout"])}.items():
+    for key, value in {contract.DATASET_FINGERPRINT_TAG: dataset.fingerprint, contract.DATASET_NAME_TAG: name,
+                       contract.DATASET_PATH_TAG: str(dataset.path),
+                       contract.DATASET_TRAIN_COUNT_TAG: str(manifest["splits"]["train"]),
+                       contract.DATASET_HOLDOUT_COUNT_TAG: str(manifest["splits"]["holdout"])}.items():
         client.set_tag(run_id, key, value)

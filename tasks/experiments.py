@@ -14,10 +14,10 @@ import numpy as np
 import torch
 
 from ddpm.data import DataConfig, DataError, load_prepared, prepare_dataset, prepared_path
-from ddpm.images import save_grid, save_png, to_float
+from ddpm.images import save_grid, to_float
 from ddpm.samplers import SamplerConfig, denoise, interpolate
+from ddpm.sampling import checkpoint_images, grid_scale, load_sampler
 from tasks import tracking
-from tasks.sample import checkpoint_images, load_sampler
 from tasks.settings import ddpm_home
 
 
@@ -45,20 +45,6 @@ def sample_images(source: str, sampling: SamplerConfig) -> np.ndarray:
     if not Path(source).is_file():
         raise FileNotFoundError(f"checkpoint not found: {source}")
     return checkpoint_images(source, sampling)[0].numpy()
-
-
-def grid_scale(image_size: int) -> int:
-    """Small images are enlarged in grids so that they can be seen."""
-    return max(1, 128 // image_size) if image_size < 128 else 1
-
-
-def write_images(images: np.ndarray, out_dir: Path | str, prefix: str = "image") -> dict:
-    """One PNG per image (prefix-000.png, ...) and grid.png; returns their paths."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = [save_png(np.transpose(image, (1, 2, 0)), out / f"{prefix}-{i:03d}.png") for i, image in enumerate(images)]
-    grid = save_grid(torch.from_numpy(images), out / "grid.png", scale=grid_scale(images.shape[-1]))
-    return {"images": [str(p) for p in paths], "grid": str(grid)}
 
 
 def real_images(dataset: str, indices: list[int], split: str = "holdout") -> torch.Tensor:

@@ -16,12 +16,11 @@ from mlflow.entities import LoggedModelStatus
 from mlflow.exceptions import MlflowException
 
 from ddpm.checkpoint import checkpoint_step
-from tasks import tracking
+from tasks import contract, tracking
 # Models registered before tasks.serving existed pickled a reference to tasks.registry.DDPMImageModel.
 from tasks.serving import DDPMImageModel, log_ddpm_model  # noqa: F401
 
-CHAMPION = "champion"
-DEFAULT_MODEL_NAME = "ddpm"
+CHAMPION, DEFAULT_MODEL_NAME = contract.CHAMPION_ALIAS, contract.DEFAULT_MODEL_NAME
 
 
 # --- promotion ------------------------------------------------------------------------------
@@ -35,12 +34,12 @@ def runs_with_fid(experiments: list[str]) -> list:
         return []
     runs = mlflow_client.search_runs(ids, filter_string="attributes.status = 'FINISHED'", max_results=5000,
                                      order_by=["attributes.end_time DESC"])
-    return [r for r in runs if r.data.tags.get("fid.metric") in r.data.metrics]
+    return [r for r in runs if r.data.tags.get(contract.FID_METRIC_TAG) in r.data.metrics]
 
 
 def is_conditional(run) -> str:
     """"true" for a class-conditional model's run, else "false" (runs from before the tag included)."""
-    return run.data.tags.get(tracking.CONDITIONAL_TAG, "false")
+    return run.data.tags.get(contract.CONDITIONAL_TAG, contract.TAG_DEFAULTS[contract.CONDITIONAL_TAG])
 
 
 def comparable_runs(experiments: list[str] | str, metric: str | None = None, fingerprint: str | None = None,
@@ -56,16 +55,16 @@ def comparable_runs(experiments: list[str] | str, metric: str | None = None, fin
     runs = runs_with_fid(experiments)
     if not runs:
         raise LookupError(f"no finished run with an FID in experiment(s) {experiments}; train one first")
-    metric = metric or runs[0].data.tags["fid.metric"]
+    metric = metric or runs[0].data.tags[contract.FID_METRIC_TAG]
     runs = [r for r in runs if metric in r.data.metrics]
     if not runs:
         raise LookupError(f"no finished run in {experiments} has the metric {metric}")
-    fingerprint = fingerprint or runs[0].data.tags.get("dataset.fingerprint")
-    num_samples = str(num_samples or runs[0].data.tags.get("fid.num_samples"))
+    fingerprint = fingerprint or runs[0].data.tags.get(contract.DATASET_FINGERPRINT_TAG)
+    num_samples = str(num_samples or runs[0].data.tags.get(contract.FID_NUM_SAMPLES_TAG))
     kind = is_conditional(runs[0]) if conditional is None else str(bool(conditional)).lower()
     criteria = {"metric": metric, "fingerprint": fingerprint, "num_samples": num_samples, "conditional": kind}
-    same = [r for r in runs if r.data.tags.get("dataset.fingerprint") == fingerprint
-            and r.data.tags.get("fid.num_samples") == num_samples and is_conditional(r) == kind]
+    same = [r for r in runs if r.data.tags.get(contract.DATASET_FINGERPRINT_TAG) == fingerprint
+            and r.data.tags.get(contract.FID_NUM_SAMPLES_TAG) == num_samples and is_conditional(r) == kind]
     if not same:
         what = "class-conditional" if kind == "true" else "unconditional"
         raise LookupError(f"no finished run of a {what} model in {experiments} has {metric} at {num_samples} "
@@ -92,8 +91,8 @@ def register_logged_model(run, checkpoint: Path, model_name: str, max_images: in
     step = str(checkpoint_step(checkpoint))
     models = mlflow_client.search_logged_models(
         [run.info.experiment_id],
-        filter_string=f"source_run_id = '{run.info.run_id}' AND tags.`checkpoint.step` = '{step}' "
-                      f"AND tags.`max_images` = '{max_images}'")
+        filter_string=f"source_run_id = '{run.info.run_id}' AND tags.`{contract.LOGGED_STEP_TAG}` = '{step}' "
+                      f"AND tags.`{contract.LOGGED_MAX_IMAGES_TAG}` = '{max_images}'")
     ready = [m for m in models if m.status == LoggedModelStatus.READY]
     if not ready:
         return None
@@ -124,32 +123,31 @@ def champion_decision(candidate_tags: dict, champion_tags: dict | None) -> tuple
     """
     if champion_tags is None:
         return True, "no champion yet"
-    for key, what in (("fid.metric", "FID extractor"), ("dataset.fingerprint", "dataset"),
-                      ("fid.num_samples", "sample count"), (tracking.CONDITIONAL_TAG, "kind of model")):
-        if champion_tags.get(key, "false" if key == tracking.CONDITIONAL_TAG else None) != candidate_tags[key]:
+    for key, what in contract.COMPARABILITY_TAGS:
+        if champion_tags.get(key, contract.TAG_DEFAULTS.get(key)) != candidate_tags[key]:
             return False, (f"champion was measured with another {what} ({key} {champion_tags.get(key)!r} "
                            f"vs {candidate_tags[key]!r}); FIDs are not comparable, champion kept")
-    new, old = float(candidate_tags["fid"]), float(champion_tags["fid"])
+    new, old = float(candidate_tags[contract.VERSION_FID_TAG]), float(champion_tags[contract.VERSION_FID_TAG])
     if math.isnan(old) or new < old:
-        return True, f"{candidate_tags['fid.metric']} {new:.4g} beats the champion's {old:.4g}"
+        return True, f"{candidate_tags[contract.FID_METRIC_TAG]} {new:.4g} beats the champion's {old:.4g}"
     word = "ties" if new == old else "is worse than"
-    return False, f"{candidate_tags['fid.metric']} {new:.4g} {word} the champion's {old:.4g}; champion kept"
+    return False, f"{candidate_tags[contract.FID_METRIC_TAG]} {new:.4g} {word} the champion's {old:.4g}; champion kept"
 
 
 def champion_tags(champion) -> dict:
     """The champion version's tags; a version registered before `fid.num_samples` was tagged
     takes it from its source run."""
     tags = dict(champion.tags)
-    if "fid.num_samples" not in tags and tags.get("source_run_id"):
+    if contract.FID_NUM_SAMPLES_TAG not in tags and tags.get(contract.SOURCE_RUN_TAG):
         try:
-            run = tracking.client().get_run(tags["source_run_id"])
-            tags["fid.num_samples"] = run.data.tags.get("fid.num_samples")
+            run = tracking.client().get_run(tags[contract.SOURCE_RUN_TAG])
+            tags[contract.FID_NUM_SAMPLES_TAG] = run.data.tags.get(contract.FID_NUM_SAMPLES_TAG)
         except MlflowException:  # the source run was deleted: not comparable
             pass
     return tags
 
 
-def promote_best(experiments: list[str] | str = "ddpm", model_name: str = DEFAULT_MODEL_NAME,
+def promote_best(experiments: list[str] | str = contract.DEFAULT_EXPERIMENT, model_name: str = DEFAULT_MODEL_NAME,
                  fingerprint: str | None = None, metric: str | None = None, max_images: int = 64,
                  log=print, conditional: bool | None = None) -> dict:
     """Register the best run by FID as a version of `model_name`; move `champion` to it if it wins.
@@ -194,9 +192,10 @@ def _promote_best(experiments, model_name, fingerprint, metric, max_images, log,
     else:
         raise LookupError(f"none of the {len(candidates)} candidate runs has its checkpoint on this machine")
 
-    tags = {"fid": repr(fid_of(run)), "fid.metric": metric, "fid.num_samples": criteria["num_samples"],
-            "dataset.fingerprint": fingerprint, "schedule": run.data.tags.get("schedule", ""),
-            "source_run_id": run.info.run_id, tracking.CONDITIONAL_TAG: criteria["conditional"]}
+    tags = {contract.VERSION_FID_TAG: repr(fid_of(run)), contract.FID_METRIC_TAG: metric,
+            contract.FID_NUM_SAMPLES_TAG: criteria["num_samples"], contract.DATASET_FINGERPRINT_TAG: fingerprint,
+            contract.SCHEDULE_TAG: run.data.tags.get(contract.SCHEDULE_TAG, ""),
+            contract.SOURCE_RUN_TAG: run.info.run_id, contract.CONDITIONAL_TAG: criteria["conditional"]}
     for key, value in tags.items():
         mlflow_client.set_model_version_tag(model_name, version.version, key, value)
 
@@ -208,9 +207,9 @@ def _promote_best(experiments, model_name, fingerprint, metric, max_images, log,
     if moved:
         mlflow_client.set_registered_model_alias(model_name, CHAMPION, version.version)
     if not (champion is not None and champion.version == version.version):   # a repeat keeps its first reason
-        mlflow_client.set_model_version_tag(model_name, version.version, "promotion.decision",
+        mlflow_client.set_model_version_tag(model_name, version.version, contract.DECISION_TAG,
                                             CHAMPION if moved else "kept")
-        mlflow_client.set_model_version_tag(model_name, version.version, "promotion.reason", reason)
+        mlflow_client.set_model_version_tag(model_name, version.version, contract.REASON_TAG, reason)
     champion_version = version.version if moved else (champion.version if champion else None)
     log(f"{model_name} version {version.version} (run {run.info.run_id}, {metric} {fid_of(run):.4g}): "
         f"{'now' if moved else 'not'} {CHAMPION}: {reason}")

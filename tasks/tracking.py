@@ -23,6 +23,7 @@ from mlflow.tracking import MlflowClient
 from prefect.exceptions import TerminationSignal
 
 from ddpm.checkpoint import list_checkpoints
+from tasks import contract
 from tasks.settings import artifact_root, ddpm_home, tracking_uri
 
 
@@ -70,23 +71,19 @@ def client() -> MlflowClient:
     return mlflow_client
 
 
-# MLflow 3's UI opens an experiment without this tag in its GenAI view ("Evaluations", traces);
-# training runs belong in the model-training view (runs, metrics, charts).
-EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
-
-
 def experiment_id(name: str) -> str:
     """The id of experiment `name`, created with an explicit artifact location if it is new, and
     marked as a model-training experiment for the MLflow UI."""
     mlflow_client = client()
     experiment = mlflow_client.get_experiment_by_name(name)
     if experiment is not None:
-        if "mlflow.experimentKind" not in experiment.tags:   # made by an older version, or by hand
-            mlflow_client.set_experiment_tag(experiment.experiment_id, *next(iter(EXPERIMENT_KIND.items())))
+        if contract.EXPERIMENT_KIND_TAG not in experiment.tags:   # made by an older version, or by hand
+            mlflow_client.set_experiment_tag(experiment.experiment_id, contract.EXPERIMENT_KIND_TAG,
+                                             contract.EXPERIMENT_KIND)
         return experiment.experiment_id
     try:
         return mlflow_client.create_experiment(name, artifact_location=f"{artifact_root()}/{name}",
-                                               tags=EXPERIMENT_KIND)
+                                               tags={contract.EXPERIMENT_KIND_TAG: contract.EXPERIMENT_KIND})
     except mlflow.exceptions.MlflowException:  # created meanwhile by a concurrent run
         return mlflow_client.get_experiment_by_name(name).experiment_id
 
@@ -197,34 +194,26 @@ def find_run(mlflow_run_id: str | None = None, prefect_flow_run_id: str | None =
         raise ValueError("give an MLflow run id or a Prefect flow-run id")
     flow_run_id = parse_flow_run_id(prefect_flow_run_id)
     experiments = [e.experiment_id for e in mlflow_client.search_experiments()]
-    runs = mlflow_client.search_runs(experiments, filter_string=f"tags.`prefect.flow_run_id` = '{flow_run_id}'",
+    runs = mlflow_client.search_runs(experiments, filter_string=f"tags.`{contract.FLOW_RUN_TAG}` = '{flow_run_id}'",
                                      order_by=["attributes.start_time DESC"]) if experiments else []
     if not runs:
         raise RunNotFoundError(f"no MLflow run is tagged with Prefect flow run '{flow_run_id}' in {tracking_uri()}")
     return runs[0]
 
 
-# A pipeline run's full configuration (retrain, evaluate and resume read it back) and the folder
-# of its checkpoints (evaluate and promotion find them there, wherever DDPM_HOME is).
-CONFIG_ARTIFACT = "config.json"
-CHECKPOINT_DIR_TAG = "checkpoint_dir"
-# "true" for a class-conditional model's run, "false" otherwise: the two kinds never compete in promotion
-CONDITIONAL_TAG = "model.conditional"
-
-
 def run_config(run: mlflow.entities.Run) -> dict:
     """The configuration train_pipeline logged as config.json in `run`."""
     try:
-        return mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/{CONFIG_ARTIFACT}")
+        return mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/{contract.CONFIG_ARTIFACT}")
     except Exception as error:  # noqa: BLE001 (MLflow raises several types for a missing artifact)
         raise FileNotFoundError(
-            f"MLflow run {run.info.run_id} has no {CONFIG_ARTIFACT}: it was not made by train_pipeline"
+            f"MLflow run {run.info.run_id} has no {contract.CONFIG_ARTIFACT}: it was not made by train_pipeline"
         ) from error
 
 
 def checkpoint_folders(run: mlflow.entities.Run) -> list[Path]:
     """Where a run's checkpoints may be: its `checkpoint_dir` tag, then $DDPM_HOME/runs/<run id>/checkpoints."""
-    tagged = run.data.tags.get(CHECKPOINT_DIR_TAG)
+    tagged = run.data.tags.get(contract.CHECKPOINT_DIR_TAG)
     default = ddpm_home() / "runs" / run.info.run_id / "checkpoints"
     return [Path(tagged), default] if tagged and Path(tagged) != default else [default]
 
@@ -244,11 +233,8 @@ def run_checkpoints(run: mlflow.entities.Run) -> list[Path]:
 # say so: its run keeps RUNNING, so every run records the host and pid working on it, and
 # `mark_vanished_runs` fails the runs whose process is gone when an experiment is next used.
 
-HOST_TAG, PID_TAG = "ddpm.host", "ddpm.pid"
-
-
 def _process_tags() -> dict[str, str]:
-    return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
+    return {contract.HOST_TAG: socket.gethostname(), contract.PID_TAG: str(os.getpid())}
 
 
 def _process_alive(pid: int) -> bool:
@@ -264,9 +250,10 @@ def _process_alive(pid: int) -> bool:
 def vanished(run: mlflow.entities.Run) -> bool:
     """A RUNNING run whose recorded process on this host no longer exists."""
     tags = run.data.tags
-    if run.info.status != "RUNNING" or tags.get(HOST_TAG) != socket.gethostname() or not tags.get(PID_TAG):
+    if (run.info.status != "RUNNING" or tags.get(contract.HOST_TAG) != socket.gethostname()
+            or not tags.get(contract.PID_TAG)):
         return False
-    pid = int(tags[PID_TAG])
+    pid = int(tags[contract.PID_TAG])
     return pid != os.getpid() and not _process_alive(pid)
 
 
@@ -280,7 +267,7 @@ def mark_vanished_runs(experiment: str) -> list[str]:
     for run in mlflow_client.search_runs([found.experiment_id], filter_string="attributes.status = 'RUNNING'"):
         if vanished(run):
             run_id = run.info.run_id
-            mlflow_client.set_tag(run_id, "error", f"the process training it (pid {run.data.tags[PID_TAG]}) "
+            mlflow_client.set_tag(run_id, contract.ERROR_TAG, f"the process training it (pid {run.data.tags[contract.PID_TAG]}) "
                                                    f"ended without finishing it; `ddpm train --resume {run_id}` "
                                                    "continues it")
             mlflow_client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
@@ -307,13 +294,14 @@ def reopen_run(run_id: str) -> mlflow.entities.Run:
     run = find_run(run_id)
     if run.info.status == "FINISHED":
         raise ValueError(f"MLflow run {run_id} is FINISHED: nothing to resume")
-    if run.info.status == "RUNNING" and not vanished(run) and run.data.tags.get(PID_TAG) != str(os.getpid()):
-        raise ValueError(f"MLflow run {run_id} is still RUNNING in process {run.data.tags.get(PID_TAG)} on "
-                         f"{run.data.tags.get(HOST_TAG)}; stop it first")
+    tags = run.data.tags
+    if run.info.status == "RUNNING" and not vanished(run) and tags.get(contract.PID_TAG) != str(os.getpid()):
+        raise ValueError(f"MLflow run {run_id} is still RUNNING in process {tags.get(contract.PID_TAG)} on "
+                         f"{tags.get(contract.HOST_TAG)}; stop it first")
     mlflow_client.update_run(run_id, status="RUNNING")
     for key, value in _process_tags().items():
         mlflow_client.set_tag(run_id, key, value)
-    mlflow_client.set_tag(run_id, "resumed", str(int(run.data.tags.get("resumed", "0")) + 1))
+    mlflow_client.set_tag(run_id, contract.RESUMED_TAG, str(int(tags.get(contract.RESUMED_TAG, "0")) + 1))
     return run
 
 
@@ -328,7 +316,7 @@ def run_lifecycle(run_id: str) -> Iterator[str]:
         # Ctrl-C, or SIGTERM (Prefect turns it into TerminationSignal inside a flow run)
         status = RunStatus.KILLED if isinstance(error, (KeyboardInterrupt, TerminationSignal)) else RunStatus.FAILED
         try:
-            mlflow_client.set_tag(run_id, "error", traceback.format_exc(limit=3)[-4000:])
+            mlflow_client.set_tag(run_id, contract.ERROR_TAG, traceback.format_exc(limit=3)[-4000:])
             mlflow_client.set_terminated(run_id, RunStatus.to_string(status))
         except Exception:  # noqa: BLE001 (the store itself failing must not hide the first error)
             pass

@@ -76,7 +76,7 @@ def test_missing_or_wrong_weights_file_is_refused(monkeypatch, tmp_path):
 
 
 def test_an_unlabelled_dataset_without_the_extra_says_what_to_install(monkeypatch):
-    from tasks.evaluate import check_evaluation, extractor_names
+    from ddpm.metrics.scoring import check_evaluation, extractor_names
 
     monkeypatch.delenv(extractors_module.INCEPTION_WEIGHTS_ENV, raising=False)
     monkeypatch.setattr(extractors_module, "INCEPTION_PACKAGE", "no_such_package_for_ddpm_tests")
@@ -163,7 +163,7 @@ def test_inception_gives_2048_features_for_gray_and_rgb(inception, mnist_sets):
 @needs_inception
 def test_fid_self_halves_noise_and_an_independent_formula(inception, mnist_sets):
     a, b = mnist_sets
-    assert metric_name("fid", inception) == "fid_inception"
+    assert metric_name(inception) == "fid_inception"
     self_fid = frechet_distance(inception, a, a)
     halves = frechet_distance(inception, a, b)
     noisy = [frechet_distance(inception, a, add_noise(a, sigma)) for sigma in (0.05, 0.1, 0.2)]

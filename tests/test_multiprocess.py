@@ -87,6 +87,7 @@ def two_process_run(prefect_harness, store):
                           experiment="two-processes")
 
 
+@pytest.mark.slow
 def test_two_processes_through_the_flow_give_one_process_losses(two_process_run, store, tmp_path):
     summary = two_process_run
     client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
@@ -109,6 +110,7 @@ def test_two_processes_through_the_flow_give_one_process_losses(two_process_run,
     assert max((final["model"][k] - v).abs().max().item() for k, v in single.model.state_dict().items()) < 1e-4
 
 
+@pytest.mark.slow
 def test_a_killed_rank_fails_the_attempt_and_the_retry_resumes_to_the_same_weights(two_process_run, store, caplog):
     """SIGKILL of rank 1 right after the step-20 checkpoint: the task attempt fails naming rank 1 and
     the signal, Prefect retries, the retry resumes at step 20 and ends on the uninterrupted run's
@@ -151,10 +153,10 @@ def test_a_killed_rank_fails_the_attempt_and_the_retry_resumes_to_the_same_weigh
     assert not wait_until_gone(str(run_dir))
 
 
+@pytest.mark.slow
 def test_a_rank_error_fails_at_once_naming_the_rank_and_the_error(two_process_run, tmp_path):
     """Every rank refuses a checkpoint of another noise schedule: a one-line error, not retried."""
-    from ddpm.distributed import TrainingProcessError
-    from tasks.train import train_with_torchrun
+    from ddpm.torchrun import TrainingProcessError, train_under_torchrun
 
     checkpoint_dir = tmp_path / "run" / "checkpoints"
     checkpoint_dir.mkdir(parents=True)
@@ -164,31 +166,32 @@ def test_a_rank_error_fails_at_once_naming_the_rank_and_the_error(two_process_ru
     longer = TrainConfig(**{**TRAIN.model_dump(), "steps": 80})
     with pytest.raises(TrainingProcessError, match=r"rank [01] of 2 failed: CheckpointError: .*trained with diffusion") \
             as failure:   # the run's checkpoint has the pipeline's cosine schedule, DiffusionConfig() is linear
-        train_with_torchrun(two_process_run["dataset"], MODEL, DiffusionConfig(), longer, str(checkpoint_dir))
+        train_under_torchrun(two_process_run["dataset"], MODEL, DiffusionConfig(), longer, str(checkpoint_dir))
     assert not failure.value.retryable and "\n" not in str(failure.value)
     assert sorted(p.name for p in checkpoint_dir.iterdir()) == [source.name, source.name + ".sha256"]  # untouched
 
 
+@pytest.mark.slow
 def test_an_unreachable_rendezvous_fails_in_bounded_time(two_process_run, tmp_path):
-    from ddpm.distributed import TrainingProcessError
-    from tasks.train import train_with_torchrun
+    from ddpm.torchrun import TrainingProcessError, train_under_torchrun
 
     two_nodes = TrainConfig(**{**TRAIN.model_dump(), "num_processes": 1, "nnodes": 2,
                                "rdzv_endpoint": "192.0.2.1:29400", "rdzv_timeout": 3})   # TEST-NET-1: no host
     start = time.monotonic()
     with pytest.raises(TrainingProcessError, match=r"rendezvous at 192\.0\.2\.1:29400 failed"):
-        train_with_torchrun(two_process_run["dataset"], MODEL, DiffusionConfig(), two_nodes,
-                            str(tmp_path / "run" / "checkpoints"))
+        train_under_torchrun(two_process_run["dataset"], MODEL, DiffusionConfig(), two_nodes,
+                             str(tmp_path / "run" / "checkpoints"))
     assert time.monotonic() - start < 90
 
 
+@pytest.mark.slow
 def test_a_launcher_killed_outright_leaves_no_training_process(two_process_run, tmp_path):
     """kill -9 of the process that launched torchrun: torchrun and both workers end too."""
     checkpoint_dir = tmp_path / "orphan-check" / "checkpoints"
     long = TrainConfig(**{**TRAIN.model_dump(), "steps": 100_000})
     code = ("import sys; from ddpm.diffusion import DiffusionConfig; from ddpm.training import TrainConfig; "
-            "from ddpm.unet import preset; from tasks.train import train_with_torchrun; "
-            f"train_with_torchrun({str(two_process_run['dataset'])!r}, preset('tiny-16'), DiffusionConfig(), "
+            "from ddpm.unet import preset; from ddpm.torchrun import train_under_torchrun; "
+            f"train_under_torchrun({str(two_process_run['dataset'])!r}, preset('tiny-16'), DiffusionConfig(), "
             f"TrainConfig.model_validate_json({long.model_dump_json()!r}), {str(checkpoint_dir)!r})")
     launcher = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -204,6 +207,7 @@ def test_a_launcher_killed_outright_leaves_no_training_process(two_process_run, 
             os.kill(pid, signal.SIGKILL)
 
 
+@pytest.mark.slow
 def test_more_processes_than_devices_is_refused_before_any_run(prefect_harness, mlflow_store):
     from flows.train_pipeline import train_pipeline
 

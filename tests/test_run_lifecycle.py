@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks import tracking
+from tasks import contract, tracking
 
 pytestmark = pytest.mark.slow   # a fresh MLflow store per test (~2 s each), processes killed
 
@@ -52,10 +52,10 @@ def test_a_run_is_finished_failed_or_killed_by_how_its_block_ends(store):
 def test_a_run_whose_process_vanished_is_failed_when_the_experiment_is_next_used(store):
     alive = tracking.create_run("lifecycle", "alive", {})
     gone = tracking.create_run("lifecycle", "gone", {})
-    store.set_tag(gone, tracking.PID_TAG, str(dead_pid()))
+    store.set_tag(gone, contract.PID_TAG, str(dead_pid()))
     other_host = tracking.create_run("lifecycle", "elsewhere", {})
-    store.set_tag(other_host, tracking.HOST_TAG, "another-machine")
-    store.set_tag(other_host, tracking.PID_TAG, str(dead_pid()))
+    store.set_tag(other_host, contract.HOST_TAG, "another-machine")
+    store.set_tag(other_host, contract.PID_TAG, str(dead_pid()))
 
     assert tracking.mark_vanished_runs("lifecycle") == [gone]
     assert store.get_run(gone).info.status == "FAILED"
@@ -70,7 +70,7 @@ def test_reopen_refuses_a_finished_run_and_one_still_running_elsewhere(store):
     with pytest.raises(ValueError, match="FINISHED: nothing to resume"):
         tracking.reopen_run(finished)
     busy = tracking.create_run("lifecycle", None, {})
-    store.set_tag(busy, tracking.PID_TAG, str(os.getppid()))   # a live process that is not this one
+    store.set_tag(busy, contract.PID_TAG, str(os.getppid()))   # a live process that is not this one
     with pytest.raises(ValueError, match="still RUNNING in process"):
         tracking.reopen_run(busy)
     with pytest.raises(tracking.RunNotFoundError):
@@ -81,7 +81,7 @@ def test_reopen_refuses_a_finished_run_and_one_still_running_elsewhere(store):
     tracking.reopen_run(failed)
     run = store.get_run(failed)
     assert run.info.status == "RUNNING" and run.data.tags["resumed"] == "1"
-    assert run.data.tags[tracking.PID_TAG] == str(os.getpid())
+    assert run.data.tags[contract.PID_TAG] == str(os.getpid())
 
 
 def test_two_processes_opening_a_new_store_at_once_both_succeed(tmp_path):

@@ -46,6 +46,7 @@ def test_metric_buffer_batches_and_adds_system_metrics(mlflow_store):
     assert buffer.seconds > 0
 
 
+@pytest.mark.slow
 def test_train_task_failing_after_a_checkpoint_is_retried_and_resumes(prefect_harness, mlflow_store, tmp_path):
     """The first attempt crashes right after writing the step-4 checkpoint (through the task's
     on_checkpoint hook); Prefect retries the task, which resumes at step 4 and finishes."""

@@ -436,7 +436,7 @@ def test_a_runs_checkpoints_are_found_in_its_tagged_folder_else_its_run_folder(t
     from trained_runs import tiny_checkpoint
 
     from ddpm.checkpoint import checkpoint_step, load_model
-    from tasks import tracking
+    from tasks import contract, tracking
 
     monkeypatch.setenv("DDPM_HOME", str(tmp_path / "home"))
     run_folder = tmp_path / "home" / "runs" / "abc" / "checkpoints"
@@ -446,9 +446,9 @@ def test_a_runs_checkpoints_are_found_in_its_tagged_folder_else_its_run_folder(t
     def run(tags):
         return SimpleNamespace(info=SimpleNamespace(run_id="abc"), data=SimpleNamespace(tags=tags))
 
-    stale = run({tracking.CHECKPOINT_DIR_TAG: str(tmp_path / "gone")})
+    stale = run({contract.CHECKPOINT_DIR_TAG: str(tmp_path / "gone")})
     assert tracking.checkpoint_folders(stale) == [tmp_path / "gone", run_folder]
     assert tracking.run_checkpoints(stale) == [checkpoint] == tracking.run_checkpoints(run({}))
-    assert tracking.run_checkpoints(run({tracking.CHECKPOINT_DIR_TAG: str(run_folder)})) == [checkpoint]
+    assert tracking.run_checkpoints(run({contract.CHECKPOINT_DIR_TAG: str(run_folder)})) == [checkpoint]
     with pytest.raises(CheckpointError, match="not a checkpoint file name"):
         checkpoint_step(tmp_path / "model.pt")

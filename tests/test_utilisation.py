@@ -48,3 +48,35 @@ def test_matmul_peak_is_a_rate_in_gflops_and_leaves_the_global_random_state_alon
     peak = matmul_peak(torch.float32, torch.device("cpu"), repeats=1)
     assert 0.1 < peak < 1e5
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_training_utilisation_puts_the_figures_together(monkeypatch):
+    import ddpm.utilisation as utilisation
+    from ddpm.training import TrainConfig
+
+    monkeypatch.setattr(utilisation, "matmul_peak", lambda dtype, device, tf32=False: 50.0)   # GFLOP/s, one device
+    config = preset("tiny-16")
+    figures = utilisation.training_utilisation(config, TrainConfig(device="cpu", nnodes=2, rdzv_endpoint="h:1"), 100.0)
+    flops = training_flops_per_image(config)
+    assert figures["gflops_per_image"] == flops / 1e9
+    assert figures["achieved_gflops_per_second"] == flops * 100.0 / 1e9
+    assert figures["peak_gflops_per_second"] == 100.0   # CPU: one peak per node, the cores shared
+    assert figures["mfu"] == figures["achieved_gflops_per_second"] / 100.0
+    assert utilisation.training_utilisation(config, TrainConfig(device="cpu"), 0.0) == {}   # no step trained
+
+
+def test_a_failing_utilisation_measurement_is_a_warning_and_no_figures(monkeypatch, caplog):
+    import logging
+
+    import ddpm.utilisation as utilisation
+    from ddpm.training import TrainConfig
+
+    def fail(config):
+        raise RuntimeError("no counter")
+
+    monkeypatch.setattr(utilisation, "training_flops_per_image", fail)
+    logger = logging.getLogger("test-utilisation")
+    with caplog.at_level(logging.WARNING, logger="test-utilisation"):
+        assert utilisation.training_utilisation(preset("tiny-16"), TrainConfig(device="cpu"), 100.0, logger) == {}
+    assert [r.getMessage() for r in caplog.records if r.name == "test-utilisation"] == [
+        "no utilisation figures: RuntimeError: no counter"]

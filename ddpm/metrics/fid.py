@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 from torch import Tensor
@@ -62,12 +61,9 @@ class ReferenceStats:
     was_cached: bool = False
 
 
-def metric_name(kind: Literal["fid", "kid"], extractor: FeatureExtractor | str) -> str:
-    """Name under which a metric is logged, e.g. "fid_classifier": never compare different extractors."""
-    if kind not in ("fid", "kid"):
-        raise ValueError(f"kind must be 'fid' or 'kid', got {kind!r}")
-    name = extractor if isinstance(extractor, str) else extractor.name
-    return f"{kind}_{name}"
+def metric_name(extractor: FeatureExtractor | str) -> str:
+    """Name under which an FID is logged, e.g. "fid_classifier": never compare different extractors."""
+    return f"fid_{extractor if isinstance(extractor, str) else extractor.name}"
 
 
 def _check_images(images: Tensor, what: str, expected_shape=None, expected_source: str = "") -> None:

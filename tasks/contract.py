@@ -1,0 +1,83 @@
+"""The MLflow run contract: every name that one step of the pipeline writes and another reads.
+
+Training writes a run; evaluate, retrain, resume, promotion and the served model read it back.
+Each tag, param, metric, artifact and registry name they share is defined here once, so a
+writer and its readers cannot drift apart. Names stay as runs have always been written (older
+runs and registered versions keep being read).
+
+    run tags         who ran it, where its checkpoints are, what data and kind of model, how its FID was measured
+    metrics, params  the loss, the FIDs (ddpm.metrics.fid.metric_name: fid_<extractor>), the parameter count
+    artifacts        the configuration it ran with (config.json), plots, samples, evaluation tables
+    registry         the registered model, its `champion` alias, the tags of each version
+"""
+
+from __future__ import annotations
+
+DEFAULT_EXPERIMENT = "ddpm"   # every flow's and command's default MLflow experiment
+DEFAULT_MODEL_NAME = "ddpm"   # the registered model promotion fills
+CHAMPION_ALIAS = "champion"   # the registered version that is served
+
+# MLflow 3's UI opens an experiment without this tag in its GenAI view ("Evaluations", traces);
+# training runs belong in the model-training view (runs, metrics, charts).
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+
+# --- a pipeline run's tags ---------------------------------------------------------------------
+FLOW_RUN_TAG = "prefect.flow_run_id"        # the Prefect flow run that trained it (a trigger finds the run by it)
+FLOW_NAME_TAG = "prefect.flow_name"
+PARENT_RUN_TAG = "mlflow.parentRunId"       # nests compare_schedules' children under their parent in the UI
+HOST_TAG, PID_TAG = "ddpm.host", "ddpm.pid"  # the process working on a RUNNING run (vanished runs are failed)
+ERROR_TAG = "error"                         # why a run FAILED
+RESUMED_TAG = "resumed"                     # how many times it was resumed
+CHECKPOINT_DIR_TAG = "checkpoint_dir"       # where its checkpoints are, whatever DDPM_HOME the reader has
+SCHEDULE_TAG = "schedule"
+CONDITIONAL_TAG = "model.conditional"       # "true" / "false": the two kinds never compete in promotion
+RETRAIN_BASED_ON_TAG = "retrain.based_on"   # the run whose configuration a retrain used ("defaults": none)
+GUIDANCE_BEST_SCALE_TAG = "guidance.best_scale"
+EVALUATE_FLOW_RUN_TAG = "evaluate.flow_run_id"
+FID_BEST_STEP_TAG = "fid.best_step"         # the checkpoint evaluate found best
+
+# the dataset it trained on (tasks.data.log_dataset_input); the fingerprint names the exact images
+DATASET_FINGERPRINT_TAG = "dataset.fingerprint"
+DATASET_NAME_TAG = "dataset.name"
+DATASET_PATH_TAG = "dataset.path"
+DATASET_TRAIN_COUNT_TAG = "dataset.train_count"
+DATASET_HOLDOUT_COUNT_TAG = "dataset.holdout_count"
+
+# how its primary FID was measured: the metric (features) and the sample count
+FID_METRIC_TAG = "fid.metric"
+FID_NUM_SAMPLES_TAG = "fid.num_samples"
+
+# Two FIDs are comparable only when these agree (tag, what it means); promotion and retrain rank
+# runs, and the champion keeps its alias, by them. A run from before CONDITIONAL_TAG existed is
+# unconditional.
+COMPARABILITY_TAGS = ((FID_METRIC_TAG, "FID extractor"), (DATASET_FINGERPRINT_TAG, "dataset"),
+                      (FID_NUM_SAMPLES_TAG, "sample count"), (CONDITIONAL_TAG, "kind of model"))
+TAG_DEFAULTS = {CONDITIONAL_TAG: "false"}
+
+# --- params and metrics -------------------------------------------------------------------------
+PARAMETERS_PARAM = "model.parameters"       # besides the flattened configuration (tracking.flatten_params)
+LOSS_METRIC = "loss"                        # per log window; a resume skips the steps already logged
+TRAIN_METRIC_PREFIX = "train."              # the training summary (images/s, MFU, ...) at the last step
+BEST_SUFFIX = "_best"                       # evaluate: fid_<extractor>_best at the best checkpoint's step
+FLOOR_SUFFIX = "_floor"                     # the real-vs-real floor beside each FID
+
+# --- artifacts and images -------------------------------------------------------------------------
+CONFIG_ARTIFACT = "config.json"             # the whole PipelineConfig: retrain, evaluate and resume read it
+LOSS_CURVE_ARTIFACT = "plots/loss_curve.png"
+SCHEDULE_PLOT_ARTIFACT = "plots/noise_schedule.png"
+GUIDANCE_SWEEP_TABLE = "evaluation/guidance_sweep.json"
+GUIDANCE_SWEEP_PLOT = "plots/guidance_sweep.png"
+SAMPLES_FOLDER = "samples"                  # sample grids and the settings that drew them
+EVALUATION_FOLDER = "evaluation"            # per-class FIDs, class histograms
+SAMPLES_IMAGE = "samples"                   # MLflow image key: a grid per sampled checkpoint
+PROGRESS_IMAGE = "progress"                 # MLflow image key: a grid per checkpoint during training
+
+# --- the logged and registered model -------------------------------------------------------------
+LOGGED_MODEL_NAME = "model"
+LOGGED_STEP_TAG = "checkpoint.step"         # a logged model's checkpoint step ...
+LOGGED_MAX_IMAGES_TAG = "max_images"        # ... and request bound: promotion reuses a model that matches
+# a registered version's tags: its FID and how it was measured (COMPARABILITY_TAGS), where it came from,
+# and the promotion decision with its reason
+VERSION_FID_TAG = "fid"
+SOURCE_RUN_TAG = "source_run_id"
+DECISION_TAG, REASON_TAG = "promotion.decision", "promotion.reason"
