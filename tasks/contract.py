@@ -6,7 +6,8 @@ writer and its readers cannot drift apart. Names stay as runs have always been w
 runs and registered versions keep being read).
 
     run tags         who ran it, where its checkpoints are, what data and kind of model, how its FID was measured
-    metrics, params  the loss, the FIDs (ddpm.metrics.fid.metric_name: fid_<extractor>), the parameter count
+    metrics, params  the loss, the parameter count; the FIDs and their floors are named by the scorer
+                     (ddpm.metrics.scoring: fid_<extractor>, fid_<extractor>_floor)
     artifacts        the configuration it ran with (config.json), plots, samples, evaluation tables
     registry         the registered model, its `champion` alias, the tags of each version
 """
@@ -56,10 +57,12 @@ TAG_DEFAULTS = {CONDITIONAL_TAG: "false"}
 
 # --- params and metrics -------------------------------------------------------------------------
 PARAMETERS_PARAM = "model.parameters"       # besides the flattened configuration (tracking.flatten_params)
+# MLflow logs a logged model's model_config as params too: the served model's request bounds
+# (tasks.served_model reads them from its config; a second model of one run keeps the first values)
+MAX_IMAGES_PARAM, MAX_STEPS_PARAM = "max_images", "max_steps"
 LOSS_METRIC = "loss"                        # per log window; a resume skips the steps already logged
 TRAIN_METRIC_PREFIX = "train."              # the training summary (images/s, MFU, ...) at the last step
 BEST_SUFFIX = "_best"                       # evaluate: fid_<extractor>_best at the best checkpoint's step
-FLOOR_SUFFIX = "_floor"                     # the real-vs-real floor beside each FID
 
 # --- artifacts and images -------------------------------------------------------------------------
 CONFIG_ARTIFACT = "config.json"             # the whole PipelineConfig: retrain, evaluate and resume read it
