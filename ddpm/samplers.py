@@ -304,8 +304,9 @@ class SamplerConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    sampler: SamplerName = "dpm++2m-sde"
-    num_steps: int | None = Field(None, ge=1, description="None: the sampler's default (DEFAULT_STEPS; ddpm: all T)")
+    sampler: SamplerName = Field("dpm++2m-sde", description="ddpm, ddim, or a few-step solver (SAMPLERS)")
+    num_steps: int | None = Field(None, ge=1, description="sampling steps; default: the sampler's own (all T for "
+                                                         "ddpm, 50 for ddim, 20 for the solvers)")
     eta: float = Field(1.0, ge=0, le=1, allow_inf_nan=False,
                        description="DDIM's noise scale (0 deterministic, 1 ancestral-like); no other sampler reads it")
     order: int = Field(2, ge=1, le=2, description="solver order (dpm++2m, dpm++2m-sde, unipc, heun)")
@@ -313,9 +314,9 @@ class SamplerConfig(BaseModel):
     clip_x0: bool = True
     spacing: Spacing = Field("leading", description="the timesteps of fewer than T steps (ddim, respaced ddpm); "
                                                      "ddpm takes 'leading' as 'linspace'")
-    num_images: int = Field(64, ge=1)
-    seed: int = 0
-    batch_size: int = Field(64, ge=1)
+    num_images: int = Field(64, ge=1, description="images to draw")
+    seed: int = Field(0, description="image i has its own generator from (seed, i): the same images whatever the batch size")
+    batch_size: int = Field(64, ge=1, description="images per forward pass")
     classes: tuple[Annotated[int, Field(ge=0)], ...] | None = Field(
         None, min_length=1, description="class-conditional models: the classes to draw, image i of class "
                                         "classes[i mod len]; None: every class in turn")

@@ -23,7 +23,7 @@ from ddpm.metrics.scoring import ExtractorKind, check_evaluation
 from ddpm.samplers import SamplerConfig
 from tasks import contract, settings, tracking
 from tasks.data import prepare_data
-from tasks.config import PipelineConfig
+from tasks.config import PipelineConfig, overlay
 from tasks.evaluate import evaluate_samples
 from tasks.sample import sample_checkpoint
 
@@ -50,7 +50,9 @@ def evaluate(
     """FID of each checkpoint of one training run, logged as `fid_<extractor>` at its step in that run.
 
     Give exactly one of `mlflow_run_id` and `prefect_flow_run_id` ("<uuid>" or
-    "prefect.flow-run.<uuid>"). `sampling` and `fid_extractor` default to the run's own settings.
+    "prefect.flow-run.<uuid>"). `sampling` and `fid_extractor` default to the run's own settings;
+    a partial `sampling` (`{"sampler": "ddim"}`) changes only the fields it names of the run's
+    (tasks.config.overlay: the sample count stays the run's).
     Returns {"run_id", "metric", "fids": {step: fid}, "best_step"}.
     """
     if bool(mlflow_run_id) == bool(prefect_flow_run_id):
@@ -60,7 +62,7 @@ def evaluate(
     run_id = run.info.run_id
     checkpoints = checkpoints_of(run)
     config = PipelineConfig.from_stored(tracking.run_config(run))
-    sampling = sampling or config.sampling
+    sampling = overlay(config.sampling, sampling)
     extractor = fid_extractor or config.fid_extractor
     print(f"evaluating {len(checkpoints)} checkpoints of MLflow run {run_id} with {sampling.describe()}")
 

@@ -13,27 +13,14 @@ lowest FID (`best_run_config`); with no such run yet, the pipeline's defaults.
 
 from __future__ import annotations
 
-from typing import TypeVar
-
 from prefect import flow
-from pydantic import BaseModel
 
 from ddpm.data import DataConfig
 from ddpm.training import PLACEMENT_FIELDS, TrainConfig
 from flows.train_pipeline import ExperimentName, run_pipeline
 from tasks import contract, tracking
-from tasks.config import DEFAULTS, PipelineConfig
+from tasks.config import DEFAULTS, PipelineConfig, overlay
 from tasks.registry import comparable_runs, promote_best
-
-M = TypeVar("M", bound=BaseModel)
-
-
-def overlay(base: M, changes: M | None) -> M:
-    """`base` with the fields that `changes` set explicitly (a deployment's `{"steps": 3000}`
-    sets one): retraining with more steps keeps the best run's learning rate, batch, EMA..."""
-    if changes is None:
-        return base
-    return type(base).model_validate({**base.model_dump(), **changes.model_dump(include=changes.model_fields_set)})
 
 
 def best_run_config(experiment: str, metric: str | None = None) -> tuple[str, str, PipelineConfig] | None:

@@ -7,18 +7,24 @@
 
 The five sections are ddpm's own config classes, whose defaults stay the paper's; PipelineConfig's
 defaults are the pipeline's (the small-model recipe tuned by measurement, docs/benchmarks.md), the
-one place they are written. A section given partially, as a deployment's `--param`, the Prefect
-UI form, `--set train.steps=3000` or a recipe gives it, changes only the fields it names; the rest
-keep the pipeline's defaults, not the class's. The training flows take the sections as their
-parameters (typed `DataParam`, `TrainParam`, ...: Prefect's schema of their deployments), store
-the whole object as the run's config.json, and `retrain`, `evaluate` and `--resume` read it back
-with `from_stored`. The CLI's options and `--set` keys are its settings (`settings()`).
+one place they are written. The flows take the sections as their parameters (Prefect's schema of
+their deployments), store the whole object as the run's config.json, and `retrain`, `evaluate`
+and `--resume` read it back with `from_stored`. The CLI's options and `--set` keys are its
+settings (`settings()`).
+
+One rule for a partial section, in every flow: a section given partially (a deployment's
+`--param train='{"steps": 3000}'`, the Prefect UI form, `--set train.steps=3000`, a recipe)
+changes only the fields it names over the configuration the flow starts from, never over the
+class's defaults (the paper's):
+    train_pipeline, compare_schedules   a new run: over the pipeline's defaults (`DataParam`, ...)
+    retrain                             over the best run's stored configuration (`overlay`)
+    evaluate                            over the evaluated run's stored configuration (`overlay`)
 """
 
 from __future__ import annotations
 
 import difflib
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
 
@@ -140,6 +146,18 @@ class PipelineConfig(BaseModel):
         """'train.learning_rate 0.004 -> 0.001' for each setting that `other` changes."""
         mine, theirs = flat(self.to_stored()), flat(other.to_stored())
         return [f"{key} {mine[key]!r} -> {theirs[key]!r}" for key in mine if mine[key] != theirs[key]]
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def overlay(base: M, changes: M | None) -> M:
+    """`base` with the fields that `changes` names (a section given as `{"steps": 3000}` names
+    one: its `model_fields_set`); None changes nothing. How a partial section applies to a stored
+    run's configuration (retrain, evaluate)."""
+    if changes is None:
+        return base
+    return type(base).model_validate({**base.model_dump(), **changes.model_dump(include=changes.model_fields_set)})
 
 
 def unknown_setting(key: str, known: dict[str, Any]) -> str:

@@ -26,7 +26,7 @@ from ddpm.torchrun import TrainingProcessError, check_num_processes, train_under
 from ddpm.training import REPEATING_ERRORS, TrainConfig, dataset_trainer
 from ddpm.unet import UNet, UNetConfig, count_parameters
 from ddpm.utilisation import training_utilisation
-from tasks import plots, tracking
+from tasks import contract, plots, tracking
 from tasks.sample import progress_grid
 
 
@@ -72,11 +72,11 @@ def train_model(
         trainer = dataset_trainer(dataset_path, model_config, diffusion_config, train_config, checkpoint_dir)
         parameters = count_parameters(trainer.model)
     mlflow_client = tracking.client()
-    mlflow_client.log_param(run_id, "model.parameters", parameters)
+    mlflow_client.log_param(run_id, contract.PARAMETERS_PARAM, parameters)
 
     # A resumed run (a retry, `--resume`) trains again from its checkpoint the steps it had logged
     # after it; training is deterministic, so those points are already right: log each step once.
-    logged = mlflow_client.get_metric_history(run_id, "loss")
+    logged = mlflow_client.get_metric_history(run_id, contract.LOSS_METRIC)
     metrics = tracking.MetricBuffer(run_id, skip_through=max((m.step for m in logged), default=-1),
                                     system_metrics=not launched)   # this process's use says nothing then
     if train_config.progress_images:
@@ -96,9 +96,9 @@ def train_model(
 
     plots.log_figure(run_id, lambda: plots.loss_curve(result.loss_history,
                                                       f"loss, {diffusion_config.schedule} schedule"),
-                     "plots/loss_curve.png")
+                     contract.LOSS_CURVE_ARTIFACT)
     plots.log_figure(run_id, lambda: plots.schedule_plot({diffusion_config.schedule: diffusion_config.make_schedule()}),
-                     "plots/noise_schedule.png")
+                     contract.SCHEDULE_PLOT_ARTIFACT)
     summary = {
         "final_loss": result.final_loss,
         "images_per_second": result.images_per_second,
@@ -111,7 +111,7 @@ def train_model(
     if result.compile_seconds is not None:
         summary["compile_seconds"] = result.compile_seconds
     mlflow_client.log_batch(run_id, metrics=[
-        tracking.Metric(f"train.{key}", float(value), int(time.time() * 1000), result.step)
+        tracking.Metric(contract.TRAIN_METRIC_PREFIX + key, float(value), int(time.time() * 1000), result.step)
         for key, value in summary.items()
     ])
     checkpoints = [str(p) for p in list_checkpoints(Path(checkpoint_dir))]

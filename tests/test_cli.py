@@ -207,10 +207,13 @@ def test_denoise_and_interpolate_write_grids(checkpoint, env, tmp_path):
 
 def test_sampler_options_default_to_the_sampler_config_defaults():
     from ddpm.samplers import SAMPLERS, SamplerConfig
-    from flows.cli import SAMPLER_NAMES, build_parser, sampler_config
+    from flows.cli.configs import sampler_config
+    from flows.cli.parser import build_parser
 
-    assert SAMPLER_NAMES == SAMPLERS
     parser = build_parser()
+    sampler_option = next(a for a in parser._subparsers._group_actions[0].choices["sample"]._actions
+                          if "--sampler" in a.option_strings)
+    assert sampler_option.choices == list(SAMPLERS)   # generated from the registry, not a copy
     left_out = sampler_config(parser.parse_args(["sample", "--checkpoint", "x.pt"]), 16)
     assert left_out == SamplerConfig(num_images=16, batch_size=16)
     given = sampler_config(parser.parse_args(["sample", "--checkpoint", "x.pt", "--sampler", "ddim", "--steps", "7",
@@ -219,7 +222,10 @@ def test_sampler_options_default_to_the_sampler_config_defaults():
 
 
 def test_train_options_map_onto_the_pipeline_parameters():
-    from flows.cli import CLIError, build_parser, lazy_flow, pipeline_arguments
+    from flows.cli.commands import lazy_flow
+    from flows.cli.configs import pipeline_arguments
+    from flows.cli.errors import CLIError
+    from flows.cli.parser import build_parser
     from flows.train_pipeline import train_pipeline
     from tasks.config import DEFAULTS
 
@@ -236,17 +242,17 @@ def test_train_options_map_onto_the_pipeline_parameters():
     with pytest.raises(CLIError, match="flows.nope.flow is not available"):
         lazy_flow("flows.nope", "flow")
     with pytest.raises(argparse.ArgumentTypeError):
-        from flows.cli import parse_setting
+        from flows.cli.parser import parse_setting
         parse_setting("no-equals-sign")
 
 
 def test_recipe_options_start_from_the_recipe_and_options_override_it():
     from ddpm.unet import preset
-    from flows.cli import RECIPE_NAMES, build_parser, pipeline_arguments
+    from flows.cli.configs import pipeline_arguments
+    from flows.cli.parser import build_parser
     from flows.train_pipeline import train_pipeline
-    from tasks.config import DEFAULTS, RECIPES, recipe
+    from tasks.config import DEFAULTS, recipe
 
-    assert RECIPE_NAMES == tuple(RECIPES)
     args = build_parser().parse_args(["train", "--recipe", "mnist", "--source", "mnist:/data/mnist", "--steps", "7"])
     kwargs = pipeline_arguments(train_pipeline, args)
     mnist = recipe("mnist")
@@ -274,7 +280,9 @@ def test_prepare_mnist_official_split_from_the_command_line(tmp_path, env):
 
 
 def test_conditional_takes_the_class_count_from_the_data(tmp_path, monkeypatch):
-    from flows.cli import build_parser, lazy_flow, pipeline_arguments
+    from flows.cli.commands import lazy_flow
+    from flows.cli.configs import pipeline_arguments
+    from flows.cli.parser import build_parser
 
     monkeypatch.setenv("DDPM_HOME", str(tmp_path / "home"))
     flow = lazy_flow("flows.train_pipeline", "train_pipeline")

@@ -5,9 +5,9 @@ validation is what these tests call (no server needed)."""
 from ddpm.data import DataConfig
 from ddpm.training import TrainConfig
 from flows.compare_schedules import compare_schedules
-from flows.retrain import overlay, retrain
+from flows.retrain import retrain
 from flows.train_pipeline import train_pipeline
-from tasks.config import DEFAULTS
+from tasks.config import DEFAULTS, overlay
 
 DEFAULT_DIFFUSION, DEFAULT_MODEL, DEFAULT_SAMPLING, DEFAULT_TRAIN = (
     DEFAULTS.diffusion, DEFAULTS.model, DEFAULTS.sampling, DEFAULTS.train)
@@ -94,3 +94,13 @@ def test_a_stored_config_of_an_older_run_loads_as_it_ran():
         PipelineConfig.from_stored({**current, "train": {**current["train"], "optimizer": "lamb"}})
     with pytest.raises(ValueError, match="sections \\['scheduler'\\] are not settings"):
         PipelineConfig.from_stored({**current, "scheduler": {}})
+
+
+def test_evaluate_applies_a_partial_sampling_over_the_evaluated_runs_own():
+    """`{"sampler": "ddim"}` once fell back to SamplerConfig's 64 images instead of the run's count."""
+    from flows.evaluate import evaluate
+
+    given = evaluate.validate_parameters({"mlflow_run_id": "x", "sampling": {"sampler": "ddim"}})["sampling"]
+    stored = DEFAULT_SAMPLING.model_copy(update={"num_images": 1000, "batch_size": 250})
+    assert overlay(stored, given) == stored.model_copy(update={"sampler": "ddim"})
+    assert evaluate.validate_parameters({"mlflow_run_id": "x"})["sampling"] is None

@@ -22,7 +22,7 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .errors import DataError
 from .sources import SourceData, parse_source, read_source, source_identity
@@ -46,14 +46,16 @@ class DataConfig(BaseModel):
     """
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    source: str = "digits"
-    image_size: int = 16
-    channels: int = 1
-    holdout_fraction: float = 0.2
-    split_seed: int = 0
-    resize: Literal["resize", "center_crop", "pad", "none"] = "center_crop"
-    split: Literal["random", "official"] = "random"
-    max_images: int | None = None
+    source: str = Field("digits", description="digits, mnist[:DIR], cifar10[:PATH] or folder:DIR")
+    image_size: int = Field(16, description="side of the square images")
+    channels: int = Field(1, description="1 gray or 3 RGB")
+    holdout_fraction: float = Field(0.2, description="share held out for FID (split='random')")
+    split_seed: int = Field(0, description="seed of the random split and of the max_images subset")
+    resize: Literal["resize", "center_crop", "pad", "none"] = Field(
+        "center_crop", description="how images are fitted to the size (pad: black border, no resampling)")
+    split: Literal["random", "official"] = Field(
+        "random", description="random: a seeded holdout; official: the source's train/test files")
+    max_images: int | None = Field(None, description="a seeded random subset of at most this many images")
 
     @field_validator("source")
     @classmethod

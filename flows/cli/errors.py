@@ -1,0 +1,86 @@
+"""The command line's error policy: a mistake the user can fix is one line on stderr and exit 1;
+tracebacks go to $DDPM_HOME/logs/ddpm.log unless --verbose. Argument mistakes are argparse's (exit 2).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from pathlib import Path
+
+
+class CLIError(Exception):
+    """A mistake the user can fix; printed as one line, exit status 1."""
+
+
+def expected_errors() -> tuple[type[BaseException], ...]:
+    """What a command may raise that is the user's to fix, printed as one line: a missing file, a
+    read-only folder, a full disk (OSError names the path), an unknown run or model (LookupError,
+    MlflowException), a bad value (ValueError, pydantic's included), an extra not installed, a
+    checkpoint that does not fit, a failed training process."""
+    from tasks.settings import MissingExtraError
+
+    expected: tuple[type[BaseException], ...] = (CLIError, OSError, LookupError, ValueError, FloatingPointError,
+                                                 MissingExtraError)
+    try:
+        from mlflow.exceptions import MlflowException
+
+        from ddpm.checkpoint import CheckpointError
+        from ddpm.metrics.extractors import InceptionUnavailable
+        from ddpm.torchrun import TrainingProcessError
+
+        expected += (MlflowException, CheckpointError, InceptionUnavailable, TrainingProcessError)
+    except ImportError:
+        pass
+    return expected
+
+
+def one_line(error: BaseException) -> str:
+    """A readable single line for an expected error (pydantic errors listed as field: message)."""
+    errors = getattr(error, "errors", None)
+    if callable(errors) and type(error).__name__ == "ValidationError":
+        return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']}" for e in errors())
+    message = getattr(error, "message", None) or str(error) or type(error).__name__
+    return " ".join(str(message).split())
+
+
+class WithoutTraceback(logging.Formatter):
+    """Formats a record as `inner` does, minus its traceback: on the terminal a failing flow
+    prints one line naming the problem, not Prefect's 30-180 lines of frames before it."""
+
+    def __init__(self, inner: logging.Formatter | None):
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.exc_info or record.exc_text or record.stack_info:
+            record = logging.makeLogRecord({**record.__dict__, "exc_info": None, "exc_text": None,
+                                            "stack_info": None})
+        return self.inner.format(record)
+
+
+def quiet_tracebacks(log_file: Path) -> None:
+    """Tracebacks off the terminal and into `log_file` (every record at INFO and above, in full).
+
+    Prefect (imported by the flow commands) installs its console handler on the root logger;
+    the Prefect UI still gets full tracebacks through its own API handler.
+    """
+    root = logging.getLogger()
+    for handler in root.handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.setFormatter(WithoutTraceback(handler.formatter))
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    file_handler = logging.FileHandler(log_file)
+    file_handler.setLevel(logging.INFO)
+    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(file_handler)
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM (systemd, `kill`, a scheduler) ends the command as Ctrl-C does: the MLflow run is
+    marked KILLED and the temporary Prefect server is stopped. Python's default would die at once,
+    with the run still RUNNING."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupt)
