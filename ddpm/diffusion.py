@@ -116,7 +116,8 @@ def predict_x0_and_epsilon(
 
     With `clip_x0`, x_0 is clipped to the data range [-1, 1] and eps is recomputed from the
     clipped x_0, so the pair stays consistent with x_t (a DDIM step that mixes a clipped x_0
-    with the raw eps drifts off the data; see docs/reference on the peer pitfall).
+    with the raw eps drifts off the data: the pitfall of samplers that clip x_0 but step with
+    the network's own eps).
     """
     if prediction_type == "epsilon":
         eps = model_output

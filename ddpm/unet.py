@@ -123,7 +123,7 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tens
 
 
 class ResidualBlock(nn.Module):
-    """h = conv(dropout(SiLU(GN(conv(SiLU(GN(x))) + W t_emb)))) + skip(x).
+    """h = conv(dropout(SiLU(GN(conv(SiLU(GN(x))) + W SiLU(t_emb))))) + skip(x).
 
     The projected time embedding is added between the two convolutions; a 1x1 conv matches the
     channels of the skip path when they change.

@@ -342,7 +342,7 @@ def test_cifar10_extracted_batches_are_verified_and_never_run_code(tmp_path):
 def test_cifar10_preparation_holds_one_copy_of_the_images(tmp_path):
     import tracemalloc
 
-    from ddpm.data.sources import CIFAR10_BATCHES
+    from ddpm.data.sources.cifar10 import CIFAR10_BATCHES
     archive = tmp_path / "cifar-10-python.tar.gz"
     x, _ = fake_cifar_archive(archive, sizes=(500,) * 6, names=CIFAR10_BATCHES)
     config = DataConfig(source=f"cifar10:{archive}", image_size=32, channels=3, resize="none")

@@ -11,7 +11,8 @@ def test_paper_cifar10_model_has_the_published_parameter_count():
 
 
 def test_small_preset_matches_the_diffusers_peer_model_size():
-    # docs/reference: diffusers UNet2DModel (32, 64, 64), 2 layers/block, attention at 8x8, 16x16x1
+    # diffusers' UNet2DModel at (32, 64, 64), 2 layers/block, attention at 8x8, 16x16x1
+    # (benchmarks/common.py DIFFUSERS_CONFIGS["small-16"], the twin the benchmarks time against)
     assert count_parameters(UNet(PRESETS["small-16"])) == 1_623_169
 
 

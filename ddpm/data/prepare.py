@@ -25,7 +25,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .errors import DataError
-from .sources import SourceData, parse_source, read_source, source_identity
+from .sources import SourceData, parse_source, read_source, source_identity, usage
 
 MANIFEST = "manifest.json"
 DATA_FILE = "data.npz"
@@ -46,7 +46,7 @@ class DataConfig(BaseModel):
     """
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    source: str = Field("digits", description="digits, mnist[:DIR], cifar10[:PATH] or folder:DIR")
+    source: str = Field("digits", description=f"the data source: {usage()}")
     image_size: int = Field(16, description="side of the square images")
     channels: int = Field(1, description="1 gray or 3 RGB")
     holdout_fraction: float = Field(0.2, description="share held out for FID (split='random')")

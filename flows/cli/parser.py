@@ -114,7 +114,7 @@ def add_verbose(parser: argparse.ArgumentParser) -> None:
 # The pipeline's shortcut options: each sets one PipelineConfig setting (tasks.config, the one home
 # of their defaults; `--show-config` prints them all), as `--set KEY=VALUE` would.
 PIPELINE_OPTIONS = {
-    "data.source": ("--source", "data source: digits, mnist[:DIR], cifar10[:PATH], folder:DIR"),
+    "data.source": ("--source", None),
     "data.max_images": ("--max-images", "use a random subset of this many images"),
     "data.image_size": ("--image-size", "side of the square images"),
     "diffusion.schedule": ("--schedule", "noise schedule: linear, cosine, sigmoid, ..."),
