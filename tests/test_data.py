@@ -18,8 +18,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ddpm.data import (BatchLoader, DataConfig, DataError, fingerprint, load_prepared, prepare_dataset,
-                       validate_for_model)
+from ddpm.data import (BatchLoader, DataConfig, DataError, dataset_version, fingerprint, lineage_history,
+                       load_prepared, prepare_dataset, validate_for_model)
 
 
 def _mnist_dir() -> Path | None:
@@ -130,7 +130,19 @@ def test_digits_default_manifest_and_round_trip(tmp_path):
     train_x, train_y = data.split("train")
     assert train_x.shape == (1438, 1, 16, 16) and train_y.shape == (1438,)
     assert path.name.startswith("digits-16x16x1-")
+    # the default dataset is what it always was: its config's JSON (hence the folder name) and its
+    # fingerprint are those of every run trained before content splits and versions existed
+    assert m["config"] == DEFAULT_CONFIG_JSON and DataConfig().model_dump() == DEFAULT_CONFIG_JSON
+    key = json.dumps({"config": DEFAULT_CONFIG_JSON, "identity": m["source_identity"]}, sort_keys=True)
+    assert path.name == f"digits-16x16x1-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    assert m["fingerprint"] == DEFAULT_DIGITS_FINGERPRINT
     assert path.stat().st_mode & 0o777 == 0o777 & ~current_umask()   # not mkdtemp's 0700
+
+
+# DataConfig().model_dump() and the default digits fingerprint before `split` defaulted per source
+DEFAULT_CONFIG_JSON = {"source": "digits", "image_size": 16, "channels": 1, "holdout_fraction": 0.2,
+                       "split_seed": 0, "resize": "center_crop", "split": "random", "max_images": None}
+DEFAULT_DIGITS_FINGERPRINT = "4639b1f4d13728460dbfe2171f838900a9901b1a1692531d05a42b93c43d30ad"
 
 
 def current_umask() -> int:
@@ -385,7 +397,7 @@ def test_folder_with_class_subfolders_sizes_and_policies(tmp_path):
                                          tmp_path / "out"))
     assert gray.images[0, 0, 4, 4] == 76   # ITU-R 601-2 luma of pure red
     assert gray.manifest["fingerprint"] != data.manifest["fingerprint"]
-    assert len(list((tmp_path / "out").iterdir())) == 2   # two configs coexist
+    assert len([p for p in (tmp_path / "out").iterdir() if p.name != "versions"]) == 2   # two configs coexist
 
 
 # ---------------------------------------------------------------------------- bad input
@@ -447,8 +459,10 @@ def test_16_bit_png_keeps_its_gray_levels(tmp_path):
         Image.fromarray(wide).save(tmp_path / "f" / name)
     assert Image.open(tmp_path / "f" / "a.png").mode.startswith("I")
     for channels in (1, 3):
+        # two identical images: a content split (a folder's default) would put both on one side
         prepared = load_prepared(prepare_dataset(DataConfig(source=f"folder:{tmp_path / 'f'}", resize="none",
-                                                            channels=channels), tmp_path / f"out{channels}"))
+                                                            channels=channels, split="random"),
+                                                 tmp_path / f"out{channels}"))
         assert prepared.images.shape == (2, channels, 16, 16)
         assert prepared.images[0, 0, 0, ::4].tolist() == [0, 64, 128, 255]
 
@@ -507,6 +521,149 @@ def test_tampered_prepared_file_is_detected(tmp_path):
     (path / "manifest.json").unlink()
     with pytest.raises(DataError, match=r"manifest\.json is missing"):
         load_prepared(path)
+
+
+# ---------------------------------------------------------------------------- content split, versions
+
+def test_split_defaults_to_the_sources_kind():
+    assert DataConfig().split == "random" and DataConfig().model_dump()["split"] == "random"
+    assert DataConfig.model_validate({"split": None}).split == "random"
+    assert DataConfig(source="folder:x").split == "content"
+    assert DataConfig(source="folder:x", split="random").split == "random"   # given: kept
+    assert DataConfig(source="mnist").split == DataConfig(source="cifar10").split == "random"
+    assert DataConfig(split="content").split == "content"
+    folder = DataConfig(source="folder:x")
+    assert DataConfig.model_validate(folder.model_dump()) == folder
+
+
+def write_digit_pngs(folder: Path, indices) -> None:
+    """scikit-learn's 8x8 digits `indices` as gray PNGs, digit-<i>.png."""
+    from sklearn.datasets import load_digits
+
+    images = np.rint(load_digits().images * (255.0 / 16.0)).astype(np.uint8)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in indices:
+        Image.fromarray(images[i], mode="L").save(folder / f"digit-{i:04d}.png")
+
+
+def split_hashes(data) -> tuple[list[bytes], list[bytes]]:
+    """(content hashes of the train images, of the holdout images)"""
+    rows = [bytes(row) for row in data.content_hashes.numpy()]
+    return ([rows[i] for i in data.train_indices.tolist()], [rows[i] for i in data.holdout_indices.tolist()])
+
+
+def test_content_split_keeps_train_in_train_as_a_folder_grows(tmp_path):
+    root, out = tmp_path / "imgs", tmp_path / "out"
+    write_digit_pngs(root, range(150))
+    config = DataConfig(source=f"folder:{root}", image_size=8, resize="none")
+    assert config.split == "content"
+    first = load_prepared(prepare_dataset(config, out))
+    assert first.manifest["config"]["split"] == "content"
+    assert first.content_hashes.dtype == torch.uint8 and first.content_hashes.shape == (150, 16)
+    # the bucket is a pure function of the image: sha256(seed as 8 little-endian bytes + the image's bytes)
+    for i in range(150):
+        digest = hashlib.sha256((0).to_bytes(8, "little") + first.images[i].numpy().tobytes()).digest()
+        in_holdout = int.from_bytes(digest[:8], "little") / 2**64 < 0.2
+        assert in_holdout == (i in set(first.holdout_indices.tolist()))
+        assert bytes(first.content_hashes[i].numpy()) == hashlib.sha256(first.images[i].numpy().tobytes()).digest()[:16]
+    assert 0 < len(first.holdout_indices) < 150
+    train1, holdout1 = split_hashes(first)
+
+    write_digit_pngs(root, range(150, 180))   # 20% more images
+    grown = load_prepared(prepare_dataset(config, out))
+    assert grown.path != first.path and grown.manifest["count"] == 180
+    train2, holdout2 = split_hashes(grown)
+    assert set(train1) <= set(train2)                  # every train image is still in train
+    assert set(holdout1) <= set(holdout2)              # the holdout keeps its images ...
+    new = {bytes(row) for row in grown.content_hashes.numpy()} - set(train1) - set(holdout1)
+    assert set(holdout2) - set(holdout1) <= new        # ... and only gains new ones
+    assert not set(train1) & set(holdout2)
+
+    v1, v2 = lineage_history(config, out)
+    assert (v1["number"], v1["previous"], v1["added"], v1["removed"]) == (1, None, 150, 0)
+    assert v1["fingerprint"] == first.fingerprint and v1["path"] == first.path.name
+    assert v2 == dataset_version(grown) == dataset_version(grown.path)
+    assert v2["number"] == 2 and v2["previous"] == first.fingerprint and v2["fingerprint"] == grown.fingerprint
+    assert (v2["added"], v2["removed"], v2["moved_to_holdout"]) == (30, 0, 0)
+    assert v2["counts"] == grown.manifest["splits"] and v2["prepared_at"].endswith("+00:00")
+
+    assert prepare_dataset(config, out) == grown.path   # nothing changed: nothing recorded
+    assert len(lineage_history(config, out)) == 2
+
+    for i in range(10):                                 # 10 images removed
+        (root / f"digit-{i:04d}.png").unlink()
+    shrunk = load_prepared(prepare_dataset(config, out))
+    v3 = dataset_version(shrunk)
+    assert (v3["number"], v3["previous"]) == (3, grown.fingerprint)
+    assert (v3["added"], v3["removed"], v3["moved_to_holdout"]) == (0, 10, 0)
+    train3, _ = split_hashes(shrunk)
+    assert set(train3) <= set(train2)
+    # another config is another lineage, beside this one in out_dir/versions
+    other = DataConfig(source=f"folder:{root}", image_size=8, resize="none", split_seed=1)
+    assert dataset_version(prepare_dataset(other, out))["number"] == 1
+    assert len(lineage_history(config, out)) == 3
+
+
+def test_a_random_split_that_grows_reports_the_images_it_moved_to_the_holdout(tmp_path):
+    root, out = tmp_path / "imgs", tmp_path / "out"
+    write_digit_pngs(root, range(100))
+    config = DataConfig(source=f"folder:{root}", image_size=8, resize="none", split="random")
+    train1, _ = split_hashes(load_prepared(prepare_dataset(config, out)))
+    write_digit_pngs(root, range(100, 120))
+    grown = load_prepared(prepare_dataset(config, out))
+    _, holdout2 = split_hashes(grown)
+    moved = sum(1 for h in holdout2 if h in set(train1))
+    version = dataset_version(grown)
+    assert version["moved_to_holdout"] == moved > 0
+    assert (version["added"], version["removed"]) == (20, 0)
+
+
+def test_a_deleted_previous_folder_leaves_the_changes_unknown(tmp_path):
+    import shutil
+
+    root, out = tmp_path / "imgs", tmp_path / "out"
+    write_digit_pngs(root, range(40))
+    config = DataConfig(source=f"folder:{root}", image_size=8, resize="none", holdout_fraction=0.3)
+    shutil.rmtree(prepare_dataset(config, out))
+    write_digit_pngs(root, range(40, 48))
+    version = dataset_version(prepare_dataset(config, out))
+    assert version["number"] == 2 and version["previous"] is not None
+    assert (version["added"], version["removed"], version["moved_to_holdout"]) == (None, None, None)
+
+
+def test_content_split_with_an_empty_side_is_refused(tmp_path):
+    root = tmp_path / "imgs"
+    write_digit_pngs(root, range(3))
+    config = DataConfig(source=f"folder:{root}", image_size=8, resize="none", holdout_fraction=0.01)
+    with pytest.raises(DataError, match=r"split='content' put all 3 images of .* in the train split") as error:
+        prepare_dataset(config, tmp_path / "out")
+    assert "\n" not in str(error.value)
+    assert no_output(tmp_path / "out")
+
+
+def test_a_folder_prepared_before_content_hashes_loads_and_keeps_its_split(tmp_path):
+    """Before versions: a folder source split "random" by default, and no content_hashes array."""
+    import shutil
+
+    root, out = tmp_path / "imgs", tmp_path / "out"
+    write_digit_pngs(root, range(30))
+    config = DataConfig(source=f"folder:{root}", image_size=8, resize="none", split="random")
+    path = prepare_dataset(config, out)
+    with np.load(path / "data.npz") as npz:
+        arrays = {k: npz[k] for k in npz.files if k != "content_hashes"}
+    np.savez(path / "data.npz", **arrays)
+    shutil.rmtree(out / "versions")
+    old = load_prepared(path)
+    assert old.content_hashes is None and old.manifest["config"]["split"] == "random"
+    assert dataset_version(old) is None   # no history lists it yet
+    # prepared again, the folder is found as it is and recorded as its lineage's first version
+    assert prepare_dataset(config, out) == path
+    assert load_prepared(path).content_hashes is None
+    version = dataset_version(path)
+    assert (version["number"], version["added"], version["previous"]) == (1, 30, None)
+    write_digit_pngs(root, range(30, 36))
+    grown = dataset_version(prepare_dataset(config, out))
+    assert (grown["number"], grown["previous"], grown["added"], grown["removed"]) == (2, old.fingerprint, 6, 0)
 
 
 # ---------------------------------------------------------------------------- loader
@@ -612,15 +769,14 @@ def test_prepare_task_caches_across_runs(tmp_path, prefect_harness):
     assert prepare(config)[0] == "Cached"
 
 
-def test_log_dataset_input_records_the_fingerprint_and_leaves_the_run_running(tmp_path, monkeypatch):
+def test_log_dataset_input_records_the_fingerprint_and_leaves_the_run_running(tmp_path, mlflow_store):
     import mlflow
 
-    from tasks import tracking
+    from tasks import contract, tracking
 
     from tasks.data import log_dataset_input
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_tracking_uri(mlflow_store)
     data = load_prepared(prepare_dataset(DataConfig(max_images=40), tmp_path / "out"))
     experiment = mlflow.create_experiment("data-test", artifact_location=(tmp_path / "art").as_uri())
     run = tracking.client().create_run(experiment)
@@ -633,3 +789,25 @@ def test_log_dataset_input_records_the_fingerprint_and_leaves_the_run_running(tm
     assert {t.key: t.value for t in inp.tags}["mlflow.data.context"] == "training"
     assert logged.data.tags["dataset.fingerprint"] == data.fingerprint
     assert json.loads(inp.dataset.profile)["features_shape"] == [32, 1, 16, 16]
+    version_tags = {contract.DATASET_VERSION_TAG: "1", contract.DATASET_PREVIOUS_FINGERPRINT_TAG: "none",
+                    contract.DATASET_ADDED_TAG: "40", contract.DATASET_REMOVED_TAG: "0",
+                    contract.DATASET_MOVED_TO_HOLDOUT_TAG: "0"}
+    assert {k: logged.data.tags[k] for k in version_tags} == version_tags
+    input_tags = {t.key: t.value for t in inp.tags}
+    assert {k: input_tags[k.removeprefix("dataset.")] for k in version_tags} == version_tags
+
+    # the second version of a folder that grew: its number, the one before it, what changed
+    root = tmp_path / "imgs"
+    write_digit_pngs(root, range(20))
+    config = DataConfig(source=f"folder:{root}", image_size=8, resize="none")
+    first = load_prepared(prepare_dataset(config, tmp_path / "out"))
+    write_digit_pngs(root, range(20, 25))
+    grown = load_prepared(prepare_dataset(config, tmp_path / "out"))
+    run = tracking.client().create_run(experiment)
+    log_dataset_input(run.info.run_id, grown)
+    logged = mlflow.get_run(run.info.run_id)
+    assert {k: logged.data.tags[k] for k in version_tags} == {
+        contract.DATASET_VERSION_TAG: "2", contract.DATASET_PREVIOUS_FINGERPRINT_TAG: first.fingerprint,
+        contract.DATASET_ADDED_TAG: "5", contract.DATASET_REMOVED_TAG: "0", contract.DATASET_MOVED_TO_HOLDOUT_TAG: "0"}
+    (inp,) = logged.inputs.dataset_inputs
+    assert {t.key: t.value for t in inp.tags}["version"] == "2"

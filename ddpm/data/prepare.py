@@ -2,11 +2,14 @@
 
 Layout of a prepared dataset (out_dir/<kind>-<S>x<S>x<C>-<hash12>/):
   data.npz       uncompressed arrays: images uint8 (N, C, S, S), labels int64 (N,) when known,
-                 train_indices and holdout_indices int64 (sorted, disjoint, covering 0..N-1)
+                 train_indices and holdout_indices int64 (sorted, disjoint, covering 0..N-1),
+                 content_hashes uint8 (N, 16): the first 16 bytes of sha256 of each fitted image's
+                 bytes (absent from folders prepared before it existed; not in the fingerprint)
   manifest.json  source, source identity, image size, channels, counts, split sizes, class names,
                  the config, and the sha256 fingerprint of the content
 The folder is written under a temporary name in out_dir and renamed at the end, so a failure
-leaves nothing behind and a reader never sees a half-written dataset.
+leaves nothing behind and a reader never sees a half-written dataset. Each folder a
+preparation returns is recorded as a version of its lineage (ddpm.data.versions).
 """
 from __future__ import annotations
 
@@ -22,14 +25,20 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from .errors import DataError
-from .sources import SourceData, parse_source, read_source, source_identity, usage
+from .sources import SOURCES, SourceData, parse_source, read_source, source_identity, usage
 
 MANIFEST = "manifest.json"
 DATA_FILE = "data.npz"
 FORMAT_VERSION = 1
+CONTENT_HASH_BYTES = 16   # per-image content hash stored in data.npz: sha256 truncated
+
+
+def default_split(source: str) -> str:
+    """DataConfig.split when none is given: the kind of source's (Source.default_split)."""
+    return SOURCES[parse_source(source)[0]].default_split
 
 
 class DataConfig(BaseModel):
@@ -39,9 +48,16 @@ class DataConfig(BaseModel):
     resize: "center_crop" (default) cuts the largest centred square then resizes bilinearly;
             "resize" stretches to a square; "pad" centres each image on a black square without
             resampling (MNIST 28 -> 32); "none" requires images already image_size square.
-    split: "random" (default) holds out a seeded random holdout_fraction; "official" keeps the
+    split: "random" holds out a seeded random holdout_fraction of the images (a permutation of
+           all of them: when the source grows, old train images can move into the holdout);
+           "content" holds out each image whose seeded content hash falls below holdout_fraction
+           (a pure function of the image: identical images land together, a train image stays in
+           train when the dataset grows, the holdout only gains new images); "official" keeps the
            source's own train/test split (MNIST: 60,000 train / 10,000 t10k; CIFAR-10: the five
            data batches / test_batch), so FID is measured against the standard test set.
+           Not given (None): the source's default, resolved on validation: "content" for a folder
+           (folders grow), "random" for digits, mnist and cifar10 (fixed sets), so DataConfig()
+           is split="random" as it always was.
     max_images: a seeded random subset (by split_seed) of at most this many images.
     """
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -49,18 +65,28 @@ class DataConfig(BaseModel):
     source: str = Field("digits", description=f"the data source: {usage()}")
     image_size: int = Field(16, description="side of the square images")
     channels: int = Field(1, description="1 gray or 3 RGB")
-    holdout_fraction: float = Field(0.2, description="share held out for FID (split='random')")
-    split_seed: int = Field(0, description="seed of the random split and of the max_images subset")
+    holdout_fraction: float = Field(0.2, description="share held out for FID (split='random' or 'content')")
+    split_seed: int = Field(0, description="seed of the random or content split and of the max_images subset")
     resize: Literal["resize", "center_crop", "pad", "none"] = Field(
         "center_crop", description="how images are fitted to the size (pad: black border, no resampling)")
-    split: Literal["random", "official"] = Field(
-        "random", description="random: a seeded holdout; official: the source's train/test files")
+    split: Literal["random", "official", "content"] | None = Field(
+        None, validate_default=True,
+        description="random: a seeded random holdout; content: a holdout by content hash that is stable as the "
+                    "data grows; official: the source's train/test files; default: the source's (content for "
+                    "a folder, random for the others)")
     max_images: int | None = Field(None, description="a seeded random subset of at most this many images")
 
     @field_validator("source")
     @classmethod
     def _known_source(cls, value: str) -> str:
         parse_source(value)   # DataError (a ValueError) -> ValidationError naming `source`
+        return value
+
+    @field_validator("split")
+    @classmethod
+    def _source_default_split(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None and "source" in info.data:   # no source: its own error is reported
+            return default_split(info.data["source"])
         return value
 
     @field_validator("image_size")
@@ -101,6 +127,7 @@ class PreparedDataset:
     holdout_indices: torch.Tensor     # int64
     manifest: dict
     path: Path
+    content_hashes: torch.Tensor | None = None   # uint8 (N, 16); None: prepared before they were stored
 
     @property
     def fingerprint(self) -> str:
@@ -127,6 +154,46 @@ def split_indices(n: int, holdout_fraction: float, seed: int) -> tuple[np.ndarra
     n_holdout = min(max(1, round(n * holdout_fraction)), n - 1)
     perm = np.random.default_rng(seed).permutation(n)
     return np.sort(perm[n_holdout:]).astype(np.int64), np.sort(perm[:n_holdout]).astype(np.int64)
+
+
+def content_hashes(images: np.ndarray) -> np.ndarray:
+    """uint8 (N, 16): the first 16 bytes of sha256 of each image's bytes (C, H, W in C order)."""
+    images = np.ascontiguousarray(images)
+    out = np.empty((len(images), CONTENT_HASH_BYTES), dtype=np.uint8)
+    for i in range(len(images)):
+        out[i] = np.frombuffer(hashlib.sha256(memoryview(images[i]).cast("B")).digest(),
+                               np.uint8, CONTENT_HASH_BYTES)
+    return out
+
+
+def content_buckets(images: np.ndarray, seed: int) -> np.ndarray:
+    """float64 (N,) in [0, 1): the first 8 bytes (little-endian) of sha256(seed as 8 little-endian
+    bytes + the image's bytes) / 2**64. A negative seed is taken modulo 2**64 (two's complement)."""
+    images = np.ascontiguousarray(images)
+    prefix = hashlib.sha256((int(seed) % 2**64).to_bytes(8, "little"))
+    buckets = np.empty(len(images), dtype=np.float64)
+    for i in range(len(images)):
+        digest = prefix.copy()
+        digest.update(memoryview(images[i]).cast("B"))
+        buckets[i] = int.from_bytes(digest.digest()[:8], "little") / 2**64
+    return buckets
+
+
+def content_split_indices(images: np.ndarray, holdout_fraction: float, seed: int,
+                          source: str = "the source") -> tuple[np.ndarray, np.ndarray]:
+    """(train, holdout) by content: an image is held out iff its content bucket (content_buckets)
+    is below holdout_fraction. Depends on nothing but the image, so a train image stays in train
+    however the dataset grows. DataError when either side would be empty."""
+    n = len(images)
+    if n < 2:
+        raise DataError(f"need at least 2 images to split into train and holdout, got {n}")
+    holdout = content_buckets(images, seed) < holdout_fraction
+    if holdout.all() or not holdout.any():
+        side = "holdout" if holdout.all() else "train"
+        raise DataError(f"split='content' put all {n} images of {source!r} in the {side} split (holdout_fraction="
+                        f"{holdout_fraction}, split_seed={seed}): add images, change holdout_fraction or split_seed, "
+                        "or use split='random'")
+    return np.flatnonzero(~holdout).astype(np.int64), np.flatnonzero(holdout).astype(np.int64)
 
 
 def official_split_indices(data: SourceData, source: str) -> tuple[np.ndarray, np.ndarray]:
@@ -190,23 +257,33 @@ def prepare_dataset(config: DataConfig, out_dir: Path, *, download_dir: Path | N
     The folder's name hashes the config and the source's identity, so an existing folder of that
     name that loads and matches its fingerprint is this dataset already: it is returned as it is
     (`ddpm prepare` then `ddpm train` prepares once). A damaged one is replaced.
+    The folder returned is recorded as a version of the config's lineage in out_dir
+    (ddpm.data.versions: out_dir/versions/), unless that history lists it already.
     """
+    from .versions import record_version
+
     out_dir = Path(out_dir)
     download_dir = Path(download_dir) if download_dir else default_download_dir(out_dir)
     identity = source_identity(config.source, download_dir, checksums)
     final = out_dir / dataset_name(config, identity)
     if final.is_dir():
         try:
-            load_prepared(final)
-            return final
+            found = load_prepared(final)
         except DataError:
-            pass   # incomplete or damaged: prepared again below
+            found = None   # incomplete or damaged: prepared again below
+        if found is not None:
+            record_version(found)
+            return final
 
     data = read_source(config, download_dir, mirrors, checksums)
     if config.split == "official":
         train, holdout = official_split_indices(data, config.source)
+    elif config.split == "content":
+        train, holdout = content_split_indices(data.images, config.holdout_fraction, config.split_seed,
+                                               config.source)
     else:
         train, holdout = split_indices(len(data.images), config.holdout_fraction, config.split_seed)
+    hashes = content_hashes(data.images)
     manifest = {
         "format_version": FORMAT_VERSION,
         "source": config.source,
@@ -225,7 +302,8 @@ def prepare_dataset(config: DataConfig, out_dir: Path, *, download_dir: Path | N
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=out_dir))
     tmp.chmod(0o777 & ~_umask())   # mkdtemp makes it 0700; a prepared folder is as readable as any other
     try:
-        arrays = {"images": data.images, "train_indices": train, "holdout_indices": holdout}
+        arrays = {"images": data.images, "train_indices": train, "holdout_indices": holdout,
+                  "content_hashes": hashes}
         if data.labels is not None:
             arrays["labels"] = data.labels
         save_npz(tmp / DATA_FILE, arrays)
@@ -234,6 +312,8 @@ def prepare_dataset(config: DataConfig, out_dir: Path, *, download_dir: Path | N
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    del data, arrays   # the images are not needed to record the version (it may read the previous one's)
+    record_version(final, hashes=hashes, train=train, holdout=holdout, manifest=manifest)
     return final
 
 
@@ -296,11 +376,17 @@ def load_prepared(path: Path, verify: bool = True) -> PreparedDataset:
     train, holdout = arrays.get("train_indices"), arrays.get("holdout_indices")
     if train is None or holdout is None:
         raise DataError(f"{path / DATA_FILE} no longer matches its manifest: split indices missing")
+    hashes = arrays.get("content_hashes")   # absent from folders prepared before it was stored
+    if hashes is not None and (hashes.shape != (len(images), CONTENT_HASH_BYTES) or hashes.dtype != np.uint8):
+        raise DataError(f"{path / DATA_FILE} no longer matches its manifest: content_hashes {hashes.shape} "
+                        f"{hashes.dtype}, expected uint8 {(len(images), CONTENT_HASH_BYTES)}")
     if verify:
         actual = fingerprint(images, labels, train, holdout)
         if actual != manifest["fingerprint"]:
             raise DataError(f"content of {path} no longer matches its manifest: fingerprint "
                             f"{actual[:16]}..., manifest says {manifest['fingerprint'][:16]}...")
+        if hashes is not None and not np.array_equal(hashes, content_hashes(images)):
+            raise DataError(f"content hashes of {path} no longer match its images")
     return PreparedDataset(
         images=torch.from_numpy(images),
         labels=torch.from_numpy(labels) if labels is not None else None,
@@ -308,6 +394,7 @@ def load_prepared(path: Path, verify: bool = True) -> PreparedDataset:
         holdout_indices=torch.from_numpy(holdout),
         manifest=manifest,
         path=path,
+        content_hashes=torch.from_numpy(hashes) if hashes is not None else None,
     )
 
 

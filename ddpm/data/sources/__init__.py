@@ -16,6 +16,9 @@ Source strings (DataConfig.source):
   - "folder:DIR"      PNG/JPEG files in DIR (recursively). When every image sits in an immediate
                       sub-folder, the sub-folder names are the classes (sorted) and give labels.
 
+Default split (Source.default_split, DataConfig.split when not given): "content" for a folder,
+which grows (its train images stay in train as images are added), "random" for the fixed sets.
+
 Checksums: a file's expected md5 comes from, in order, the `checksums` argument, an MD5SUMS
 file in its folder (`md5  name` lines), then the published sums. A file with an expected sum
 is always verified (extracted CIFAR batches against the sums torchvision publishes); raw

@@ -33,6 +33,7 @@ class Source:
 
     read(location, config, mirrors, checksums) -> SourceData, fitted to the config
     identity(location, checksums) -> a JSON-able dict that changes when the content does
+    default_split: DataConfig.split when the config gives none
     """
 
     usage: str                                       # e.g. "mnist[:DIR]", for messages and help
@@ -40,6 +41,9 @@ class Source:
     read: Callable[..., SourceData]
     identity: Callable[..., dict]
     downloads: bool = False                          # without a path: <download_dir>/<kind>, fetched there
+    # DataConfig.split when none is given: "content" for a source that grows (a folder: a train image
+    # stays in train as images are added), "random" for a fixed set
+    default_split: Literal["random", "content", "official"] = "random"
 
 
 # ---------------------------------------------------------------------------- checksums

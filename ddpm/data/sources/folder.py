@@ -99,4 +99,5 @@ def folder_identity(folder: Path, checksums: dict | None = None) -> dict:
     return {"kind": "folder", "path": str(folder.resolve()), "files": len(files), "listing_sha256": listing}
 
 
-SOURCE = Source("folder:DIR", "required", read_folder, folder_identity)
+# a folder grows (nightly retraining): split by content, so that its train images stay in train
+SOURCE = Source("folder:DIR", "required", read_folder, folder_identity, default_split="content")
