@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel
 
-from ddpm.checkpoint import CheckpointError, latest_valid_checkpoint, load_checkpoint, save_checkpoint
+from ddpm.checkpoint import CheckpointError, ema_weights, latest_valid_checkpoint, load_checkpoint, save_checkpoint
 from ddpm.data import BatchLoader, load_prepared, validate_for_model
 from ddpm.diffusion import DiffusionConfig, training_loss
 from ddpm.progress import progress_bar
@@ -45,6 +45,9 @@ from ddpm.distributed import DistributedContext, all_reduce_mean, barrier, broad
 from ddpm.unet import UNet, UNetConfig
 
 Tensor = torch.Tensor
+
+
+WARM_START_WARMUP_STEPS = 50
 
 
 class TrainConfig(BaseModel):
@@ -80,6 +83,11 @@ class TrainConfig(BaseModel):
                                                               "(EMA weights, the default sampler, the same seeds "
                                                               "every time) for MLflow's image slider; 0: none")
     device: str = Field("auto", description="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1', ...")
+    init_from: str | None = Field(None, description="warm start: a checkpoint whose EMA weights this run starts from "
+                                                    "(same model and diffusion settings); the optimizer and the EMA "
+                                                    "start afresh, the learning rate after a short warm-up (at most "
+                                                    f"{WARM_START_WARMUP_STEPS} steps). Read only while the run has no "
+                                                    "checkpoint of its own")
     # Speed switches, set by measurement (docs/benchmarks.md section 9): on CPU none pays at the
     # default preset, so each is on for CUDA only or off.
     mixed_precision: Literal["auto", "bf16", "no"] = Field("auto", description="auto: bf16 autocast on CUDA only")
@@ -111,6 +119,12 @@ class TrainConfig(BaseModel):
             raise ValueError(f"nnodes={self.nnodes} needs rdzv_endpoint, the host:port of the rendezvous "
                              "(one of the nodes, reachable from all)")
         return self
+
+    @property
+    def effective_warmup_steps(self) -> int:
+        """The warm-up the schedule uses: warmup_steps, at most WARM_START_WARMUP_STEPS for a warm
+        start (trained weights need no long warm-up; that of a random init only wastes steps)."""
+        return min(self.warmup_steps, WARM_START_WARMUP_STEPS) if self.init_from else self.warmup_steps
 
     def autocast_bf16(self, device: torch.device) -> bool:
         """Whether training on `device` runs under bf16 autocast."""
@@ -159,7 +173,7 @@ class TrainResult:
 # TrainConfig fields that shape the training trajectory: a resume must not change them. The rest
 # (steps: extend a run; logging, checkpointing, device, memory_format, compile) may differ between sessions.
 TRAJECTORY_FIELDS = ("batch_size", "grad_accum_steps", "learning_rate", "warmup_steps", "lr_schedule", "grad_clip",
-                     "ema_decay", "ema_warmup", "hflip", "seed", "mixed_precision", "p_uncond")
+                     "ema_decay", "ema_warmup", "hflip", "seed", "mixed_precision", "p_uncond", "init_from")
 # TrainConfig fields that say where a run trains, not what it learns: a rerun elsewhere (retrain)
 # takes them from where it runs.
 PLACEMENT_FIELDS = ("device", "num_processes", "nnodes", "rdzv_endpoint", "rdzv_timeout")
@@ -167,7 +181,7 @@ PLACEMENT_FIELDS = ("device", "num_processes", "nnodes", "rdzv_endpoint", "rdzv_
 
 def lr_factor(config: TrainConfig, step: int) -> float:
     """The learning rate of optimizer step `step` (0-based) as a fraction of config.learning_rate."""
-    warmup = config.warmup_steps
+    warmup = config.effective_warmup_steps
     if step < warmup:
         return (step + 1) / warmup
     if config.lr_schedule == "constant":
@@ -344,6 +358,23 @@ class Trainer:
                 torch.cuda.set_rng_state_all(rng["cuda"])
             self.generator.set_state(rng["generator"])
 
+    def warm_start(self, checkpoint: Path | str) -> None:
+        """Start from `checkpoint`'s EMA weights (model and EMA both), at step 0 with a fresh
+        optimizer and schedule: fine-tuning a model on data that grew. CheckpointError when the
+        checkpoint is missing or of another model or diffusion."""
+        if not Path(checkpoint).is_file():
+            raise CheckpointError(f"warm start from {checkpoint}: no such checkpoint (deleted, or on another "
+                                  "machine?); train from scratch instead (retrain's init='scratch')")
+        state = load_checkpoint(Path(checkpoint), map_location=self.device)
+        for name, ours in (("model_config", self.model_config), ("diffusion_config", self.diffusion_config)):
+            if state.get(name) != ours.model_dump(mode="json"):
+                raise CheckpointError(f"warm start from {checkpoint}: it was trained with {name.split('_')[0]} "
+                                      f"{state.get(name)} but this run asks for {ours.model_dump(mode='json')}")
+        weights = ema_weights(state) if "ema" in state else state["model"]   # a serving bundle holds only "model"
+        self.model.load_state_dict(weights)
+        self.ema = AveragedModel(self.model, multi_avg_fn=ema_multi_avg_fn(self.config.ema_decay,
+                                                                           self.config.ema_warmup), use_buffers=True)
+
     def save(self) -> Path:
         return save_checkpoint(self.state_dict(), self.checkpoint_dir, self.step, self.config.keep_last)
 
@@ -464,6 +495,8 @@ class Trainer:
         cfg = self.config
         main = self.dist.is_main
         resumed_from = self.resume()
+        if resumed_from is None and cfg.init_from:
+            self.warm_start(cfg.init_from)   # every rank: the same file, the same weights
         barrier()  # every rank has loaded before any trains
         end = min(stop_at or cfg.steps, cfg.steps)
         result = TrainResult(step=self.step, final_loss=float("nan"), images_per_second=0.0, resumed_from=resumed_from)

@@ -29,6 +29,7 @@ from typing import Annotated, Any, TypeVar
 from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
 
 from ddpm.data import DataConfig
+from ddpm.data.prepare import default_split
 from ddpm.diffusion import DiffusionConfig
 from ddpm.metrics.scoring import ExtractorKind   # "auto": every FID the data allows
 from ddpm.samplers import SamplerConfig
@@ -37,12 +38,24 @@ from ddpm.unet import UNetConfig, preset
 
 
 
-def partial_over(base: BaseModel) -> BeforeValidator:
+def merged(section: str, base: dict, changes: dict) -> dict:
+    """`base` (a section's values) with `changes` applied. DataConfig.split's default follows the
+    source ("content" for a folder, which grows; "random" for the fixed sets): a new source without
+    a split takes its own default, unless the base had chosen another split than its source's
+    default (a recipe's "official")."""
+    values = {**base, **changes}
+    if section == "data" and "source" in changes and "split" not in changes and base.get("split") == \
+            default_split(base.get("source", "digits")):
+        values.pop("split", None)
+    return values
+
+
+def partial_over(base: BaseModel, section: str) -> BeforeValidator:
     """Field metadata: a JSON object given for the section changes only the fields it names; the
     others keep `base`'s values (the pipeline's defaults), not the class's own (the paper's).
     Objects pass as they are: a caller who built one chose every field."""
     def merge(value):
-        return {**base.model_dump(), **value} if isinstance(value, dict) else value
+        return merged(section, base.model_dump(), value) if isinstance(value, dict) else value
     return BeforeValidator(merge)
 
 
@@ -60,11 +73,11 @@ _SAMPLING = SamplerConfig(num_images=350, batch_size=175)
 
 # The flows' section parameters: `--param train='{"steps": 3000}'` is the tuned recipe with 3000
 # steps, not TrainConfig(steps=3000) with the paper's batch and learning rate.
-DataParam = Annotated[DataConfig, partial_over(DataConfig())]
-ModelParam = Annotated[UNetConfig, partial_over(_MODEL)]
-DiffusionParam = Annotated[DiffusionConfig, partial_over(_DIFFUSION)]
-TrainParam = Annotated[TrainConfig, partial_over(_TRAIN)]
-SamplingParam = Annotated[SamplerConfig, partial_over(_SAMPLING)]
+DataParam = Annotated[DataConfig, partial_over(DataConfig(), "data")]
+ModelParam = Annotated[UNetConfig, partial_over(_MODEL, "model")]
+DiffusionParam = Annotated[DiffusionConfig, partial_over(_DIFFUSION, "diffusion")]
+TrainParam = Annotated[TrainConfig, partial_over(_TRAIN, "train")]
+SamplingParam = Annotated[SamplerConfig, partial_over(_SAMPLING, "sampling")]
 
 
 class PipelineConfig(BaseModel):
@@ -105,13 +118,15 @@ class PipelineConfig(BaseModel):
         for key in settings:
             if key not in known:
                 raise ValueError(unknown_setting(key, known))
-        values = self.model_dump()
+        values, changes = self.model_dump(), {}
         for key, value in settings.items():
             section, _, field = key.partition(".")
             if field:
-                values[section][field] = value
+                changes.setdefault(section, {})[field] = value
             else:
                 values[section] = value
+        for section, fields in changes.items():
+            values[section] = merged(section, values[section], fields)
         return type(self).model_validate(values)
 
     @classmethod

@@ -104,3 +104,14 @@ def test_evaluate_applies_a_partial_sampling_over_the_evaluated_runs_own():
     stored = DEFAULT_SAMPLING.model_copy(update={"num_images": 1000, "batch_size": 250})
     assert overlay(stored, given) == stored.model_copy(update={"sampler": "ddim"})
     assert evaluate.validate_parameters({"mlflow_run_id": "x"})["sampling"] is None
+
+
+def test_a_folder_source_takes_the_content_split_unless_one_is_chosen():
+    """A folder grows, so its default split is by content; a recipe's chosen split stays."""
+    from tasks.config import PipelineConfig, recipe
+
+    assert DEFAULTS.data.split == "random"   # the digits: as before
+    assert DEFAULTS.with_settings({"data.source": "folder:/x"}).data.split == "content"
+    assert train_pipeline.validate_parameters({"data": {"source": "folder:/x"}})["data"].split == "content"
+    assert PipelineConfig.model_validate({"data": {"source": "folder:/x", "split": "random"}}).data.split == "random"
+    assert recipe("mnist").with_settings({"data.source": "mnist:/m"}).data.split == "official"

@@ -452,3 +452,41 @@ def test_a_runs_checkpoints_are_found_in_its_tagged_folder_else_its_run_folder(t
     assert tracking.run_checkpoints(run({contract.CHECKPOINT_DIR_TAG: str(run_folder)})) == [checkpoint]
     with pytest.raises(CheckpointError, match="not a checkpoint file name"):
         checkpoint_step(tmp_path / "model.pt")
+
+
+def test_a_warm_start_begins_from_the_checkpoints_ema_weights_and_resumes_exactly(tmp_path):
+    """init_from: step 0 with the given checkpoint's EMA weights, a fresh optimizer; a crash after
+    a checkpoint resumes from the run's own checkpoint (init_from is not read again), bit for bit;
+    a missing or mismatched checkpoint is one CheckpointError."""
+    from ddpm.checkpoint import ema_weights, load_checkpoint
+    from trained_runs import TINY_DIFFUSION, TINY_MODEL, tiny_checkpoint
+
+    parent = tiny_checkpoint(tmp_path / "parent", steps=3)
+    config = TrainConfig(steps=4, batch_size=4, warmup_steps=1, log_every=1, checkpoint_every=2, ema_decay=0.9,
+                         device="cpu", init_from=str(parent))
+    batches = lambda i: torch.rand(4, 1, 16, 16, generator=torch.Generator().manual_seed(100 + i)) * 2 - 1  # noqa: E731
+    started = Trainer(TINY_MODEL, TINY_DIFFUSION, config, batches, tmp_path / "warm")
+    started.warm_start(parent)
+    inherited = ema_weights(load_checkpoint(parent))
+    assert started.step == 0 and all(torch.equal(v, started.model.state_dict()[k]) for k, v in inherited.items())
+    assert all(torch.equal(v, ema_weights({"ema": started.ema.state_dict()})[k]) for k, v in inherited.items())
+
+    whole = Trainer(TINY_MODEL, TINY_DIFFUSION, config, batches, tmp_path / "whole").train(progress=False)
+    crashed = Trainer(TINY_MODEL, TINY_DIFFUSION, config, batches, tmp_path / "split")
+    crashed.train(progress=False, stop_at=2)
+    resumed = Trainer(TINY_MODEL, TINY_DIFFUSION, config, batches, tmp_path / "split")
+    result = resumed.train(progress=False)
+    assert result.resumed_from == 2
+    final_whole, final_split = load_checkpoint(whole.checkpoints[-1]), load_checkpoint(result.checkpoints[-1])
+    assert all(torch.equal(v, final_split["ema"][k]) for k, v in final_whole["ema"].items())
+
+    scratch = Trainer(TINY_MODEL, TINY_DIFFUSION, config.model_copy(update={"init_from": None}), batches,
+                      tmp_path / "scratch").train(progress=False)
+    assert not torch.equal(load_checkpoint(scratch.checkpoints[-1])["model"]["conv_out.weight"],
+                           final_whole["model"]["conv_out.weight"])
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        Trainer(TINY_MODEL, TINY_DIFFUSION, config.model_copy(update={"init_from": str(tmp_path / "gone.pt")}),
+                batches, tmp_path / "gone").train(progress=False)
+    other = TINY_DIFFUSION.model_copy(update={"num_timesteps": 50})
+    with pytest.raises(CheckpointError, match="warm start from .*diffusion"):
+        Trainer(TINY_MODEL, other, config, batches, tmp_path / "other").train(progress=False)
