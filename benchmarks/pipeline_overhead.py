@@ -33,7 +33,7 @@ from ddpm.samplers import generate  # noqa: E402
 from ddpm.training import Trainer  # noqa: E402
 from flows.train_pipeline import train_pipeline  # noqa: E402
 from tasks.config import DEFAULTS  # noqa: E402
-from tasks.evaluate import cache_dir  # noqa: E402
+from tasks.settings import metrics_cache_dir  # noqa: E402
 
 
 def bare(dataset, train_config, scorer: Scorer) -> dict:
@@ -75,7 +75,7 @@ def main() -> None:
     print(machine())
 
     dataset = load_prepared(prepare_dataset(DataConfig(), home / "data"))
-    scorer = Scorer.build(dataset, ["classifier"], cache_dir())   # the flow's fid_classifier, as it scores
+    scorer = Scorer.build(dataset, ["classifier"], metrics_cache_dir())   # the flow's fid_classifier, as it scores
 
     start = time.perf_counter()
     empty_flow()

@@ -52,8 +52,11 @@ def evaluate(
     Give exactly one of `mlflow_run_id` and `prefect_flow_run_id` ("<uuid>" or
     "prefect.flow-run.<uuid>"). `sampling` and `fid_extractor` default to the run's own settings;
     a partial `sampling` (`{"sampler": "ddim"}`) changes only the fields it names of the run's
-    (tasks.config.overlay: the sample count stays the run's).
-    Returns {"run_id", "metric", "fids": {step: fid}, "best_step"}.
+    (tasks.config.overlay: the sample count stays the run's). Measured another way than the run
+    measured itself (another sampler, count or extractor), the FIDs are logged under names that
+    say how (`evaluate.<sampler>-n<count>.fid_<extractor>`) and the run's comparability tags
+    (fid.metric, fid.num_samples, fid.sampler), which promotion ranks by, stay as training wrote them.
+    Returns {"run_id", "metric", "fids": {step: fid}, "best_step", "protocol"}.
     """
     if bool(mlflow_run_id) == bool(prefect_flow_run_id):
         raise ValueError("give exactly one of mlflow_run_id and prefect_flow_run_id")
@@ -70,23 +73,36 @@ def evaluate(
     dataset_path = prepare_data.with_options(result_storage=home / "task-results")(config.data,
                                                                                  out_dir=str(home / "data"))
     check_evaluation(extractor, read_manifest(dataset_path), sampling.num_images)
+    own = sampling == config.sampling and extractor == config.fid_extractor
+    prefix = "" if own else protocol_prefix(sampling, extractor)
+    if not own:
+        print(f"not the run's own protocol: FIDs logged as {prefix}fid_..., the run's comparability tags kept")
     out_dir = settings.run_dir(run_id) / "evaluation"
     fids: dict[int, float] = {}
     metric = None
     for checkpoint in checkpoints:
         samples = sample_checkpoint(str(checkpoint), sampling, str(out_dir), run_id)
-        result = evaluate_samples(samples["npz"], dataset_path, run_id, samples["step"], extractor)
+        result = evaluate_samples(samples["npz"], dataset_path, run_id, samples["step"], extractor,
+                                  sampler=sampling.describe(), metric_prefix=prefix)
         metric = result["metric"]
         fids[samples["step"]] = result[metric]
         print(f"step {samples['step']}: {metric} = {result[metric]:.3f}")
 
     best_step = min(fids, key=fids.get)
     mlflow_client = tracking.client()
-    mlflow_client.log_batch(run_id, metrics=[tracking.Metric(metric + contract.BEST_SUFFIX, fids[best_step],
+    mlflow_client.log_batch(run_id, metrics=[tracking.Metric(prefix + metric + contract.BEST_SUFFIX, fids[best_step],
                                                              int(time.time() * 1000), best_step)])
-    mlflow_client.set_tag(run_id, contract.FID_BEST_STEP_TAG, str(best_step))
+    mlflow_client.set_tag(run_id, prefix + contract.FID_BEST_STEP_TAG, str(best_step))
     mlflow_client.set_tag(run_id, contract.EVALUATE_FLOW_RUN_TAG, str(runtime.flow_run.id or ""))
-    return {"run_id": run_id, "metric": metric, "fids": fids, "best_step": best_step}
+    return {"run_id": run_id, "metric": metric, "fids": fids, "best_step": best_step,
+            "protocol": prefix.rstrip(".") or "the run's own"}
+
+
+def protocol_prefix(sampling: SamplerConfig, extractor: str) -> str:
+    """'evaluate.ddim-50-eta1-n64.auto.': the name part that says how an evaluation measured
+    (MLflow metric names take letters, digits, _ - . / and spaces)."""
+    described = sampling.describe().replace("+", "p")
+    return f"evaluate.{described}-n{sampling.num_images}.{extractor}."
 
 
 if __name__ == "__main__":

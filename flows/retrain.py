@@ -1,26 +1,42 @@
 """retrain: the scheduled retraining entry point (the `retrain` deployment runs it on a cron schedule).
 
-Re-prepares the data (free when nothing changed: the preparation task is cached on the config
-and the source's identity), trains with the stored best configuration, samples and measures FID,
-all in one MLflow run tagged with this flow run's id (so the triggered `evaluate` deployment
-finds it, as it does for `train`).
+It retrains only when something changed, and says what it decided and why (the flow run's log,
+and the MLflow run's tags `retrain.decision`, `retrain.reason`, `retrain.based_on`):
 
-The best configuration is the `config.json` of the FINISHED run of the experiment with the
-lowest FID (`best_run_config`); with no such run yet, the pipeline's defaults.
+    nothing changed (same data version, same configuration)   -> skipped, no training (`force` trains anyway)
+    the data changed (a new version of the same source)       -> warm start from the champion's weights
+                                                                  (its EMA, a short warm-up: TrainConfig.init_from,
+                                                                  then the recipe's schedule and steps);
+                                                                  `init="scratch"` trains from nothing
+    the configuration changed                                  -> from scratch
+
+The reference it compares with is the champion of the registered model `promote_to` (its source
+run), else the best FINISHED run of the experiment (`best_run_config`), else the pipeline's
+defaults. The data is re-prepared first (free when nothing changed: the preparation task is
+cached on the config and the source's identity). After training, the run competes for the
+champion alias (tasks.registry.promote_best: a head-to-head on the new data, beyond FID's noise).
 
     python -m flows.retrain
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Literal
+
 from prefect import flow
 
-from ddpm.data import DataConfig
+from ddpm.data import DataConfig, read_manifest
 from ddpm.training import PLACEMENT_FIELDS, TrainConfig
-from flows.train_pipeline import ExperimentName, run_pipeline
-from tasks import contract, tracking
+from flows.train_pipeline import ExperimentName, run_pipeline, start_run
+from tasks import contract, settings, tracking
 from tasks.config import DEFAULTS, PipelineConfig, overlay
-from tasks.registry import comparable_runs, promote_best
+from tasks.data import prepare_data
+from tasks.registry import champion_bundle, comparable_runs, current_champion, promote_best
+
+# TrainConfig fields that do not make two configurations different for retraining: where a run
+# trains, and what a warm start began from.
+NOT_THE_CONFIGURATION = (*PLACEMENT_FIELDS, "init_from")
 
 
 def best_run_config(experiment: str, metric: str | None = None) -> tuple[str, str, PipelineConfig] | None:
@@ -43,6 +59,53 @@ def best_run_config(experiment: str, metric: str | None = None) -> tuple[str, st
     return None
 
 
+def reference_run(experiment: str, model_name: str | None, metric: str | None):
+    """(run, its configuration, champion version or None) that a retrain compares itself with: the
+    champion's source run, else the best run of the experiment; None when there is neither."""
+    champion = current_champion(model_name) if model_name else None
+    if champion is not None and champion.run_id:
+        try:
+            run = tracking.find_run(champion.run_id)
+            return run, PipelineConfig.from_stored(tracking.run_config(run)), champion
+        except (LookupError, FileNotFoundError):   # its run was deleted, or not made by the pipeline
+            pass
+    best = best_run_config(experiment, metric)
+    if best is None:
+        return None
+    run_id, _, config = best
+    return tracking.find_run(run_id), config, None
+
+
+def without_placement(config: PipelineConfig) -> dict:
+    """The configuration as retraining compares it (NOT_THE_CONFIGURATION left out)."""
+    stored = config.to_stored()
+    stored["train"] = {k: v for k, v in stored["train"].items() if k not in NOT_THE_CONFIGURATION}
+    return stored
+
+
+def retrain_decision(reference, config: PipelineConfig, fingerprint: str, init: str,
+                     force: bool) -> tuple[str, str]:
+    """("skipped" | "warm-start" | "scratch", why) for training `config` on data `fingerprint`."""
+    if reference is None:
+        return "scratch", "no finished run to compare with: a first training"
+    run, stored, champion = reference
+    what = f"champion version {champion.version} (run {run.info.run_id})" if champion else f"best run {run.info.run_id}"
+    same_data = run.data.tags.get(contract.DATASET_FINGERPRINT_TAG) == fingerprint
+    changes = [key for key, value in tracking.flatten_params(without_placement(config)).items()
+               if tracking.flatten_params(without_placement(stored)).get(key) != value]
+    if changes:
+        return "scratch", f"the configuration changed against {what}: {', '.join(changes[:8])}"
+    if same_data and not force:
+        return "skipped", f"nothing changed since {what}: same data version ({fingerprint[:12]}), same configuration"
+    why = "forced, nothing changed" if same_data else \
+        f"the data changed ({run.data.tags.get(contract.DATASET_FINGERPRINT_TAG, '?')[:12]} -> {fingerprint[:12]})"
+    if init == "scratch":
+        return "scratch", f"{why}; init='scratch'"
+    if champion is None:
+        return "scratch", f"{why}; no champion to start from"
+    return "warm-start", f"{why}: starting from {what}'s weights"
+
+
 @flow(name="retrain", log_prints=True)
 def retrain(
     experiment: ExperimentName = contract.DEFAULT_EXPERIMENT,
@@ -50,39 +113,46 @@ def retrain(
     train: TrainConfig | None = None,
     metric: str | None = None,
     promote_to: str | None = contract.DEFAULT_MODEL_NAME,
+    init: Literal["champion", "scratch"] = "champion",
+    force: bool = False,
 ) -> dict:
-    """Retrain with the best configuration stored in `experiment` (lowest `metric`, by default the
-    newest run's primary FID, among runs on the same data and sample count), on fresh data.
+    """Retrain when the data or the configuration changed since the champion (see the module doc).
 
-    `data` / `train` change the fields they name in the stored data or training settings (e.g.
-    `train={"steps": 3000}`: more steps, everything else as the best run had it); the rest
-    (model, schedule, sampling, FID extractor) comes from the best run, or from the defaults
-    when the experiment has no finished run yet. Returns the pipeline's summary plus
-    `based_on` (the run whose configuration was used, or None). Finally the best run is offered
-    to the registered model `promote_to` (None: no promotion): `champion` moves only if it is better.
+    The configuration is the champion's run's (else the best run's, else the defaults), with
+    `data` / `train` changing the fields they name (e.g. `train={"steps": 3000}`; tasks.config's
+    one rule for a partial section); where it trains (device, processes) is this deployment's.
+    `init`: what a retrain on changed data starts from; `force`: train even when nothing changed.
+    Returns {"decision", "reason", "run_id", "based_on", "promotion", ...the pipeline's summary}.
     """
-    best = best_run_config(experiment, metric)
-    if best is None:
-        print(f"no finished run with {metric or 'an FID'} in experiment '{experiment}': training with the defaults")
-        based_on, config = None, DEFAULTS
-    else:
-        based_on, metric, config = best
-        print(f"best configuration: MLflow run {based_on} (ranked by {metric})")
-    # where the best run trained (8 GPUs, two nodes) is not where this one runs: placement is this
-    # deployment's (the defaults, then `train`); everything that shapes the model is the best run's
+    reference = reference_run(experiment, promote_to, metric)
+    config = reference[1] if reference else DEFAULTS
+    # where the reference trained (8 GPUs, two nodes) is not where this one runs: placement is this
+    # deployment's (the defaults, then `train`); everything that shapes the model is the reference's
     placement = {name: getattr(DEFAULTS.train, name) for name in PLACEMENT_FIELDS}
-    config = config.model_copy(update={
-        "data": overlay(config.data, data),
-        "train": overlay(TrainConfig(**{**config.train.model_dump(), **placement}), train),
-    })
-    summary = run_pipeline(
-        config,
-        experiment=experiment,
-        run_name=None,
-        tags={contract.RETRAIN_BASED_ON_TAG: based_on or "defaults"},
-    )
+    base_train = TrainConfig(**{**config.train.model_dump(), **placement, "init_from": None})
+    config = config.model_copy(update={"data": overlay(config.data, data), "train": overlay(base_train, train)})
+
+    home = settings.ddpm_home()
+    dataset_path = prepare_data.with_options(result_storage=home / "task-results")(config.data,
+                                                                                 out_dir=str(home / "data"))
+    fingerprint = read_manifest(Path(dataset_path))["fingerprint"]
+    decision, reason = retrain_decision(reference, config, fingerprint, init, force)
+    based_on = reference[0].info.run_id if reference else "defaults"
+    print(f"retrain: {decision}: {reason}")
+    tags = {contract.RETRAIN_BASED_ON_TAG: based_on, contract.RETRAIN_DECISION_TAG: decision,
+            contract.RETRAIN_REASON_TAG: reason}
+    if decision == "skipped":   # recorded where people look, with nothing trained
+        run_id = start_run(experiment, "retrain-skipped", {}, tags=tags)
+        tracking.client().set_terminated(run_id)
+        return {"decision": decision, "reason": reason, "run_id": run_id, "based_on": based_on, "promotion": None}
+    if decision == "warm-start":
+        champion = reference[2]
+        weights = champion_bundle(promote_to, champion.version)
+        config = config.model_copy(update={"train": config.train.model_copy(update={"init_from": str(weights)})})
+        tags[contract.RETRAIN_CHAMPION_TAG] = str(champion.version)
+    summary = run_pipeline(config, experiment=experiment, run_name=None, tags=tags)
     promotion = promote_best([experiment], promote_to) if promote_to else None
-    return {**summary, "based_on": based_on, "promotion": promotion}
+    return {**summary, "decision": decision, "reason": reason, "based_on": based_on, "promotion": promotion}
 
 
 if __name__ == "__main__":

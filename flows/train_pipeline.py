@@ -133,7 +133,7 @@ def run_pipeline(
         model_id = log_ddpm_model(run_id, final).model_id
         samples = sample_checkpoint(final, sampling, str(out / "samples"), run_id)
         evaluation = evaluate_samples(samples["npz"], dataset_path, run_id, samples["step"], fid_extractor,
-                                      model_id=model_id)
+                                      model_id=model_id, sampler=sampling.describe())
         if model.num_classes is not None:   # FID and conditional accuracy against the guidance scale
             evaluation["guidance_sweep"] = guidance_sweep(final, sampling, dataset_path, run_id,
                                                           extractor=fid_extractor)

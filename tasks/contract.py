@@ -33,6 +33,9 @@ CHECKPOINT_DIR_TAG = "checkpoint_dir"       # where its checkpoints are, whateve
 SCHEDULE_TAG = "schedule"
 CONDITIONAL_TAG = "model.conditional"       # "true" / "false": the two kinds never compete in promotion
 RETRAIN_BASED_ON_TAG = "retrain.based_on"   # the run whose configuration a retrain used ("defaults": none)
+RETRAIN_DECISION_TAG = "retrain.decision"   # skipped, warm-start or scratch (flows.retrain) ...
+RETRAIN_REASON_TAG = "retrain.reason"       # ... and why
+RETRAIN_CHAMPION_TAG = "retrain.champion_version"   # a warm start's starting point
 GUIDANCE_BEST_SCALE_TAG = "guidance.best_scale"
 EVALUATE_FLOW_RUN_TAG = "evaluate.flow_run_id"
 FID_BEST_STEP_TAG = "fid.best_step"         # the checkpoint evaluate found best
@@ -43,16 +46,24 @@ DATASET_NAME_TAG = "dataset.name"
 DATASET_PATH_TAG = "dataset.path"
 DATASET_TRAIN_COUNT_TAG = "dataset.train_count"
 DATASET_HOLDOUT_COUNT_TAG = "dataset.holdout_count"
+# its version in its lineage (ddpm.data.versions): number, the version before it, what changed since
+DATASET_VERSION_TAG = "dataset.version"                            # 1-based position in the lineage
+DATASET_PREVIOUS_FINGERPRINT_TAG = "dataset.previous_fingerprint"  # "none" for a lineage's first version
+DATASET_ADDED_TAG = "dataset.added"                                # images, by content hash ("unknown" when
+DATASET_REMOVED_TAG = "dataset.removed"                            # the previous folder was gone)
+DATASET_MOVED_TO_HOLDOUT_TAG = "dataset.moved_to_holdout"          # earlier train images now in the FID reference
 
-# how its primary FID was measured: the metric (features) and the sample count
+# how its primary FID was measured: the metric (features), the sample count and the sampler
 FID_METRIC_TAG = "fid.metric"
 FID_NUM_SAMPLES_TAG = "fid.num_samples"
+FID_SAMPLER_TAG = "fid.sampler"             # SamplerConfig.describe(): sampler, steps, eta, classes, guidance
 
 # Two FIDs are comparable only when these agree (tag, what it means); promotion and retrain rank
 # runs, and the champion keeps its alias, by them. A run from before CONDITIONAL_TAG existed is
 # unconditional.
 COMPARABILITY_TAGS = ((FID_METRIC_TAG, "FID extractor"), (DATASET_FINGERPRINT_TAG, "dataset"),
-                      (FID_NUM_SAMPLES_TAG, "sample count"), (CONDITIONAL_TAG, "kind of model"))
+                      (FID_NUM_SAMPLES_TAG, "sample count"), (CONDITIONAL_TAG, "kind of model"),
+                      (FID_SAMPLER_TAG, "sampler"))
 TAG_DEFAULTS = {CONDITIONAL_TAG: "false"}
 
 # --- params and metrics -------------------------------------------------------------------------
@@ -84,3 +95,12 @@ LOGGED_MAX_IMAGES_TAG = "max_images"        # ... and request bound: promotion r
 VERSION_FID_TAG = "fid"
 SOURCE_RUN_TAG = "source_run_id"
 DECISION_TAG, REASON_TAG = "promotion.decision", "promotion.reason"
+# the head-to-head behind a decision (tasks.registry.challenge), on the challenger's version and run:
+# challenger_fid, champion_fid (means over the seeds) and their _std, difference, margin, seeds, protocol
+HEAD_TO_HEAD_PREFIX = "promotion.head_to_head."
+
+# --- serving the champion (tasks.champion_server) ------------------------------------------------
+# a registered version's check by the champion server before it takes traffic: "passed" or "failed"
+# (a failed version is never served; the alias goes back to the version serving), and why
+SERVING_CHECK_TAG, SERVING_REASON_TAG = "serving.check", "serving.reason"
+SERVING_CHECK_PASSED, SERVING_CHECK_FAILED = "passed", "failed"

@@ -21,8 +21,8 @@ from pathlib import Path
 from prefect import task
 from prefect.context import TaskRunContext
 
-from ddpm.data import (DataConfig, DataError, PreparedDataset, prepare_dataset, prepared_path, read_manifest,
-                       source_identity)
+from ddpm.data import (DataConfig, DataError, PreparedDataset, dataset_version, prepare_dataset, prepared_path,
+                       read_manifest, source_identity)
 from ddpm.data.prepare import DATA_FILE, default_download_dir
 from tasks.settings import ddpm_home
 
@@ -73,7 +73,10 @@ def log_dataset_input(run_id: str, dataset: PreparedDataset, context: str = "tra
     The run is addressed by id (MLflow's fluent `start_run` would end it, marking a run that is
     still training FINISHED). The MLflow dataset's digest is the first 32 hex digits of the
     fingerprint (MLflow's digest column is short); the full fingerprint goes in the tag
-    `dataset.fingerprint`.
+    `dataset.fingerprint`. Its version in its lineage (ddpm.data.dataset_version), when its history
+    lists it, goes in the run tags `dataset.version`, `dataset.previous_fingerprint` ("none" for
+    the first), `dataset.added`, `dataset.removed` and `dataset.moved_to_holdout` ("unknown" when the
+    previous folder was gone), and in the dataset input's tags of the same names without `dataset.`.
     """
     import mlflow
     import mlflow.data
@@ -93,7 +96,9 @@ def log_dataset_input(run_id: str, dataset: PreparedDataset, context: str = "tra
             name=name,
             digest=dataset.fingerprint[:32],
         )
-    tags = {"mlflow.data.context": context, "fingerprint": dataset.fingerprint, "split": "train"}
+    version_tags = _version_tags(dataset, contract)
+    tags = {"mlflow.data.context": context, "fingerprint": dataset.fingerprint, "split": "train",
+            **{key.removeprefix("dataset."): value for key, value in version_tags.items()}}
     inputs = [DatasetInput(mlflow_dataset._to_mlflow_entity(), [InputTag(k, v) for k, v in tags.items()])]
     client = tracking.client()
     # MLflow creates the dataset row on first use with a get-or-create that is not atomic: two
@@ -110,5 +115,27 @@ def log_dataset_input(run_id: str, dataset: PreparedDataset, context: str = "tra
     for key, value in {contract.DATASET_FINGERPRINT_TAG: dataset.fingerprint, contract.DATASET_NAME_TAG: name,
                        contract.DATASET_PATH_TAG: str(dataset.path),
                        contract.DATASET_TRAIN_COUNT_TAG: str(manifest["splits"]["train"]),
-                       contract.DATASET_HOLDOUT_COUNT_TAG: str(manifest["splits"]["holdout"])}.items():
+                       contract.DATASET_HOLDOUT_COUNT_TAG: str(manifest["splits"]["holdout"]),
+                       **version_tags}.items():
         client.set_tag(run_id, key, value)
+
+
+def _version_tags(dataset: PreparedDataset, contract) -> dict[str, str]:
+    """The dataset's version as run tags ({} when no lineage history lists its folder, or when its
+    history cannot be read: the version is information, not a reason to fail a training)."""
+    try:
+        version = dataset_version(dataset)
+    except DataError as error:
+        warnings.warn(f"dataset version not logged: {error}", stacklevel=2)
+        return {}
+    if version is None:
+        return {}
+
+    def count(value):
+        return "unknown" if value is None else str(value)
+
+    return {contract.DATASET_VERSION_TAG: str(version["number"]),
+            contract.DATASET_PREVIOUS_FINGERPRINT_TAG: version["previous"] or "none",
+            contract.DATASET_ADDED_TAG: count(version["added"]),
+            contract.DATASET_REMOVED_TAG: count(version["removed"]),
+            contract.DATASET_MOVED_TO_HOLDOUT_TAG: count(version["moved_to_holdout"])}

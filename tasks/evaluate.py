@@ -25,14 +25,7 @@ from ddpm.progress import progress_bar
 from ddpm.samplers import SamplerConfig
 from ddpm.sampling import draw_images, load_sampler
 from tasks import contract, plots, tracking
-from tasks.settings import ddpm_home
-
-
-def cache_dir() -> Path:
-    """Where scoring keeps what it builds once per dataset (classifier, reference statistics, floors)."""
-    path = ddpm_home(create=True) / "cache" / "metrics"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+from tasks.settings import metrics_cache_dir as cache_dir
 
 
 @task
@@ -52,12 +45,18 @@ def evaluate_samples(
     step: int = 0,
     extractor: ExtractorKind = "auto",
     model_id: str | None = None,
+    sampler: str | None = None,
+    metric_prefix: str = "",
 ) -> dict:
     """FIDs of the samples in `samples_npz` against the dataset's holdout split, plus their floors.
 
     Logs `fid_<extractor>` and `fid_<extractor>_floor` for each extractor at `step` to MLflow run
     `run_id` (linked to its logged model `model_id`, when given), the tags `fid.metric` (the
-    primary one) and `fid.num_samples`; with the classifier, also its accuracy, the mean
+    primary one), `fid.num_samples` and `fid.sampler` (`sampler`, SamplerConfig.describe(): what
+    makes its FIDs comparable with other runs'). With `metric_prefix` (an evaluation by another
+    protocol than the run's own) every metric name carries it and the run's tags stay as they
+    were: its comparability is never rewritten by numbers measured differently. With the
+    classifier, also its accuracy, the mean
     confidence on the samples and a class histogram. Samples of a class-conditional model (the
     npz holds their `labels`) add `conditional_accuracy` (the share the classifier assigns to
     the class asked for) and the per-class fid_classifier (`fid_classifier_class_mean`, each
@@ -73,10 +72,14 @@ def evaluate_samples(
         metrics = {k: v for k, v in result.items() if isinstance(v, float)}
         mlflow_client = tracking.client()
         mlflow_client.log_batch(run_id, metrics=[
-            tracking.Metric(k, v, int(time.time() * 1000), step, model_id=model_id) for k, v in metrics.items()
+            tracking.Metric(metric_prefix + k, v, int(time.time() * 1000), step, model_id=model_id)
+            for k, v in metrics.items()
         ])
-        mlflow_client.set_tag(run_id, contract.FID_METRIC_TAG, result["metric"])
-        mlflow_client.set_tag(run_id, contract.FID_NUM_SAMPLES_TAG, str(len(samples)))
+        if not metric_prefix:
+            mlflow_client.set_tag(run_id, contract.FID_METRIC_TAG, result["metric"])
+            mlflow_client.set_tag(run_id, contract.FID_NUM_SAMPLES_TAG, str(len(samples)))
+            if sampler:
+                mlflow_client.set_tag(run_id, contract.FID_SAMPLER_TAG, sampler)
         if "fid_classifier_per_class" in result:
             tracking.log_dict(run_id, result["fid_classifier_per_class"],
                               f"{contract.EVALUATION_FOLDER}/per_class_fid-{step:07d}.json")

@@ -1,7 +1,20 @@
-"""Promotion: register the best run by FID and move the `champion` alias only when it wins.
+"""Promotion: register the best run by FID and move the `champion` alias only when it wins, beyond noise.
 
     comparable_runs     finished runs ranked by FID, only those measured alike (metric, data, samples, kind)
     promote_best        register the best one (its logged model) and decide whether it becomes champion
+    head_to_head        both models re-scored with the challenger's protocol, on the same sampling seeds
+    noise_aware_decision  whether the challenger wins by more than the measured spread allows by chance
+
+The champion decision is a head-to-head: the challenger (the best comparable run) and the current
+champion are each sampled with the challenger's sampler, steps, guidance and sample count on the
+same `seeds` sampling seeds, and scored with the challenger's features against the challenger's
+reference (its data version's holdout). A champion trained on an older version of the data is so
+measured on the new reference, fairly. The alias moves only when the challenger's mean FID is
+lower by more than a one-sided paired t-test at `confidence` allows by chance (and by at least
+`min_margin`): a win inside FID's noise keeps the champion. Both means, their spreads, the
+margin and the decision are tags of the challenger's version and run. Runs without a stored
+configuration or data (made by hand, or by a version before this one) cannot be re-scored: they
+are compared by their logged FIDs, measured alike or not at all, as before.
 
 The served model itself (the pyfunc, its signature, logging it) is tasks.serving.
 """
@@ -9,14 +22,15 @@ The served model itself (the pyfunc, its signature, logging it) is tasks.serving
 from __future__ import annotations
 
 import math
+import statistics
 from pathlib import Path
 
 import mlflow
 from mlflow.entities import LoggedModelStatus
 from mlflow.exceptions import MlflowException
 
-from ddpm.checkpoint import checkpoint_step
-from tasks import contract, tracking
+from ddpm.checkpoint import checkpoint_step, list_checkpoints
+from tasks import contract, settings, tracking
 # Models registered before tasks.serving existed pickled a reference to tasks.registry.DDPMImageModel.
 from tasks.serving import DDPMImageModel, log_ddpm_model  # noqa: F401
 
@@ -62,9 +76,12 @@ def comparable_runs(experiments: list[str] | str, metric: str | None = None, fin
     fingerprint = fingerprint or runs[0].data.tags.get(contract.DATASET_FINGERPRINT_TAG)
     num_samples = str(num_samples or runs[0].data.tags.get(contract.FID_NUM_SAMPLES_TAG))
     kind = is_conditional(runs[0]) if conditional is None else str(bool(conditional)).lower()
-    criteria = {"metric": metric, "fingerprint": fingerprint, "num_samples": num_samples, "conditional": kind}
+    sampler = runs[0].data.tags.get(contract.FID_SAMPLER_TAG)   # None: a run from before the tag
+    criteria = {"metric": metric, "fingerprint": fingerprint, "num_samples": num_samples, "conditional": kind,
+                "sampler": sampler}
     same = [r for r in runs if r.data.tags.get(contract.DATASET_FINGERPRINT_TAG) == fingerprint
-            and r.data.tags.get(contract.FID_NUM_SAMPLES_TAG) == num_samples and is_conditional(r) == kind]
+            and r.data.tags.get(contract.FID_NUM_SAMPLES_TAG) == num_samples and is_conditional(r) == kind
+            and r.data.tags.get(contract.FID_SAMPLER_TAG) == sampler]
     if not same:
         what = "class-conditional" if kind == "true" else "unconditional"
         raise LookupError(f"no finished run of a {what} model in {experiments} has {metric} at {num_samples} "
@@ -113,20 +130,19 @@ def current_champion(model_name: str):
 
 
 def champion_decision(candidate_tags: dict, champion_tags: dict | None) -> tuple[bool, str]:
-    """Whether the candidate version should take the `champion` alias, and why (or why not).
+    """The decision by logged FIDs, for runs that cannot be re-scored (`challenge` uses it when the
+    challenger or the champion has no stored configuration or data here).
 
     Only FIDs measured on the same data (dataset fingerprint) with the same features (metric
-    name) and the same number of samples are comparable. A champion measured otherwise is kept: replacing it would compare
-    numbers that mean different things; move the alias by hand if the new data is the point. A
-    class-conditional model never replaces an unconditional champion, nor the reverse (tag
-    model.conditional): promote each kind into its own registered model.
+    name), sample count and sampler are comparable (contract.COMPARABILITY_TAGS); a champion
+    measured otherwise is kept. A lower FID wins; no spread is known, so this is the strict rule.
     """
     if champion_tags is None:
         return True, "no champion yet"
     for key, what in contract.COMPARABILITY_TAGS:
-        if champion_tags.get(key, contract.TAG_DEFAULTS.get(key)) != candidate_tags[key]:
+        if champion_tags.get(key, contract.TAG_DEFAULTS.get(key)) != candidate_tags.get(key):
             return False, (f"champion was measured with another {what} ({key} {champion_tags.get(key)!r} "
-                           f"vs {candidate_tags[key]!r}); FIDs are not comparable, champion kept")
+                           f"vs {candidate_tags.get(key)!r}); FIDs are not comparable, champion kept")
     new, old = float(candidate_tags[contract.VERSION_FID_TAG]), float(champion_tags[contract.VERSION_FID_TAG])
     if math.isnan(old) or new < old:
         return True, f"{candidate_tags[contract.FID_METRIC_TAG]} {new:.4g} beats the champion's {old:.4g}"
@@ -147,9 +163,103 @@ def champion_tags(champion) -> dict:
     return tags
 
 
+# --- the head-to-head -------------------------------------------------------------------------
+
+SEED_STRIDE = 1_000_003   # sampling seeds seed, seed + stride, ...: image i of seed s is never image j of another
+
+
+def champion_bundle(model_name: str, version: str | int) -> Path:
+    """The EMA checkpoint a registered version serves (its bundle's step-*.pt), downloaded once to
+    $DDPM_HOME/registry/<name>/<version>; LookupError naming the version when its files are gone."""
+    folder = settings.ddpm_home(create=True) / "registry" / model_name / str(version)
+    found = list_checkpoints(folder / "artifacts" / "checkpoint")
+    if not found:
+        try:
+            mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{model_name}/{version}", dst_path=str(folder))
+        except (MlflowException, OSError) as error:
+            raise LookupError(f"the files of {model_name} version {version} cannot be read ({one_line(error)}); "
+                              "train from scratch instead (retrain's init='scratch')") from None
+        found = list_checkpoints(folder / "artifacts" / "checkpoint")
+    if len(found) != 1:
+        raise LookupError(f"{model_name} version {version} holds {len(found)} checkpoints in its bundle, expected one")
+    return found[0]
+
+
+def one_line(error: BaseException) -> str:
+    return " ".join(str(getattr(error, "message", None) or error).split())
+
+
+def rescorable(run) -> bool:
+    """A run whose protocol can be replayed: its stored configuration and its prepared data are here."""
+    path = run.data.tags.get(contract.DATASET_PATH_TAG)
+    if not path or not Path(path).is_dir():
+        return False
+    try:
+        tracking.run_config(run)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def head_to_head(challenger_run, metric: str, model_name: str, versions: dict[str, str], seeds: int) -> dict:
+    """{name: [FID per seed]} of the registered `versions` ({"challenger": "3", "champion": "1"}),
+    each sampled with the challenger run's sampling settings on the same `seeds` seeds and scored
+    with `metric`'s features against the challenger's reference (its data's holdout)."""
+    from ddpm.data import load_prepared
+    from ddpm.metrics.scoring import Scorer
+    from ddpm.sampling import draw_images, load_sampler
+    from ddpm.training import resolve_device
+    from tasks.config import PipelineConfig
+
+    sampling = PipelineConfig.from_stored(tracking.run_config(challenger_run)).sampling
+    dataset = load_prepared(Path(challenger_run.data.tags[contract.DATASET_PATH_TAG]))
+    scorer = Scorer.build(dataset, [metric.removeprefix("fid_")], settings.metrics_cache_dir())
+    device = resolve_device("auto")
+    fids: dict[str, list[float]] = {}
+    for name, version in versions.items():
+        model, sampler, _ = load_sampler(champion_bundle(model_name, version), sampling, use_ema=False, device=device)
+        shape = (model.config.in_channels, model.config.image_size, model.config.image_size)
+        if shape != tuple(dataset.images.shape[1:]):
+            raise ValueError(f"{model_name} version {version} draws {shape} images, the reference holds "
+                             f"{tuple(dataset.images.shape[1:])}: not comparable")
+        fids[name] = [scorer.fid(draw_images(model, sampler, sampling.model_copy(
+            update={"seed": sampling.seed + k * SEED_STRIDE}), device)[0], metric) for k in range(seeds)]
+    return {**fids, "protocol": f"{metric}, {sampling.num_images} samples, {sampling.describe()}, {seeds} seeds, "
+                                f"reference {dataset.fingerprint[:12]}"}
+
+
+def noise_aware_decision(challenger: list[float], champion: list[float], confidence: float = 0.95,
+                         min_margin: float = 0.0) -> tuple[bool, str, dict]:
+    """(moved, why, the numbers) for FIDs measured on the same seeds, pairwise.
+
+    d_k = challenger_k - champion_k. The challenger wins when mean(d) < -margin, margin =
+    max(min_margin, t * sd(d) / sqrt(K)) with t Student's quantile at `confidence` for K - 1
+    degrees of freedom: a one-sided paired t-test, so two models of equal quality swap the alias
+    with probability 1 - confidence (5% by default), whatever K. With one seed the spread is
+    unknown and the margin is min_margin alone."""
+    from scipy.stats import t as student_t
+
+    differences = [a - b for a, b in zip(challenger, champion)]
+    k = len(differences)
+    mean_difference = statistics.fmean(differences)
+    spread = statistics.stdev(differences) if k > 1 else float("nan")
+    margin = max(min_margin, float(student_t.ppf(confidence, k - 1)) * spread / math.sqrt(k)) if k > 1 else min_margin
+    numbers = {"challenger_fid": statistics.fmean(challenger), "champion_fid": statistics.fmean(champion),
+               "challenger_fid_std": statistics.stdev(challenger) if k > 1 else float("nan"),
+               "champion_fid_std": statistics.stdev(champion) if k > 1 else float("nan"),
+               "difference": mean_difference, "difference_std": spread, "margin": margin, "seeds": k}
+    said = (f"{numbers['challenger_fid']:.4g} ± {numbers['challenger_fid_std']:.2g} against the champion's "
+            f"{numbers['champion_fid']:.4g} ± {numbers['champion_fid_std']:.2g} on the same {k} seeds")
+    if mean_difference < -margin:
+        return True, f"{said}: better by {-mean_difference:.3g}, beyond the noise margin {margin:.3g}", numbers
+    verdict = "worse" if mean_difference > margin else "a tie within the noise margin"
+    return False, f"{said}: {verdict} ({mean_difference:+.3g}, margin {margin:.3g}); champion kept", numbers
+
+
 def promote_best(experiments: list[str] | str = contract.DEFAULT_EXPERIMENT, model_name: str = DEFAULT_MODEL_NAME,
                  fingerprint: str | None = None, metric: str | None = None, max_images: int = 64,
-                 log=print, conditional: bool | None = None) -> dict:
+                 log=print, conditional: bool | None = None, seeds: int = 3, confidence: float = 0.95,
+                 min_margin: float = 0.0) -> dict:
     """Register the best run by FID as a version of `model_name`; move `champion` to it if it wins.
 
     Candidates: comparable_runs(experiments, metric, fingerprint, conditional=conditional):
@@ -162,10 +272,11 @@ def promote_best(experiments: list[str] | str = contract.DEFAULT_EXPERIMENT, mod
     """
     # One promotion at a time per store on this machine: two at once registered one run twice.
     with tracking.store_lock("promote"):
-        return _promote_best(experiments, model_name, fingerprint, metric, max_images, log, conditional)
+        return _promote_best(experiments, model_name, fingerprint, metric, max_images, log, conditional,
+                             (seeds, confidence, min_margin))
 
 
-def _promote_best(experiments, model_name, fingerprint, metric, max_images, log, conditional) -> dict:
+def _promote_best(experiments, model_name, fingerprint, metric, max_images, log, conditional, rule) -> dict:
     candidates, criteria = comparable_runs(experiments, metric, fingerprint, conditional=conditional)
     metric, fingerprint = criteria["metric"], criteria["fingerprint"]
 
@@ -196,14 +307,17 @@ def _promote_best(experiments, model_name, fingerprint, metric, max_images, log,
             contract.FID_NUM_SAMPLES_TAG: criteria["num_samples"], contract.DATASET_FINGERPRINT_TAG: fingerprint,
             contract.SCHEDULE_TAG: run.data.tags.get(contract.SCHEDULE_TAG, ""),
             contract.SOURCE_RUN_TAG: run.info.run_id, contract.CONDITIONAL_TAG: criteria["conditional"]}
+    if criteria["sampler"] is not None:
+        tags[contract.FID_SAMPLER_TAG] = criteria["sampler"]
     for key, value in tags.items():
         mlflow_client.set_model_version_tag(model_name, version.version, key, value)
 
     champion = current_champion(model_name)
+    numbers = None
     if champion is not None and champion.version == version.version:
         moved, reason = False, "already the champion"
     else:
-        moved, reason = champion_decision(tags, champion_tags(champion) if champion else None)
+        moved, reason, numbers = challenge(run, version, champion, tags, model_name, metric, rule, log)
     if moved:
         mlflow_client.set_registered_model_alias(model_name, CHAMPION, version.version)
     if not (champion is not None and champion.version == version.version):   # a repeat keeps its first reason
@@ -217,4 +331,39 @@ def _promote_best(experiments, model_name, fingerprint, metric, max_images, log,
             "fid": fid_of(run), "metric": metric, "num_samples": criteria["num_samples"],
             "fingerprint": fingerprint, "conditional": criteria["conditional"] == "true", "moved": moved,
             "reason": reason, "champion_version": str(champion_version) if champion_version else None,
-            "skipped_runs": skipped}
+            "skipped_runs": skipped, "head_to_head": numbers}
+
+
+def challenge(run, version, champion, tags: dict, model_name: str, metric: str, rule, log):
+    """(moved, reason, head-to-head numbers or None) of the challenger `version` (of `run`)
+    against `champion` (a version, or None). The numbers are logged on both."""
+    if champion is None:
+        return True, "no champion yet", None
+    held = champion_tags(champion)
+    kind = held.get(contract.CONDITIONAL_TAG, contract.TAG_DEFAULTS[contract.CONDITIONAL_TAG])
+    if kind != tags[contract.CONDITIONAL_TAG]:
+        return False, (f"the champion is another kind of model ({contract.CONDITIONAL_TAG} {kind!r} vs "
+                       f"{tags[contract.CONDITIONAL_TAG]!r}): promote each kind into its own registered model; "
+                       "champion kept"), None
+    champion_run = tracking.find_run(champion.run_id) if champion.run_id else None
+    if not (rescorable(run) and champion_run is not None and rescorable(champion_run)):
+        moved, reason = champion_decision(tags, held)   # hand-made or older runs: their logged FIDs
+        return moved, reason, None
+    seeds, confidence, min_margin = rule
+    log(f"head-to-head: {model_name} version {version.version} against the champion, version {champion.version}, "
+        f"on {seeds} sampling seeds")
+    try:
+        fids = head_to_head(run, metric, model_name, {"challenger": version.version, "champion": champion.version},
+                            seeds)
+    except ValueError as error:   # the champion draws images of another shape
+        return False, f"{error}; champion kept", None
+    moved, reason, numbers = noise_aware_decision(fids["challenger"], fids["champion"], confidence, min_margin)
+    numbers = {**numbers, "protocol": fids["protocol"], "challenger_fids": fids["challenger"],
+               "champion_fids": fids["champion"], "champion_version": str(champion.version)}
+    mlflow_client = tracking.client()
+    for key, value in numbers.items():
+        text = ", ".join(f"{v:.4g}" for v in value) if isinstance(value, list) else \
+            (f"{value:.6g}" if isinstance(value, float) else str(value))
+        mlflow_client.set_model_version_tag(model_name, version.version, f"{contract.HEAD_TO_HEAD_PREFIX}{key}", text)
+        mlflow_client.set_tag(run.info.run_id, f"{contract.HEAD_TO_HEAD_PREFIX}{key}", text)
+    return moved, f"{metric} {reason}", numbers

@@ -45,6 +45,13 @@ def artifact_root() -> str:
     return (ddpm_home() / "mlartifacts").as_uri()
 
 
+def metrics_cache_dir() -> Path:
+    """Where scoring keeps what it builds once per dataset (classifier, reference statistics, floors)."""
+    path = ddpm_home(create=True) / "cache" / "metrics"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def run_dir(run_id: str) -> Path:
     """Checkpoints and samples of one MLflow run."""
     path = ddpm_home() / "runs" / run_id

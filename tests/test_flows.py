@@ -216,7 +216,10 @@ def test_retrain_uses_the_best_runs_configuration(trained, store):
     best_id, ranked_by, config = best_run_config("flows-test")
     assert best_id == summary["run_id"] and ranked_by == metric and config.model.base_channels == 8
 
-    result = retrain(experiment="flows-test", promote_to="retrain-test-model")
+    skipped = retrain(experiment="flows-test", promote_to="retrain-test-model")   # nothing changed: no training
+    assert skipped["decision"] == "skipped" and skipped["based_on"] == summary["run_id"]
+    result = retrain(experiment="flows-test", promote_to="retrain-test-model", force=True)
+    assert result["decision"] == "scratch" and "no champion to start from" in result["reason"]
     assert result["based_on"] == summary["run_id"] and result["run_id"] != summary["run_id"]
     assert result["dataset"] == summary["dataset"]   # unchanged data: the same prepared folder
     run = MlflowClient(store).get_run(result["run_id"])
