@@ -2,7 +2,7 @@
 # Register this project's deployments (prefect.yaml) with the Prefect server of scripts/stack.sh.
 #
 #   scripts/deploy.sh                    # the local-pool ones: train, train-mnist, train-digits-conditional,
-#                                        # retrain (cron 03:00 UTC), evaluate (triggered), compare, promote
+#                                        # retrain (cron 03:00 UTC), evaluate (triggered), compare, promote, serve
 #   scripts/deploy.sh --name train       # extra arguments go to `prefect deploy`
 #   scripts/deploy.sh --pool docker      # train-docker, retrain-docker on the pool docker-pool
 #   scripts/deploy.sh --pool kubernetes  # train-kubernetes, retrain-kubernetes on kubernetes-pool

@@ -164,7 +164,8 @@ class DDPMImageModel(PythonModel):
                           f"got {guidance!r}")
 
     def predict(self, context, model_input, params: dict | None = None):
-        """Draw the images the request asks for (deterministic for a given seed)."""
+        """Draw the images the request asks for (deterministic for a given seed). Images that are
+        not finite (NaN weights) are an error (HTTP 500 when served), never black squares."""
         num_images, params = self._request(model_input, params)
         conditioning = {}
         if params["class"] != -1:
@@ -175,9 +176,14 @@ class DDPMImageModel(PythonModel):
                                  eta=float(params["eta"]), num_images=num_images, seed=int(params["seed"]),
                                  batch_size=num_images, **conditioning)
         sampler = sampling.build(self.schedule, self.diffusion_config.prediction_type)
-        images = to_uint8(generate(self.model, sampler, num_images, seed=sampling.seed, batch_size=num_images,
-                                   class_labels=sampling.class_labels(self.model.config.num_classes),
-                                   guidance_scale=sampling.guidance())).numpy()
+        drawn = generate(self.model, sampler, num_images, seed=sampling.seed, batch_size=num_images,
+                         class_labels=sampling.class_labels(self.model.config.num_classes),
+                         guidance_scale=sampling.guidance())
+        if not bool(drawn.isfinite().all()):   # NaN weights would otherwise serve black squares
+            bad = int((~drawn.isfinite()).flatten(1).any(1).sum())
+            raise MlflowException(f"the model drew non-finite images ({bad} of {num_images} hold NaN or inf "
+                                  f"values): its weights are broken (step {self.step}), nothing to serve")
+        images = to_uint8(drawn).numpy()
         if params["format"] == "png_base64":
             return [png_base64(image) for image in images]
         return images

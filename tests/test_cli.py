@@ -18,7 +18,7 @@ from PIL import Image
 from trained_runs import fake_trained_run, tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
-SUBCOMMANDS = ["prepare", "train", "compare", "evaluate", "promote", "sample", "interpolate", "denoise",
+SUBCOMMANDS = ["prepare", "train", "compare", "evaluate", "promote", "serve", "sample", "interpolate", "denoise",
                "stack", "deploy"]
 
 

@@ -52,6 +52,31 @@ def test_a_recipe_deployment_carries_its_recipe(recipe):
     assert f"train-{recipe}" in deployments["evaluate"]["triggers"][0]["match_related"]["prefect.resource.name"]
 
 
+def test_the_serve_deployment_runs_the_champion_server_with_its_defaults():
+    """`serve` (local pool, on demand) is flows/serve.py:serve_champion: no parameter needs a value
+    (the registered model "ddpm" on 127.0.0.1:5055), and a bad one is refused before a run starts."""
+    import inspect
+
+    import yaml
+    from prefect.exceptions import ParameterTypeError
+    from prefect.flows import load_flow_from_entrypoint
+
+    from tasks import contract
+
+    deployments = {d["name"]: d for d in yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]}
+    serve = deployments["serve"]
+    assert serve["work_pool"]["name"] == "local-pool" and not {"schedules", "triggers"} & set(serve)
+    path, _, name = serve["entrypoint"].partition(":")
+    flow = load_flow_from_entrypoint(f"{REPO / path}:{name}")
+    assert flow.name == "serve_champion"
+    defaults = {k: p.default for k, p in inspect.signature(flow.fn).parameters.items()}
+    assert defaults == {"model_name": contract.DEFAULT_MODEL_NAME, "port": 5055, "poll_seconds": 10.0,
+                        "check_seconds": 120.0}
+    flow.validate_parameters(serve.get("parameters", {}))
+    with pytest.raises(ParameterTypeError, match="port"):
+        flow.validate_parameters({"port": 70000})
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -119,6 +144,7 @@ def test_training_deployment_triggers_evaluation_into_the_same_mlflow_run(tmp_pa
         pids = [int((home / "stack" / f"{name}.pid").read_text()) for name in ("prefect-server", "worker", "mlflow")]
         deployed = script("deploy.sh", env=env)
         assert "train_pipeline/train" in deployed and "evaluate/evaluate" in deployed
+        assert "serve_champion/serve" in deployed
 
         out = prefect(["deployment", "run", "train_pipeline/train", "--params", json.dumps(TINY_PARAMETERS)], env)
         train_run_id = next(line.split("UUID:")[-1].strip() for line in out.splitlines() if "UUID" in line)

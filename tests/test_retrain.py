@@ -196,6 +196,15 @@ def test_the_nightly_loop_on_a_growing_folder(prefect_harness, mlflow_store, tmp
             time.sleep(0.5)
         assert str(client.get_model_version_by_alias("loop-model", "champion").version) == str(champion)
         assert server.status()["version"] == str(champion)
+
+        # the folder is gone: one line naming it, before any run is made
+        import shutil
+
+        runs = len(client.search_runs([client.get_experiment_by_name("loop").experiment_id]))
+        shutil.rmtree(folder)
+        with pytest.raises(Exception, match=f"folder {folder} does not exist"):
+            retrain(experiment="loop", promote_to="loop-model")
+        assert len(client.search_runs([client.get_experiment_by_name("loop").experiment_id])) == runs
     finally:
         stop.set()
         asker.join(timeout=70)

@@ -12,6 +12,7 @@
     ddpm sample --checkpoint step-0001500.pt --class 3 --guidance 3
     ddpm interpolate --checkpoint step-0001500.pt --a 0 --b 1
     ddpm denoise --checkpoint step-0001500.pt --indices 0 1 2 3 --t 100 500
+    ddpm serve                                         serve models:/ddpm@champion on 127.0.0.1:5055, following the alias
     ddpm stack start|stop|status                       the local Prefect + MLflow stack
     ddpm deploy                                        register the flows' deployments
 

@@ -223,7 +223,8 @@ def promote_options(parser: argparse.ArgumentParser) -> None:
 
     field_options(parser, PromoteConfig, "promote", {"experiments": "--experiment", "model_name": "--model-name",
                                                      "fingerprint": "--fingerprint", "metric": "--metric",
-                                                     "max_images": "--max-images"},
+                                                     "max_images": "--max-images", "seeds": "--seeds",
+                                                     "confidence": "--confidence", "min_margin": "--min-margin"},
                   helps={"experiments": "MLflow experiment to search (repeatable)"})
     kind = parser.add_mutually_exclusive_group()   # PromoteConfig.conditional: True, False or None (the newest run's)
     kind.add_argument("--conditional", dest="promote.conditional", action="store_const", const=True,
@@ -276,6 +277,35 @@ def deploy_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("script_args", nargs=argparse.REMAINDER, help="passed on to scripts/deploy.sh")
 
 
+def positive_seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text}")
+    return value
+
+
+def port_number(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number 1..65535, got {value}")
+    return value
+
+
+def serve_options(parser: argparse.ArgumentParser) -> None:
+    from tasks import champion_server, contract
+
+    parser.add_argument("--model-name", default=contract.DEFAULT_MODEL_NAME,
+                        help=f"registered model whose '{contract.CHAMPION_ALIAS}' is served "
+                             f"(default: {contract.DEFAULT_MODEL_NAME})")
+    parser.add_argument("--port", type=port_number, default=champion_server.DEFAULT_PORT,
+                        help=f"port on {champion_server.HOST} (default {champion_server.DEFAULT_PORT})")
+    parser.add_argument("--poll-seconds", type=positive_seconds, default=champion_server.DEFAULT_POLL_SECONDS,
+                        help=f"how often the alias is looked at (default {champion_server.DEFAULT_POLL_SECONDS:g})")
+    parser.add_argument("--check-seconds", type=positive_seconds, default=champion_server.DEFAULT_CHECK_SECONDS,
+                        help="a new champion must load and answer its check request within this "
+                             f"(default {champion_server.DEFAULT_CHECK_SECONDS:g})")
+
+
 @dataclass(frozen=True)
 class Command:
     help: str
@@ -303,6 +333,8 @@ COMMANDS: dict[str, Command] = {
                      "flows.cli.commands:stack"),
     "deploy": Command("register the flows' Prefect deployments (scripts/deploy.sh)", deploy_options,
                       "flows.cli.commands:deploy"),
+    "serve": Command("serve the registered model's champion over HTTP, following the alias with a check "
+                     "and a rollback", serve_options, "flows.cli.serve:serve"),
 }
 
 
