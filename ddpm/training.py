@@ -367,9 +367,14 @@ class Trainer:
                                   "machine?); train from scratch instead (retrain's init='scratch')")
         state = load_checkpoint(Path(checkpoint), map_location=self.device)
         for name, ours in (("model_config", self.model_config), ("diffusion_config", self.diffusion_config)):
-            if state.get(name) != ours.model_dump(mode="json"):
+            try:
+                theirs = type(ours)(**state[name])   # validated: fields added since take their defaults
+            except (KeyError, ValueError) as error:
+                raise CheckpointError(f"warm start from {checkpoint}: no valid {name} in it ({error})") from None
+            if theirs != ours:
                 raise CheckpointError(f"warm start from {checkpoint}: it was trained with {name.split('_')[0]} "
-                                      f"{state.get(name)} but this run asks for {ours.model_dump(mode='json')}")
+                                      f"{theirs.model_dump(mode='json')} but this run asks for "
+                                      f"{ours.model_dump(mode='json')}")
         weights = ema_weights(state) if "ema" in state else state["model"]   # a serving bundle holds only "model"
         self.model.load_state_dict(weights)
         self.ema = AveragedModel(self.model, multi_avg_fn=ema_multi_avg_fn(self.config.ema_decay,

@@ -54,7 +54,7 @@ def evaluate(
     a partial `sampling` (`{"sampler": "ddim"}`) changes only the fields it names of the run's
     (tasks.config.overlay: the sample count stays the run's). Measured another way than the run
     measured itself (another sampler, count or extractor), the FIDs are logged under names that
-    say how (`evaluate.<sampler>-n<count>.fid_<extractor>`) and the run's comparability tags
+    say how (`evaluate.<sampler>-n<count>.<extractor kind>.fid_<extractor>`) and the run's comparability tags
     (fid.metric, fid.num_samples, fid.sampler), which promotion ranks by, stay as training wrote them.
     Returns {"run_id", "metric", "fids": {step: fid}, "best_step", "protocol"}.
     """
@@ -63,6 +63,10 @@ def evaluate(
     # Every check comes before the first write: a bad request leaves every run as it was.
     run = tracking.find_run(mlflow_run_id, prefect_flow_run_id)
     run_id = run.info.run_id
+    if run.data.tags.get(contract.RETRAIN_DECISION_TAG) == "skipped":   # a retrain that trained nothing
+        print(f"MLflow run {run_id} records a skipped retrain: nothing to evaluate")
+        return {"run_id": run_id, "metric": None, "fids": {}, "best_step": None, "protocol": None,
+                "skipped": run.data.tags.get(contract.RETRAIN_REASON_TAG, "skipped")}
     checkpoints = checkpoints_of(run)
     config = PipelineConfig.from_stored(tracking.run_config(run))
     sampling = overlay(config.sampling, sampling)

@@ -12,16 +12,15 @@ import json
 import sys
 
 from prefect import flow
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from tasks import contract
-from tasks.registry import promote_best
+from tasks.registry import ChallengeRule, promote_best
 
 
-class PromoteConfig(BaseModel):
-    """What to promote: which experiments to search, into which registered model."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
+class PromoteConfig(ChallengeRule):
+    """What to promote: which experiments to search, into which registered model, and by which
+    rule the challenger must beat the champion (ChallengeRule: seeds, confidence, min_margin)."""
 
     experiments: list[str] = Field([contract.DEFAULT_EXPERIMENT], min_length=1, description="MLflow experiments whose runs compete")
     model_name: str = Field(contract.DEFAULT_MODEL_NAME, min_length=1, description="registered model name")
@@ -30,12 +29,6 @@ class PromoteConfig(BaseModel):
     max_images: int = Field(64, ge=1, le=1024, description="largest num_images one serving request may ask for")
     conditional: bool | None = Field(None, description="promote class-conditional models (True) or unconditional "
                                                         "ones (False); default: the kind of the newest run")
-    # the head-to-head against the champion (tasks.registry.challenge)
-    seeds: int = Field(3, ge=1, le=20, description="sampling seeds both models are scored on, pairwise")
-    confidence: float = Field(0.95, ge=0.5, lt=1, allow_inf_nan=False,
-                              description="of the paired t-test the challenger must pass: two models of equal "
-                                          "quality swap the alias with probability 1 - confidence")
-    min_margin: float = Field(0.0, ge=0, allow_inf_nan=False, description="... and by at least this much FID")
 
 
 @flow(name="promote", log_prints=True)
@@ -43,8 +36,8 @@ def promote(config: PromoteConfig = PromoteConfig()) -> dict:
     """Register the best run of `config.experiments` by FID; move `champion` only if it beats the
     champion head-to-head by more than the noise margin."""
     return promote_best(config.experiments, config.model_name, config.fingerprint, config.metric,
-                        max_images=config.max_images, conditional=config.conditional, seeds=config.seeds,
-                        confidence=config.confidence, min_margin=config.min_margin)
+                        max_images=config.max_images, conditional=config.conditional,
+                        rule=ChallengeRule(**config.model_dump(include=set(ChallengeRule.model_fields))))
 
 
 if __name__ == "__main__":

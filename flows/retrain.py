@@ -32,7 +32,7 @@ from flows.train_pipeline import ExperimentName, run_pipeline, start_run
 from tasks import contract, settings, tracking
 from tasks.config import DEFAULTS, PipelineConfig, overlay
 from tasks.data import prepare_data
-from tasks.registry import champion_bundle, comparable_runs, current_champion, promote_best
+from tasks.registry import ChallengeRule, champion_bundle, comparable_runs, current_champion, promote_best
 
 # TrainConfig fields that do not make two configurations different for retraining: where a run
 # trains, and what a warm start began from.
@@ -83,9 +83,32 @@ def without_placement(config: PipelineConfig) -> dict:
     return stored
 
 
-def retrain_decision(reference, config: PipelineConfig, fingerprint: str, init: str,
-                     force: bool) -> tuple[str, str]:
-    """("skipped" | "warm-start" | "scratch", why) for training `config` on data `fingerprint`."""
+def previous_attempt(experiment: str, reference, config: PipelineConfig, fingerprint: str) -> str | None:
+    """A FINISHED retrain of this same configuration on this data from this same reference (a
+    challenger that did not win: training it again, deterministically, would make the same model)."""
+    if reference is None:
+        return None
+    client = tracking.client()
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    runs = client.search_runs([found.experiment_id], filter_string=(
+        f"attributes.status = 'FINISHED' and tags.`{contract.RETRAIN_BASED_ON_TAG}` = '{reference[0].info.run_id}' "
+        f"and tags.`{contract.DATASET_FINGERPRINT_TAG}` = '{fingerprint}'"))
+    wanted = without_placement(config)
+    for run in runs:
+        try:
+            if without_placement(PipelineConfig.from_stored(tracking.run_config(run))) == wanted:
+                return run.info.run_id
+        except (FileNotFoundError, ValueError):
+            continue
+    return None
+
+
+def retrain_decision(reference, config: PipelineConfig, fingerprint: str, init: str, force: bool,
+                     tried: str | None = None) -> tuple[str, str]:
+    """("skipped" | "warm-start" | "scratch", why) for training `config` on data `fingerprint`;
+    `tried`: a run that already trained it from this reference (previous_attempt)."""
     if reference is None:
         return "scratch", "no finished run to compare with: a first training"
     run, stored, champion = reference
@@ -97,6 +120,9 @@ def retrain_decision(reference, config: PipelineConfig, fingerprint: str, init: 
         return "scratch", f"the configuration changed against {what}: {', '.join(changes[:8])}"
     if same_data and not force:
         return "skipped", f"nothing changed since {what}: same data version ({fingerprint[:12]}), same configuration"
+    if tried and not force:
+        return "skipped", (f"already tried: run {tried} trained this configuration on this data version "
+                           f"({fingerprint[:12]}) from {what}, which stayed champion")
     why = "forced, nothing changed" if same_data else \
         f"the data changed ({run.data.tags.get(contract.DATASET_FINGERPRINT_TAG, '?')[:12]} -> {fingerprint[:12]})"
     if init == "scratch":
@@ -115,13 +141,16 @@ def retrain(
     promote_to: str | None = contract.DEFAULT_MODEL_NAME,
     init: Literal["champion", "scratch"] = "champion",
     force: bool = False,
+    challenge: ChallengeRule = ChallengeRule(),
 ) -> dict:
     """Retrain when the data or the configuration changed since the champion (see the module doc).
 
     The configuration is the champion's run's (else the best run's, else the defaults), with
     `data` / `train` changing the fields they name (e.g. `train={"steps": 3000}`; tasks.config's
     one rule for a partial section); where it trains (device, processes) is this deployment's.
-    `init`: what a retrain on changed data starts from; `force`: train even when nothing changed.
+    `init`: what a retrain on changed data starts from; `force`: train even when nothing changed
+    (or when this very retrain was already tried and lost); `challenge`: how the new run must beat
+    the champion to take the alias (tasks.registry.ChallengeRule).
     Returns {"decision", "reason", "run_id", "based_on", "promotion", ...the pipeline's summary}.
     """
     reference = reference_run(experiment, promote_to, metric)
@@ -136,7 +165,8 @@ def retrain(
     dataset_path = prepare_data.with_options(result_storage=home / "task-results")(config.data,
                                                                                  out_dir=str(home / "data"))
     fingerprint = read_manifest(Path(dataset_path))["fingerprint"]
-    decision, reason = retrain_decision(reference, config, fingerprint, init, force)
+    tried = previous_attempt(experiment, reference, config, fingerprint)
+    decision, reason = retrain_decision(reference, config, fingerprint, init, force, tried)
     based_on = reference[0].info.run_id if reference else "defaults"
     print(f"retrain: {decision}: {reason}")
     tags = {contract.RETRAIN_BASED_ON_TAG: based_on, contract.RETRAIN_DECISION_TAG: decision,
@@ -151,7 +181,7 @@ def retrain(
         config = config.model_copy(update={"train": config.train.model_copy(update={"init_from": str(weights)})})
         tags[contract.RETRAIN_CHAMPION_TAG] = str(champion.version)
     summary = run_pipeline(config, experiment=experiment, run_name=None, tags=tags)
-    promotion = promote_best([experiment], promote_to) if promote_to else None
+    promotion = promote_best([experiment], promote_to, rule=challenge) if promote_to else None
     return {**summary, "decision": decision, "reason": reason, "based_on": based_on, "promotion": promotion}
 
 

@@ -195,9 +195,13 @@ def store_client(uri: str | None = None) -> MlflowClient:
         except OSError as error:
             raise ServeError(f"the MLflow tracking server {uri} is unreachable: {one_line(error)}") from None
     try:
-        return MlflowClient(uri)
+        client = MlflowClient(uri)
     except Exception as error:  # noqa: BLE001 (a store MLflow refuses: an old file store, an unknown scheme)
         raise ServeError(f"cannot open the MLflow store {uri}: {one_line(error)}") from None
+    # mlflow.pyfunc.load_model("models:/...") resolves through the process-wide URIs, not this client's
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return client
 
 
 def champion_version(client: MlflowClient, model_name: str) -> str:
@@ -377,14 +381,17 @@ class ChampionServer:
 
     def _roll_back(self, failed: str, reason: str) -> None:
         """The alias back to the version serving, unless it moved on again meanwhile; one log line."""
+        from tasks.tracking import store_lock
+
         keep = self.served.version
         try:
-            now = str(self.client.get_model_version_by_alias(self.model_name, CHAMPION).version)
-            if now == failed:
-                self.client.set_registered_model_alias(self.model_name, CHAMPION, keep)
-                moved = f"{CHAMPION} moved back to version {keep}"
-            else:
-                moved = f"{CHAMPION} already moved on to version {now}, left there"
+            with store_lock("promote"):   # a promotion landing meanwhile is not overwritten
+                now = str(self.client.get_model_version_by_alias(self.model_name, CHAMPION).version)
+                if now == failed:
+                    self.client.set_registered_model_alias(self.model_name, CHAMPION, keep)
+                    moved = f"{CHAMPION} moved back to version {keep}"
+                else:
+                    moved = f"{CHAMPION} already moved on to version {now}, left there"
         except Exception as error:  # noqa: BLE001 (retried at the next poll)
             moved = f"{CHAMPION} could not be moved back ({one_line(error)}); retrying at the next poll"
         self.log(f"{self.model_name} version {failed} failed its serving check ({reason}): still serving "

@@ -172,7 +172,9 @@ def overlay(base: M, changes: M | None) -> M:
     run's configuration (retrain, evaluate)."""
     if changes is None:
         return base
-    return type(base).model_validate({**base.model_dump(), **changes.model_dump(include=changes.model_fields_set)})
+    section = next((name for name, kind in PipelineConfig.sections().items() if isinstance(base, kind)), "")
+    return type(base).model_validate(merged(section, base.model_dump(),
+                                            changes.model_dump(include=changes.model_fields_set)))
 
 
 def unknown_setting(key: str, known: dict[str, Any]) -> str:

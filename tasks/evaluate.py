@@ -82,12 +82,12 @@ def evaluate_samples(
                 mlflow_client.set_tag(run_id, contract.FID_SAMPLER_TAG, sampler)
         if "fid_classifier_per_class" in result:
             tracking.log_dict(run_id, result["fid_classifier_per_class"],
-                              f"{contract.EVALUATION_FOLDER}/per_class_fid-{step:07d}.json")
+                              f"{contract.EVALUATION_FOLDER}/{metric_prefix}per_class_fid-{step:07d}.json")
         if "class_histogram" in result:
             with tempfile.TemporaryDirectory() as tmp:
                 with plots.RENDER_LOCK:  # matplotlib text layout is not thread-safe
                     path = plot_class_histogram(result["class_histogram"], dataset.manifest.get("class_names"),
-                                                Path(tmp) / f"class_histogram-{step:07d}.png")
+                                                Path(tmp) / f"{metric_prefix}class_histogram-{step:07d}.png")
                 tracking.log_file(run_id, path, contract.EVALUATION_FOLDER)
     return result
 

@@ -21,6 +21,7 @@ The served model itself (the pyfunc, its signature, logging it) is tasks.serving
 
 from __future__ import annotations
 
+import hashlib
 import math
 import statistics
 from pathlib import Path
@@ -28,8 +29,9 @@ from pathlib import Path
 import mlflow
 from mlflow.entities import LoggedModelStatus
 from mlflow.exceptions import MlflowException
+from pydantic import BaseModel, ConfigDict, Field
 
-from ddpm.checkpoint import checkpoint_step, list_checkpoints
+from ddpm.checkpoint import CheckpointError, checkpoint_step, list_checkpoints
 from tasks import contract, settings, tracking
 # Models registered before tasks.serving existed pickled a reference to tasks.registry.DDPMImageModel.
 from tasks.serving import DDPMImageModel, log_ddpm_model  # noqa: F401
@@ -74,9 +76,11 @@ def comparable_runs(experiments: list[str] | str, metric: str | None = None, fin
     if not runs:
         raise LookupError(f"no finished run in {experiments} has the metric {metric}")
     fingerprint = fingerprint or runs[0].data.tags.get(contract.DATASET_FINGERPRINT_TAG)
-    num_samples = str(num_samples or runs[0].data.tags.get(contract.FID_NUM_SAMPLES_TAG))
-    kind = is_conditional(runs[0]) if conditional is None else str(bool(conditional)).lower()
-    sampler = runs[0].data.tags.get(contract.FID_SAMPLER_TAG)   # None: a run from before the tag
+    # the other criteria: those of the newest run on that data (its sample count, kind, sampler)
+    newest = next((r for r in runs if r.data.tags.get(contract.DATASET_FINGERPRINT_TAG) == fingerprint), runs[0])
+    num_samples = str(num_samples or newest.data.tags.get(contract.FID_NUM_SAMPLES_TAG))
+    kind = is_conditional(newest) if conditional is None else str(bool(conditional)).lower()
+    sampler = newest.data.tags.get(contract.FID_SAMPLER_TAG)   # None: a run from before the tag
     criteria = {"metric": metric, "fingerprint": fingerprint, "num_samples": num_samples, "conditional": kind,
                 "sampler": sampler}
     same = [r for r in runs if r.data.tags.get(contract.DATASET_FINGERPRINT_TAG) == fingerprint
@@ -85,7 +89,7 @@ def comparable_runs(experiments: list[str] | str, metric: str | None = None, fin
     if not same:
         what = "class-conditional" if kind == "true" else "unconditional"
         raise LookupError(f"no finished run of a {what} model in {experiments} has {metric} at {num_samples} "
-                          f"samples on dataset {fingerprint}")
+                          f"samples on dataset {fingerprint}" + (f" with sampler {sampler}" if sampler else ""))
     return sorted(same, key=lambda r: r.data.metrics[metric]), criteria
 
 
@@ -165,20 +169,42 @@ def champion_tags(champion) -> dict:
 
 # --- the head-to-head -------------------------------------------------------------------------
 
-SEED_STRIDE = 1_000_003   # sampling seeds seed, seed + stride, ...: image i of seed s is never image j of another
+
+class ChallengeRule(BaseModel):
+    """How a challenger must beat the champion: on `seeds` paired sampling seeds, by more than a
+    one-sided paired t-test at `confidence` allows by chance, and by at least `min_margin`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    seeds: int = Field(3, ge=1, le=20, description="sampling seeds both models are scored on, pairwise")
+    confidence: float = Field(0.95, ge=0.5, lt=1, allow_inf_nan=False,
+                              description="of the paired t-test the challenger must pass: two models of equal "
+                                          "quality swap the alias with probability 1 - confidence")
+    min_margin: float = Field(0.0, ge=0, allow_inf_nan=False, description="... and by at least this much FID")
+
+
+# The head-to-head's sampling seeds: seed + stride, seed + 2 stride, ... (image i of one is never image
+# j of another), never `seed` itself, on which the challenger's logged FID picked it among the
+# candidates: that FID is biased low by the selection.
+SEED_STRIDE = 1_000_003
 
 
 def champion_bundle(model_name: str, version: str | int) -> Path:
     """The EMA checkpoint a registered version serves (its bundle's step-*.pt), downloaded once to
     $DDPM_HOME/registry/<name>/<version>; LookupError naming the version when its files are gone."""
-    folder = settings.ddpm_home(create=True) / "registry" / model_name / str(version)
+    try:
+        source = tracking.client().get_model_version(model_name, str(version)).source
+    except MlflowException as error:
+        raise LookupError(f"no {model_name} version {version} in {settings.tracking_uri()}: {one_line(error)}") from None
+    # keyed by the store and the version's source: another store's "ddpm/1" is another model
+    key = hashlib.sha256(f"{settings.tracking_uri()}\n{source}".encode()).hexdigest()[:12]
+    folder = settings.ddpm_home(create=True) / "registry" / model_name / f"{version}-{key}"
     found = list_checkpoints(folder / "artifacts" / "checkpoint")
     if not found:
         try:
             mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{model_name}/{version}", dst_path=str(folder))
         except (MlflowException, OSError) as error:
-            raise LookupError(f"the files of {model_name} version {version} cannot be read ({one_line(error)}); "
-                              "train from scratch instead (retrain's init='scratch')") from None
+            raise LookupError(f"the files of {model_name} version {version} cannot be read ({one_line(error)})") from None
         found = list_checkpoints(folder / "artifacts" / "checkpoint")
     if len(found) != 1:
         raise LookupError(f"{model_name} version {version} holds {len(found)} checkpoints in its bundle, expected one")
@@ -223,7 +249,7 @@ def head_to_head(challenger_run, metric: str, model_name: str, versions: dict[st
             raise ValueError(f"{model_name} version {version} draws {shape} images, the reference holds "
                              f"{tuple(dataset.images.shape[1:])}: not comparable")
         fids[name] = [scorer.fid(draw_images(model, sampler, sampling.model_copy(
-            update={"seed": sampling.seed + k * SEED_STRIDE}), device)[0], metric) for k in range(seeds)]
+            update={"seed": sampling.seed + (k + 1) * SEED_STRIDE}), device)[0], metric) for k in range(seeds)]
     return {**fids, "protocol": f"{metric}, {sampling.num_images} samples, {sampling.describe()}, {seeds} seeds, "
                                 f"reference {dataset.fingerprint[:12]}"}
 
@@ -258,22 +284,20 @@ def noise_aware_decision(challenger: list[float], champion: list[float], confide
 
 def promote_best(experiments: list[str] | str = contract.DEFAULT_EXPERIMENT, model_name: str = DEFAULT_MODEL_NAME,
                  fingerprint: str | None = None, metric: str | None = None, max_images: int = 64,
-                 log=print, conditional: bool | None = None, seeds: int = 3, confidence: float = 0.95,
-                 min_margin: float = 0.0) -> dict:
+                 log=print, conditional: bool | None = None, rule: ChallengeRule = ChallengeRule()) -> dict:
     """Register the best run by FID as a version of `model_name`; move `champion` to it if it wins.
 
     Candidates: comparable_runs(experiments, metric, fingerprint, conditional=conditional):
     FINISHED runs with `metric` on data `fingerprint` at one sample count, of one kind of model
-    (class-conditional or not), each by default that of the newest run with an FID. The best candidate is registered once (a run already registered reuses its version),
-    its version tagged with fid, fid.metric, fid.num_samples, schedule, dataset.fingerprint and
-    source_run_id, and the alias moves only when its FID is strictly lower than the champion's
-    on the same data, metric and sample count. The decision and its reason go in the version's
-    tags `promotion.decision`/`promotion.reason`.
+    (class-conditional or not), each by default that of the newest run with an FID. The best
+    candidate is registered once (a run already registered reuses its version), its version
+    tagged with fid, fid.metric, fid.num_samples, fid.sampler, schedule, dataset.fingerprint and
+    source_run_id; then it meets the champion head-to-head (`challenge`, by `rule`). The decision and
+    its reason go in the version's tags `promotion.decision`/`promotion.reason`.
     """
     # One promotion at a time per store on this machine: two at once registered one run twice.
     with tracking.store_lock("promote"):
-        return _promote_best(experiments, model_name, fingerprint, metric, max_images, log, conditional,
-                             (seeds, confidence, min_margin))
+        return _promote_best(experiments, model_name, fingerprint, metric, max_images, log, conditional, rule)
 
 
 def _promote_best(experiments, model_name, fingerprint, metric, max_images, log, conditional, rule) -> dict:
@@ -345,19 +369,19 @@ def challenge(run, version, champion, tags: dict, model_name: str, metric: str, 
         return False, (f"the champion is another kind of model ({contract.CONDITIONAL_TAG} {kind!r} vs "
                        f"{tags[contract.CONDITIONAL_TAG]!r}): promote each kind into its own registered model; "
                        "champion kept"), None
-    champion_run = tracking.find_run(champion.run_id) if champion.run_id else None
-    if not (rescorable(run) and champion_run is not None and rescorable(champion_run)):
-        moved, reason = champion_decision(tags, held)   # hand-made or older runs: their logged FIDs
+    if not rescorable(run):   # no stored protocol or data to replay (made by hand, or elsewhere)
+        moved, reason = champion_decision(tags, held)   # their logged FIDs, measured alike or not at all
         return moved, reason, None
-    seeds, confidence, min_margin = rule
     log(f"head-to-head: {model_name} version {version.version} against the champion, version {champion.version}, "
-        f"on {seeds} sampling seeds")
+        f"on {rule.seeds} sampling seeds")
     try:
         fids = head_to_head(run, metric, model_name, {"challenger": version.version, "champion": champion.version},
-                            seeds)
-    except ValueError as error:   # the champion draws images of another shape
-        return False, f"{error}; champion kept", None
-    moved, reason, numbers = noise_aware_decision(fids["challenger"], fids["champion"], confidence, min_margin)
+                            rule.seeds)
+    except (ValueError, LookupError, CheckpointError) as error:   # another shape; the champion's files gone
+        log(f"no head-to-head: {one_line(error)}; champion kept")
+        return False, f"no head-to-head ({one_line(error)}); champion kept", None
+    moved, reason, numbers = noise_aware_decision(fids["challenger"], fids["champion"], rule.confidence,
+                                                  rule.min_margin)
     numbers = {**numbers, "protocol": fids["protocol"], "challenger_fids": fids["challenger"],
                "champion_fids": fids["champion"], "champion_version": str(champion.version)}
     mlflow_client = tracking.client()

@@ -289,3 +289,27 @@ def test_only_finite_uint8_images_of_the_declared_shape_pass():
                             (["iVBOR"], "a list, not an array")]:
         with pytest.raises(CheckFailed, match=message):
             verify_images(images, (1, 16, 16))
+
+
+def test_the_default_store_in_ddpm_home_serves_without_mlflow_tracking_uri(tmp_path, monkeypatch):
+    """With MLFLOW_TRACKING_URI unset the store is $DDPM_HOME/mlflow.db, for the registry reads and
+    for loading the model alike: the champion passes its check, no ./mlflow.db appears."""
+    import mlflow
+
+    from tasks import tracking
+    from tasks.champion_server import ChampionServer
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("DDPM_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    client = tracking.client()
+    run_id = client.create_run(tracking.experiment_id("serve-default")).info.run_id
+    assert register(client, run_id, tiny_checkpoint(tmp_path / "ckpt")) == "1"
+    client.set_registered_model_alias(NAME, "champion", "1")
+    mlflow.set_tracking_uri(None)   # as a fresh `ddpm serve` process starts
+    mlflow.set_registry_uri(None)
+    with ChampionServer(NAME, port=0, log=lambda _: None).start() as server:
+        assert call(f"{server.url}/version")[1]["version"] == "1"
+        assert call(f"{server.url}/invocations", REQUEST)[0] == 200
+    assert not (tmp_path / "mlflow.db").exists() and (tmp_path / "home" / "mlflow.db").exists()
+    assert client.get_model_version(NAME, "1").tags["serving.check"] == "passed"

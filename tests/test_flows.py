@@ -82,6 +82,25 @@ def test_evaluate_logs_a_fid_curve_into_the_training_run(trained, store):
 
 
 @pytest.mark.slow
+def test_evaluate_by_another_protocol_keeps_the_runs_comparability(trained, store):
+    """A partial `sampling` changes only what it names of the run's own settings; measured another
+    way, the FIDs go under names that say how and fid.metric / fid.num_samples / fid.sampler stay."""
+    from flows.evaluate import evaluate
+
+    summary, _ = trained
+    client = MlflowClient(store)
+    before = client.get_run(summary["run_id"]).data
+    result = evaluate(mlflow_run_id=summary["run_id"], sampling={"sampler": "ddim", "num_steps": 3})
+    after = client.get_run(summary["run_id"]).data
+    assert result["protocol"].startswith("evaluate.ddim-3-eta1-n")
+    for tag in ("fid.metric", "fid.num_samples", "fid.sampler", "fid.best_step"):
+        assert after.tags.get(tag) == before.tags.get(tag), tag
+    assert after.metrics[summary["evaluation"]["metric"]] == before.metrics[summary["evaluation"]["metric"]]
+    renamed = [key for key in after.metrics if key.startswith(result["protocol"] + ".fid_")]
+    assert renamed and f"n{before.tags['fid.num_samples']}." in result["protocol"] + "."   # the run's own count
+
+
+@pytest.mark.slow
 def test_evaluate_refuses_bad_requests_and_writes_nothing(trained, store):
     from flows.evaluate import evaluate
     from tasks import tracking

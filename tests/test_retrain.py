@@ -47,6 +47,10 @@ def test_retrain_warm_starts_on_new_data_and_trains_from_scratch_on_a_new_config
     decision, reason = retrain_decision(reference(), longer, "data-1", "champion", force=False)
     assert decision == "scratch" and "train.steps" in reason and "model.dropout" in reason
     assert retrain_decision(None, DEFAULTS, "data-1", "champion", force=False)[0] == "scratch"
+    # a challenger of this data and configuration already lost to this champion: not trained again
+    decision, reason = retrain_decision(reference(), DEFAULTS, "data-2", "champion", force=False, tried="run-7")
+    assert decision == "skipped" and "already tried: run run-7" in reason
+    assert retrain_decision(reference(), DEFAULTS, "data-2", "champion", force=True, tried="run-7")[0] == "warm-start"
 
 
 def test_noise_aware_promotion_moves_only_beyond_the_paired_spread():
@@ -67,7 +71,12 @@ def test_two_equal_models_rarely_swap_under_the_noise_aware_rule_and_often_under
     """Equal quality: per-seed FIDs drawn around the same mean with a shared per-seed component (the
     same seeds draw similar images for both). The strict rule swaps half the time; the noise-aware
     rule 1 - confidence = 5% of the time (a one-sided paired t-test), the default confidence."""
-    from tasks.registry import noise_aware_decision
+    from tasks.registry import champion_decision, noise_aware_decision
+
+    def strict_rule(a: float, b: float) -> bool:   # the logged-FID rule, one sample set each
+        tags = {contract.FID_METRIC_TAG: "fid_classifier", contract.DATASET_FINGERPRINT_TAG: "d",
+                contract.FID_NUM_SAMPLES_TAG: "350", contract.CONDITIONAL_TAG: "false"}
+        return champion_decision({**tags, contract.VERSION_FID_TAG: repr(a)}, {**tags, contract.VERSION_FID_TAG: repr(b)})[0]
 
     rng = random.Random(0)
     trials, strict, aware = 2000, 0, 0
@@ -75,7 +84,7 @@ def test_two_equal_models_rarely_swap_under_the_noise_aware_rule_and_often_under
         shared = [rng.gauss(0, 3) for _ in range(3)]
         a = [25 + s + rng.gauss(0, 1) for s in shared]
         b = [25 + s + rng.gauss(0, 1) for s in shared]
-        strict += a[0] < b[0]   # one sample set each, lower wins
+        strict += strict_rule(a[0], b[0])
         aware += noise_aware_decision(a, b)[0]
     assert 0.45 < strict / trials < 0.55
     assert 0.03 < aware / trials < 0.07
