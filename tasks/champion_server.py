@@ -198,9 +198,10 @@ def store_client(uri: str | None = None) -> MlflowClient:
         client = MlflowClient(uri)
     except Exception as error:  # noqa: BLE001 (a store MLflow refuses: an old file store, an unknown scheme)
         raise ServeError(f"cannot open the MLflow store {uri}: {one_line(error)}") from None
-    # mlflow.pyfunc.load_model("models:/...") resolves through the process-wide URIs, not this client's
+    # mlflow.pyfunc.load_model("models:/...") resolves through the process-wide tracking URI (the
+    # registry follows it), not this client's. Never set_registry_uri: it also exports
+    # MLFLOW_REGISTRY_URI, which then outlives the store for this process and its children.
     mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
     return client
 
 

@@ -12,6 +12,7 @@ os.environ["DDPM_HOME"] = tempfile.mkdtemp(prefix="ddpm-test-home-")
 # process: pytest-xdist workers never share an sqlite file)
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="ddpm-test-prefect-home-")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
+os.environ.pop("MLFLOW_REGISTRY_URI", None)   # the registry follows the tracking store
 
 import pytest  # noqa: E402
 

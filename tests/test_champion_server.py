@@ -307,7 +307,6 @@ def test_the_default_store_in_ddpm_home_serves_without_mlflow_tracking_uri(tmp_p
     assert register(client, run_id, tiny_checkpoint(tmp_path / "ckpt")) == "1"
     client.set_registered_model_alias(NAME, "champion", "1")
     mlflow.set_tracking_uri(None)   # as a fresh `ddpm serve` process starts
-    mlflow.set_registry_uri(None)
     with ChampionServer(NAME, port=0, log=lambda _: None).start() as server:
         assert call(f"{server.url}/version")[1]["version"] == "1"
         assert call(f"{server.url}/invocations", REQUEST)[0] == 200
