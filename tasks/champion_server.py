@@ -305,7 +305,10 @@ class ChampionServer:
         self.httpd.serve_forever(poll_interval=0.5)
 
     def start(self) -> "ChampionServer":
-        """open() if not yet, then answer requests in a background thread."""
+        """open() if not yet, then answer requests in a background thread (once: a second call,
+        `with server.start():` included, returns the running server)."""
+        if self._http_thread is not None:   # two serve_forever loops on one socket: one blocks in accept
+            return self
         if self.httpd is None:
             self.open()
         self._start_watcher()
