@@ -40,6 +40,7 @@ from torch.optim.swa_utils import AveragedModel
 from ddpm.checkpoint import CheckpointError, ema_weights, latest_valid_checkpoint, load_checkpoint, save_checkpoint
 from ddpm.data import BatchLoader, load_prepared, validate_for_model
 from ddpm.diffusion import DiffusionConfig, training_loss
+from ddpm.posthoc_ema import PowerEMA, drop_snapshots_after, sigma_rel_to_gamma, snapshot_dir
 from ddpm.progress import progress_bar
 from ddpm.distributed import DistributedContext, all_reduce_mean, barrier, broadcast_object, current_context
 from ddpm.unet import UNet, UNetConfig
@@ -74,6 +75,13 @@ class TrainConfig(BaseModel):
                                         "class instead of their label (classifier-free guidance's unconditional "
                                         "branch)")
     ema_warmup: bool = Field(True, description="decay = min(ema_decay, (1+n)/(10+n)) so short runs are not stuck at init")
+    posthoc_ema: bool = Field(False, description="keep snapshots of power-function EMAs (EDM2) so that the EMA length "
+                                                 "can be chosen after training (ddpm.posthoc_ema; `ddpm evaluate "
+                                                 "--posthoc-ema`)")
+    posthoc_ema_sigma_rels: tuple[float, ...] = Field(
+        (0.05, 0.10), min_length=2, description="relative widths of the tracked power-function EMAs (EDM2's)")
+    posthoc_ema_snapshots: int = Field(20, ge=2, description="snapshots of the tracked EMAs over the run: one every "
+                                                             "ceil(steps / this) steps and at the last")
     hflip: bool = Field(False, description="random horizontal flips (the paper's CIFAR-10 setting)")
     seed: int = 0
     log_every: int = Field(50, ge=1)
@@ -115,10 +123,20 @@ class TrainConfig(BaseModel):
             )
         if self.world_size > 1:
             self.rank_micro_batch_size(self.world_size)
+        if self.posthoc_ema:
+            if len(set(self.posthoc_ema_sigma_rels)) != len(self.posthoc_ema_sigma_rels):
+                raise ValueError(f"posthoc_ema_sigma_rels {self.posthoc_ema_sigma_rels} repeats a width")
+            for sigma_rel in self.posthoc_ema_sigma_rels:
+                sigma_rel_to_gamma(sigma_rel)   # PosthocEMAError (a ValueError) names a width out of range
         if self.nnodes > 1 and not self.rdzv_endpoint:
             raise ValueError(f"nnodes={self.nnodes} needs rdzv_endpoint, the host:port of the rendezvous "
                              "(one of the nodes, reachable from all)")
         return self
+
+    @property
+    def posthoc_ema_every(self) -> int:
+        """Steps between post-hoc EMA snapshots (and one at the last step)."""
+        return -(-self.steps // self.posthoc_ema_snapshots)
 
     @property
     def effective_warmup_steps(self) -> int:
@@ -173,7 +191,8 @@ class TrainResult:
 # TrainConfig fields that shape the training trajectory: a resume must not change them. The rest
 # (steps: extend a run; logging, checkpointing, device, memory_format, compile) may differ between sessions.
 TRAJECTORY_FIELDS = ("batch_size", "grad_accum_steps", "learning_rate", "warmup_steps", "lr_schedule", "grad_clip",
-                     "ema_decay", "ema_warmup", "hflip", "seed", "mixed_precision", "p_uncond", "init_from")
+                     "ema_decay", "ema_warmup", "hflip", "seed", "mixed_precision", "p_uncond", "init_from",
+                     "posthoc_ema", "posthoc_ema_sigma_rels")
 # TrainConfig fields that say where a run trains, not what it learns: a rerun elsewhere (retrain)
 # takes them from where it runs.
 PLACEMENT_FIELDS = ("device", "num_processes", "nnodes", "rdzv_endpoint", "rdzv_timeout")
@@ -194,6 +213,30 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def check_device(name: str) -> torch.device:
+    """The device `name` means on this machine; ValueError, one line, when torch does not know it
+    or this machine does not have it (said before anything starts, not as a traceback in step 1)."""
+    try:
+        device = resolve_device(name)
+    except RuntimeError:
+        raise ValueError(f"train.device={name!r} is not a device name torch knows; use auto, cpu, cuda, cuda:N "
+                         "or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only build of torch" if torch.version.cuda is None else "no CUDA device is visible"
+            raise ValueError(f"train.device={name!r} but this machine has no CUDA device ({build} "
+                             f"{torch.__version__}); use train.device=auto or cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"train.device={name!r} but this machine has {torch.cuda.device_count()} CUDA "
+                             f"device(s) (cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"train.device={name!r} but MPS (Apple GPUs) is not available here; use auto or cpu")
+    elif device.type != "cpu":
+        raise ValueError(f"train.device={name!r}: this pipeline trains on cpu, cuda or mps")
+    return device
 
 
 def check_compiler(device: torch.device) -> None:
@@ -286,6 +329,8 @@ class Trainer:
         self.ema = AveragedModel(
             self.model, multi_avg_fn=ema_multi_avg_fn(train_config.ema_decay, train_config.ema_warmup), use_buffers=True
         )
+        # EDM2's post-hoc EMA: power-function EMAs beside the classic one, snapshotted during the run
+        self.posthoc = PowerEMA(self.model, train_config.posthoc_ema_sigma_rels) if train_config.posthoc_ema else None
         self.optimizer = torch.optim.Adam(
             self.model.parameters(), lr=train_config.learning_rate, fused=self.device.type == "cuda" or None
         )
@@ -318,6 +363,7 @@ class Trainer:
             "step": self.step,
             "model": self.model.state_dict(),
             "ema": self.ema.state_dict(),
+            **({"posthoc_ema": self.posthoc.state_dict()} if self.posthoc else {}),
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "rng": self.rng_state(),
@@ -348,6 +394,8 @@ class Trainer:
                                   f"{', '.join(changed)}; resume with the same settings, or train in a new folder")
         self.model.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
+        if self.posthoc:
+            self.posthoc.load_state_dict(state["posthoc_ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.step = int(state["step"])
@@ -379,6 +427,15 @@ class Trainer:
         self.model.load_state_dict(weights)
         self.ema = AveragedModel(self.model, multi_avg_fn=ema_multi_avg_fn(self.config.ema_decay,
                                                                            self.config.ema_warmup), use_buffers=True)
+        if self.posthoc:
+            self.posthoc = PowerEMA(self.model, self.config.posthoc_ema_sigma_rels)
+
+    def save_posthoc_snapshot(self) -> Path:
+        """The post-hoc EMAs at this step, as a snapshot beside the checkpoints."""
+        return self.posthoc.save_snapshot(snapshot_dir(self.checkpoint_dir), self.step, {
+            "model_config": self.model_config.model_dump(mode="json"),
+            "diffusion_config": self.diffusion_config.model_dump(mode="json"),
+            "train_config": self.config.model_dump(mode="json")})
 
     def save(self) -> Path:
         return save_checkpoint(self.state_dict(), self.checkpoint_dir, self.step, self.config.keep_last)
@@ -481,6 +538,8 @@ class Trainer:
         self.lr_scheduler.step()
         self.ema.update_parameters(self.model)
         self.step += 1
+        if self.posthoc:
+            self.posthoc.update(self.model, self.step)
         return loss_value, grad_norm
 
     def train(
@@ -502,6 +561,15 @@ class Trainer:
         resumed_from = self.resume()
         if resumed_from is None and cfg.init_from:
             self.warm_start(cfg.init_from)   # every rank: the same file, the same weights
+        if self.posthoc and self.checkpoint_dir and main:
+            # snapshots written after the checkpoint resumed from (or by a run that never saved
+            # one) are written again by this run, identically
+            drop_snapshots_after(self.checkpoint_dir, self.step)
+            count = -(-cfg.steps // cfg.posthoc_ema_every)   # every multiple, and the last step
+            size = self.posthoc.snapshot_bytes()
+            print(f"post-hoc EMA: widths {', '.join(f'{s:g}' for s in cfg.posthoc_ema_sigma_rels)}, a snapshot "
+                  f"every {cfg.posthoc_ema_every} steps: {count} x {size / 2**20:.1f} MiB = "
+                  f"{count * size / 2**20:.1f} MiB in {snapshot_dir(self.checkpoint_dir)}", flush=True)
         barrier()  # every rank has loaded before any trains
         end = min(stop_at or cfg.steps, cfg.steps)
         result = TrainResult(step=self.step, final_loss=float("nan"), images_per_second=0.0, resumed_from=resumed_from)
@@ -540,6 +608,10 @@ class Trainer:
                     on_log(self.step, metrics)
                 window_loss, window_norm, window_steps, compiled_in_window = 0.0, 0.0, 0, False
                 window_start = time.perf_counter()
+            # a snapshot before the checkpoint of its step: a checkpoint at step s means every snapshot up to s exists
+            if self.posthoc and self.checkpoint_dir and main and (
+                    self.step % cfg.posthoc_ema_every == 0 or self.step == cfg.steps):
+                self.save_posthoc_snapshot()
             if self.checkpoint_dir and main and (self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps):
                 path = self.save()
                 result.checkpoints.append(path)

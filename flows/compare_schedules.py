@@ -17,13 +17,13 @@ from typing import Annotated
 import pandas as pd
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from pydantic import AfterValidator, Field
 
 from ddpm.data import read_manifest, validate_for_model
 from ddpm.diffusion import DiffusionConfig
 from ddpm.metrics.scoring import ExtractorKind, check_evaluation
 from ddpm.schedules import BETA_SCHEDULES
+from flows.runners import DaskCluster, fan_out_runner
 from flows.train_pipeline import ExperimentName, check_config, run_pipeline, start_run
 from tasks import contract, plots, settings, tracking
 from tasks.config import DEFAULTS, DataParam, ModelParam, PipelineConfig, SamplingParam, TrainParam
@@ -47,41 +47,6 @@ def _known_distinct_schedules(names: list[str]) -> list[str]:
 # list fails the flow run before any MLflow run exists.
 ScheduleList = Annotated[list[str], Field(min_length=1, description=f"any of {sorted(BETA_SCHEDULES)}"),
                          AfterValidator(_known_distinct_schedules)]
-
-
-# Where the per-schedule pipelines run: None (threads here), "local" or a Dask scheduler address.
-DaskCluster = Annotated[str | None, Field(pattern=r"^(local|(tcp|tls|inproc|ucx)://\S+)$",
-                                          description="None: threads in the flow's process; 'local': a "
-                                                      "temporary Dask cluster of max_parallel processes; "
-                                                      "'tcp://host:8786': that Dask scheduler")]
-
-
-def fan_out_runner(dask_cluster: str | None, max_parallel: int) -> TaskRunner:
-    """The task runner for `dask_cluster` (see DaskCluster). Dask needs prefect-dask (the `dask` extra):
-    without it, an ImportError that says so."""
-    if dask_cluster is None:
-        return ThreadPoolTaskRunner(max_workers=max_parallel)
-    try:
-        from prefect_dask import DaskTaskRunner
-    except ImportError:
-        raise settings.MissingExtraError(f"dask_cluster={dask_cluster!r} needs prefect-dask, which is not installed: "
-                                         "pip install 'ddpm-pipeline[dask]'") from None
-    if dask_cluster == "local":   # one single-threaded worker process per pipeline (Dask sets OMP_NUM_THREADS=1)
-        return DaskTaskRunner(cluster_kwargs={"n_workers": max_parallel, "threads_per_worker": 1,
-                                              "processes": True, "dashboard_address": None})
-    check_scheduler(dask_cluster)
-    return DaskTaskRunner(address=dask_cluster)
-
-
-def check_scheduler(address: str, timeout_seconds: float = 10.0) -> None:
-    """A ValueError, before any run exists, when the Dask scheduler at `address` does not answer."""
-    from distributed import Client
-
-    try:
-        Client(address, timeout=timeout_seconds).close()
-    except OSError as error:   # distributed's connection timeouts are OSErrors
-        raise ValueError(f"the Dask scheduler at {address} did not answer within {timeout_seconds:g} s: "
-                         f"{error}") from None
 
 
 def schedule_configs(schedules: list[str], num_timesteps: int, base: PipelineConfig) -> dict[str, PipelineConfig]:

@@ -6,6 +6,11 @@ with the run's own sampling settings (unless others are given) and scored agains
 split, so `fid_<extractor>` becomes a curve over training steps in the run; the tag
 `fid.best_step` names the best checkpoint.
 
+With `posthoc_ema` (a run trained with train.posthoc_ema), it also reconstructs the EMA of each
+width in a sweep from the run's snapshots (ddpm.posthoc_ema, EDM2), scores each the same way,
+logs the width -> FID table and plot, and keeps the best reconstruction as a model of the run
+when it beats the run's own EMA: promotion registers that one (tasks.posthoc).
+
     python -m flows.evaluate <mlflow-run-id>
 """
 
@@ -14,17 +19,22 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
+from typing import Annotated
 
 import mlflow
 from prefect import flow, runtime
+from pydantic import Field
 
 from ddpm.data import read_manifest
 from ddpm.metrics.scoring import ExtractorKind, check_evaluation
+from ddpm.posthoc_ema import PosthocEMAError, list_snapshots, sigma_rel_to_gamma, snapshot_steps
 from ddpm.samplers import SamplerConfig
+from flows.runners import DaskCluster, fan_out_runner
 from tasks import contract, settings, tracking
 from tasks.data import prepare_data
 from tasks.config import PipelineConfig, overlay
 from tasks.evaluate import evaluate_samples
+from tasks.posthoc import DEFAULT_SIGMA_RELS, log_posthoc_sweep, score_posthoc_width
 from tasks.sample import sample_checkpoint
 
 
@@ -40,12 +50,36 @@ def checkpoints_of(run: mlflow.entities.Run) -> list[Path]:
     raise NoCheckpointsError(f"MLflow run {run.info.run_id} has no checkpoints to evaluate (looked in {folders})")
 
 
+SigmaRels = Annotated[list[float], Field(min_length=1, description="post-hoc EMA widths (sigma_rel) to reconstruct")]
+
+
+@flow(name="posthoc_ema_sweep", log_prints=True)
+def posthoc_ema_sweep(checkpoint_dir: str, sigma_rels: list[float], steps: list[int | None],
+                      sampling: SamplerConfig, dataset_path: str, extractor: str, out_dir: str) -> list[dict]:
+    """Score every (width, step), all submitted at once to this subflow's task runner (set by the
+    caller: threads, or Dask workers)."""
+    futures = [score_posthoc_width.submit(checkpoint_dir, sigma_rel, step, sampling, dataset_path, extractor, out_dir)
+               for step in steps for sigma_rel in sigma_rels]
+    rows = [future.result() for future in futures]
+    for row in rows:
+        if "skipped" in row:
+            print(f"sigma_rel {row['sigma_rel']:g}: skipped ({row['skipped']})")
+        else:
+            print(f"sigma_rel {row['sigma_rel']:g} at step {row['step']}: {row['metric']} = {row[row['metric']]:.3f}")
+    return rows
+
+
 @flow(name="evaluate", log_prints=True)
 def evaluate(
     mlflow_run_id: str | None = None,
     prefect_flow_run_id: str | None = None,
     sampling: SamplerConfig | None = None,
     fid_extractor: ExtractorKind | None = None,
+    posthoc_ema: bool = False,
+    posthoc_sigma_rels: SigmaRels | None = None,
+    posthoc_steps: list[int] | None = None,
+    dask_cluster: DaskCluster = None,
+    max_parallel: Annotated[int, Field(ge=1, le=64, description="post-hoc EMA widths scored at once")] = 1,
 ) -> dict:
     """FID of each checkpoint of one training run, logged as `fid_<extractor>` at its step in that run.
 
@@ -56,6 +90,10 @@ def evaluate(
     measured itself (another sampler, count or extractor), the FIDs are logged under names that
     say how (`evaluate.<sampler>-n<count>.<extractor kind>.fid_<extractor>`) and the run's comparability tags
     (fid.metric, fid.num_samples, fid.sampler), which promotion ranks by, stay as training wrote them.
+
+    `posthoc_ema` sweeps the EMA widths `posthoc_sigma_rels` (default tasks.posthoc.DEFAULT_SIGMA_RELS)
+    at the snapshot steps `posthoc_steps` (default: the last), `max_parallel` at a time on the task
+    runner `dask_cluster` picks (flows.runners); its result is under "posthoc_ema".
     Returns {"run_id", "metric", "fids": {step: fid}, "best_step", "protocol"}.
     """
     if bool(mlflow_run_id) == bool(prefect_flow_run_id):
@@ -69,6 +107,9 @@ def evaluate(
                 "skipped": run.data.tags.get(contract.RETRAIN_REASON_TAG, "skipped")}
     checkpoints = checkpoints_of(run)
     config = PipelineConfig.from_stored(tracking.run_config(run))
+    if posthoc_ema:
+        posthoc_steps = check_posthoc(checkpoints[-1].parent, posthoc_sigma_rels, posthoc_steps, run_id)
+        runner = fan_out_runner(dask_cluster, max_parallel)
     sampling = overlay(config.sampling, sampling)
     extractor = fid_extractor or config.fid_extractor
     print(f"evaluating {len(checkpoints)} checkpoints of MLflow run {run_id} with {sampling.describe()}")
@@ -98,8 +139,41 @@ def evaluate(
                                                              int(time.time() * 1000), best_step)])
     mlflow_client.set_tag(run_id, prefix + contract.FID_BEST_STEP_TAG, str(best_step))
     mlflow_client.set_tag(run_id, contract.EVALUATE_FLOW_RUN_TAG, str(runtime.flow_run.id or ""))
-    return {"run_id": run_id, "metric": metric, "fids": fids, "best_step": best_step,
-            "protocol": prefix.rstrip(".") or "the run's own"}
+    summary = {"run_id": run_id, "metric": metric, "fids": fids, "best_step": best_step,
+               "protocol": prefix.rstrip(".") or "the run's own"}
+    if posthoc_ema:
+        sigma_rels = list(posthoc_sigma_rels or DEFAULT_SIGMA_RELS)
+        print(f"post-hoc EMA: {len(sigma_rels)} widths x {len(posthoc_steps)} step(s), each sampled and scored "
+              f"like the checkpoints")
+        rows = posthoc_ema_sweep.with_options(task_runner=runner)(
+            str(checkpoints[-1].parent), sigma_rels, posthoc_steps, sampling, dataset_path, extractor,
+            str(settings.run_dir(run_id)))
+        last = max(fids)
+        choice = log_posthoc_sweep(run_id, rows, {"step": last, metric: fids[last]}, config.train.ema_decay)
+        best = choice["best"]
+        print(f"post-hoc EMA: best sigma_rel {best['sigma_rel']:g} at step {best['step']}: {metric} "
+              f"{best[metric]:.3f} against the run's own EMA's {fids[last]:.3f} at step {last}: "
+              + ("logged as a model of the run; promotion registers it" if choice["chosen"] == "reconstruction"
+                 else "the run's own EMA stays its model"))
+        summary["posthoc_ema"] = choice
+    return summary
+
+
+def check_posthoc(checkpoint_dir: Path, sigma_rels: list[float] | None, steps: list[int] | None,
+                  run_id: str) -> list[int | None]:
+    """The snapshot steps to sweep; PosthocEMAError (one line) before any work when the run kept no
+    snapshots, a width is out of range or a step has no snapshot."""
+    if not list_snapshots(checkpoint_dir):
+        raise PosthocEMAError(f"MLflow run {run_id} kept no post-hoc EMA snapshots (in {checkpoint_dir}/posthoc-ema); "
+                              "train with --set train.posthoc_ema=true to keep them")
+    for sigma_rel in sigma_rels or ():
+        sigma_rel_to_gamma(sigma_rel)
+    saved = snapshot_steps(checkpoint_dir)
+    missing = [step for step in steps or () if step not in saved]
+    if missing:
+        raise PosthocEMAError(f"no post-hoc EMA snapshot at step(s) {missing} of MLflow run {run_id}; its snapshots: "
+                              f"{saved}")
+    return list(steps) if steps else [saved[-1]]
 
 
 def protocol_prefix(sampling: SamplerConfig, extractor: str) -> str:

@@ -29,6 +29,7 @@ PARENT_RUN_TAG = "mlflow.parentRunId"       # nests compare_schedules' children 
 HOST_TAG, PID_TAG = "ddpm.host", "ddpm.pid"  # the process working on a RUNNING run (vanished runs are failed)
 ERROR_TAG = "error"                         # why a run FAILED
 RESUMED_TAG = "resumed"                     # how many times it was resumed
+RESUME_FORCED_TAG = "resume.forced"         # a resume that declared the RUNNING owner dead (--force), and whom
 CHECKPOINT_DIR_TAG = "checkpoint_dir"       # where its checkpoints are, whatever DDPM_HOME the reader has
 SCHEDULE_TAG = "schedule"
 CONDITIONAL_TAG = "model.conditional"       # "true" / "false": the two kinds never compete in promotion
@@ -39,6 +40,13 @@ RETRAIN_CHAMPION_TAG = "retrain.champion_version"   # a warm start's starting po
 GUIDANCE_BEST_SCALE_TAG = "guidance.best_scale"
 EVALUATE_FLOW_RUN_TAG = "evaluate.flow_run_id"
 FID_BEST_STEP_TAG = "fid.best_step"         # the checkpoint evaluate found best
+# evaluate --posthoc-ema (tasks.posthoc): the width and step of the EMA it chose, and its checkpoint
+# (a reconstruction; promotion registers it). "fixed" when the run's own EMA scored best.
+POSTHOC_CHOSEN_TAG = "posthoc_ema.chosen"          # "reconstruction" or "fixed"
+POSTHOC_SIGMA_REL_TAG = "posthoc_ema.sigma_rel"    # also on the logged model and the registered version
+POSTHOC_STEP_TAG = "posthoc_ema.step"
+POSTHOC_CHECKPOINT_TAG = "posthoc_ema.checkpoint"
+POSTHOC_METRIC_PREFIX = "posthoc_ema."             # posthoc_ema.fid_<x>_best, posthoc_ema.fixed_fid_<x>
 
 # the dataset it trained on (tasks.data.log_dataset_input); the fingerprint names the exact images
 DATASET_FINGERPRINT_TAG = "dataset.fingerprint"
@@ -81,6 +89,8 @@ LOSS_CURVE_ARTIFACT = "plots/loss_curve.png"
 SCHEDULE_PLOT_ARTIFACT = "plots/noise_schedule.png"
 GUIDANCE_SWEEP_TABLE = "evaluation/guidance_sweep.json"
 GUIDANCE_SWEEP_PLOT = "plots/guidance_sweep.png"
+POSTHOC_TABLE = "evaluation/posthoc_ema.json"
+POSTHOC_PLOT = "plots/posthoc_ema.png"
 SAMPLES_FOLDER = "samples"                  # sample grids and the settings that drew them
 EVALUATION_FOLDER = "evaluation"            # per-class FIDs, class histograms
 SAMPLES_IMAGE = "samples"                   # MLflow image key: a grid per sampled checkpoint

@@ -75,3 +75,22 @@ def log_figure(run_id: str, make_figure: Callable[[], Figure], artifact_file: st
 
     with RENDER_LOCK:
         tracking.log_figure(run_id, make_figure(), artifact_file)
+
+
+def posthoc_ema_plot(rows: list[dict], metric: str, fixed: float | None, fixed_label: str) -> Figure:
+    """FID (`metric`) against the post-hoc EMA width sigma_rel, one line per reconstructed step;
+    the run's own (fixed-decay) EMA as a horizontal line."""
+    figure, axis = _new_figure()
+    for step in sorted({r["step"] for r in rows}):
+        chosen = [r for r in rows if r["step"] == step]
+        axis.plot([r["sigma_rel"] for r in chosen], [r[metric] for r in chosen], "o-", label=f"post-hoc, step {step}")
+    if fixed is not None:
+        axis.axhline(fixed, color="tab:gray", linestyle="--", label=fixed_label)
+    axis.set_xscale("log")
+    axis.set_xlabel("EMA width sigma_rel (std of the averaging profile / training length)")
+    axis.set_ylabel(metric)
+    axis.set_title("post-hoc EMA: the EMA length chosen after training")
+    axis.legend(fontsize=8)
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    return figure

@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ddpm.checkpoint import CheckpointError, checkpoint_step, list_checkpoints
 from tasks import contract, settings, tracking
+from tasks.config import one_line
 # Models registered before tasks.serving existed pickled a reference to tasks.registry.DDPMImageModel.
 from tasks.serving import DDPMImageModel, log_ddpm_model  # noqa: F401
 
@@ -93,6 +94,18 @@ def comparable_runs(experiments: list[str] | str, metric: str | None = None, fin
     return sorted(same, key=lambda r: r.data.metrics[metric]), criteria
 
 
+def posthoc_choice(run) -> tuple[Path, dict] | None:
+    """(checkpoint, logged-model tags) of the post-hoc EMA reconstruction that evaluate chose for
+    the run (tasks.posthoc), when it chose one and the file is still there; else None."""
+    tags = run.data.tags
+    if tags.get(contract.POSTHOC_CHOSEN_TAG) != "reconstruction":
+        return None
+    path = Path(tags.get(contract.POSTHOC_CHECKPOINT_TAG, ""))
+    if not path.is_file():
+        return None
+    return path, {contract.POSTHOC_SIGMA_REL_TAG: tags[contract.POSTHOC_SIGMA_REL_TAG]}
+
+
 def checkpoint_for_fid(run, metric: str) -> Path | None:
     """The checkpoint whose samples gave the run's `metric` (the step of it), else the newest one;
     found where evaluate finds them (tracking.run_checkpoints)."""
@@ -105,24 +118,30 @@ def checkpoint_for_fid(run, metric: str) -> Path | None:
     return by_step.get(step, checkpoints[-1])
 
 
-def register_logged_model(run, checkpoint: Path, model_name: str, max_images: int):
-    """Register the model the training run logged of `checkpoint` (same step, same request bound)
-    instead of logging it again; None when the run has no such model."""
+def register_logged_model(run, checkpoint: Path, model_name: str, max_images: int, tags: dict | None = None):
+    """Register the model the training run logged of `checkpoint` (same step, same request bound,
+    the same post-hoc EMA tags: none for the run's own EMA) instead of logging it again; None when
+    the run has no such model."""
     mlflow_client = tracking.client()
     step = str(checkpoint_step(checkpoint))
     models = mlflow_client.search_logged_models(
         [run.info.experiment_id],
         filter_string=f"source_run_id = '{run.info.run_id}' AND tags.`{contract.LOGGED_STEP_TAG}` = '{step}' "
                       f"AND tags.`{contract.LOGGED_MAX_IMAGES_TAG}` = '{max_images}'")
-    ready = [m for m in models if m.status == LoggedModelStatus.READY]
+    wanted = (tags or {}).get(contract.POSTHOC_SIGMA_REL_TAG)
+    ready = [m for m in models if m.status == LoggedModelStatus.READY
+             and m.tags.get(contract.POSTHOC_SIGMA_REL_TAG) == wanted]
     if not ready:
         return None
     return mlflow.register_model(f"models:/{ready[0].model_id}", model_name)
 
 
-def registered_version(model_name: str, run_id: str):
-    """The version of `model_name` already registered from run `run_id`, or None."""
-    versions = tracking.client().search_model_versions(f"name = '{model_name}' and run_id = '{run_id}'")
+def registered_version(model_name: str, run_id: str, model_tags: dict | None = None):
+    """The version of `model_name` already registered from run `run_id` (of the same post-hoc EMA
+    width as `model_tags` says; none: the run's own EMA), or None."""
+    wanted = (model_tags or {}).get(contract.POSTHOC_SIGMA_REL_TAG)
+    versions = [v for v in tracking.client().search_model_versions(f"name = '{model_name}' and run_id = '{run_id}'")
+                if v.tags.get(contract.POSTHOC_SIGMA_REL_TAG) == wanted]
     return min(versions, key=lambda v: int(v.version)) if versions else None
 
 
@@ -209,10 +228,6 @@ def champion_bundle(model_name: str, version: str | int) -> Path:
     if len(found) != 1:
         raise LookupError(f"{model_name} version {version} holds {len(found)} checkpoints in its bundle, expected one")
     return found[0]
-
-
-def one_line(error: BaseException) -> str:
-    return " ".join(str(getattr(error, "message", None) or error).split())
 
 
 def rescorable(run) -> bool:
@@ -310,18 +325,20 @@ def _promote_best(experiments, model_name, fingerprint, metric, max_images, log,
     mlflow_client = tracking.client()
     skipped = []
     for run in candidates:  # the best one we can still register
-        version = registered_version(model_name, run.info.run_id)
+        # evaluate --posthoc-ema's choice when it made one, else the checkpoint of the run's FID
+        checkpoint, model_tags = posthoc_choice(run) or (None, {})
+        version = registered_version(model_name, run.info.run_id, model_tags)
         if version is not None:
             break
-        checkpoint = checkpoint_for_fid(run, metric)
+        checkpoint = checkpoint or checkpoint_for_fid(run, metric)
         if checkpoint is None:
             skipped.append(run.info.run_id)
             log(f"run {run.info.run_id} ({metric} {fid_of(run):.4g}) has no checkpoint under "
                 f"{', '.join(map(str, tracking.checkpoint_folders(run)))}; trying the next best")
             continue
-        version = register_logged_model(run, checkpoint, model_name, max_images)
+        version = register_logged_model(run, checkpoint, model_name, max_images, model_tags)
         if version is None:
-            info = log_ddpm_model(run.info.run_id, checkpoint, model_name, max_images=max_images)
+            info = log_ddpm_model(run.info.run_id, checkpoint, model_name, max_images=max_images, tags=model_tags)
             version = mlflow_client.get_model_version(model_name, str(info.registered_model_version))
         break
     else:
@@ -333,6 +350,7 @@ def _promote_best(experiments, model_name, fingerprint, metric, max_images, log,
             contract.SOURCE_RUN_TAG: run.info.run_id, contract.CONDITIONAL_TAG: criteria["conditional"]}
     if criteria["sampler"] is not None:
         tags[contract.FID_SAMPLER_TAG] = criteria["sampler"]
+    tags |= model_tags   # a post-hoc EMA reconstruction: its width
     for key, value in tags.items():
         mlflow_client.set_model_version_tag(model_name, version.version, key, value)
 

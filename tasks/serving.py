@@ -84,8 +84,9 @@ def model_signature(model_config: dict, max_images: int):
 
 
 def log_ddpm_model(run_id: str, checkpoint: Path | str, registered_model_name: str | None = None,
-                   max_images: int = DEFAULT_MAX_IMAGES, max_steps: int = DEFAULT_MAX_STEPS):
+                   max_images: int = DEFAULT_MAX_IMAGES, max_steps: int = DEFAULT_MAX_STEPS, tags: dict | None = None):
     """Log `checkpoint`'s EMA weights into MLflow run `run_id` as pyfunc "model"; register it if named.
+    `tags` go on the logged model beside its step and request bound.
 
     The model is served_model.py logged as code, `max_images`/`max_steps` its model config.
     Returns MLflow's ModelInfo (`registered_model_version` is set when registered). The run is
@@ -98,7 +99,8 @@ def log_ddpm_model(run_id: str, checkpoint: Path | str, registered_model_name: s
     logged_model = mlflow.initialize_logged_model(
         name=contract.LOGGED_MODEL_NAME, source_run_id=run_id,
         experiment_id=mlflow_client.get_run(run_id).info.experiment_id,
-        tags={contract.LOGGED_STEP_TAG: str(int(state["step"])), contract.LOGGED_MAX_IMAGES_TAG: str(max_images)})
+        tags={contract.LOGGED_STEP_TAG: str(int(state["step"])), contract.LOGGED_MAX_IMAGES_TAG: str(max_images),
+              **(tags or {})})
     with tempfile.TemporaryDirectory() as tmp:
         bundle = Path(tmp) / "checkpoint"
         write_ema_checkpoint(checkpoint, bundle)

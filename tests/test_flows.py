@@ -17,7 +17,7 @@ from ddpm.unet import preset
 
 TINY_DATA = DataConfig(source="digits", max_images=200)
 TINY_TRAIN = TrainConfig(steps=10, batch_size=16, warmup_steps=2, log_every=5, checkpoint_every=5, keep_last=2,
-                         ema_decay=0.99, learning_rate=1e-3)
+                         ema_decay=0.99, learning_rate=1e-3, posthoc_ema=True, posthoc_ema_snapshots=5)
 TINY_SAMPLING = SamplerConfig(sampler="ddim", num_steps=5, num_images=8, batch_size=8)
 TINY_MODEL = preset("tiny-16", base_channels=8, num_groups=4)
 TINY = dict(data=TINY_DATA, model=TINY_MODEL, train=TINY_TRAIN, sampling=TINY_SAMPLING)
@@ -126,7 +126,59 @@ def test_evaluate_refuses_bad_requests_and_writes_nothing(trained, store):
         evaluate()
     with pytest.raises(ValueError, match="exactly one"):
         evaluate(mlflow_run_id=summary["run_id"], prefect_flow_run_id=str(uuid.uuid4()))
+    # post-hoc EMA requests that cannot be met: before any sampling
+    from ddpm.posthoc_ema import PosthocEMAError
+    with pytest.raises(PosthocEMAError, match=r"no post-hoc EMA snapshot at step\(s\) \[3\] .* its snapshots: "
+                                              r"\[2, 4, 6, 8, 10\]"):
+        evaluate(mlflow_run_id=summary["run_id"], posthoc_ema=True, posthoc_steps=[3])
+    with pytest.raises(PosthocEMAError, match="sigma_rel 0.5 is outside"):
+        evaluate(mlflow_run_id=summary["run_id"], posthoc_ema=True, posthoc_sigma_rels=[0.05, 0.5])
     assert snapshot() == before
+
+
+@pytest.mark.slow
+def test_evaluate_posthoc_ema_logs_the_width_curve_and_promotion_registers_the_chosen_reconstruction(trained, store):
+    """The sweep's table, plot and best FID on the run; the choice against the run's own EMA; a
+    reconstruction chosen is a logged model of the run that `promote` registers (its weights, its
+    width on the version)."""
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from ddpm.checkpoint import load_checkpoint
+    from flows.evaluate import evaluate
+    from tasks import contract
+    from tasks.posthoc import log_posthoc_sweep
+    from tasks.registry import champion_bundle, promote_best
+
+    summary, _ = trained
+    run_id, client = summary["run_id"], MlflowClient(store)
+    result = evaluate(mlflow_run_id=run_id, posthoc_ema=True, posthoc_sigma_rels=[0.05, 0.1, 0.2])["posthoc_ema"]
+    metric = result["metric"]
+    rows = result["rows"]
+    assert [(r["sigma_rel"], r["step"]) for r in rows] == [(0.05, 10), (0.1, 10), (0.2, 10)]
+    run = client.get_run(run_id)
+    table = json.loads(Path(client.download_artifacts(run_id, contract.POSTHOC_TABLE)).read_text())
+    # 5 snapshots reconstruct widths ~0.04-0.13: 0.2 is skipped with the reason, the others scored
+    assert "cannot be reconstructed" in rows[2]["skipped"] and "choose sigma_rel within" in rows[2]["skipped"]
+    assert [row[0] for row in table["data"]] == [0.05, 0.1]
+    assert "posthoc_ema.png" in [a.path.split("/")[-1] for a in client.list_artifacts(run_id, "plots")]
+    best = min(rows[:2], key=lambda r: r[metric])
+    assert run.data.metrics[f"posthoc_ema.{metric}_best"] == pytest.approx(best[metric])
+    fixed = run.data.metrics[f"posthoc_ema.fixed_{metric}"]
+    assert run.data.tags["posthoc_ema.chosen"] == ("reconstruction" if best[metric] < fixed else "fixed")
+
+    # without the run's own EMA's number the best reconstruction is chosen: promotion registers it
+    choice = log_posthoc_sweep.fn(run_id, rows, {"step": 10}, 0.99)
+    assert choice["chosen"] == "reconstruction"
+    promoted = promote_best("flows-test", model_name="posthoc-test", log=lambda _: None)
+    assert promoted["run_id"] == run_id
+    version = client.get_model_version("posthoc-test", promoted["version"])
+    assert version.tags["posthoc_ema.sigma_rel"] == f"{best['sigma_rel']:g}"
+    served = load_checkpoint(champion_bundle("posthoc-test", promoted["version"]))["model"]
+    reconstructed = load_checkpoint(best["checkpoint"])["model"]
+    assert all(torch.equal(served[k], reconstructed[k]) for k in reconstructed)
 
 
 # --- compare_schedules --------------------------------------------------------------------------
