@@ -13,6 +13,8 @@ world_size).
 With --events, rank 0 prints each log window and checkpoint as a line `@ddpm-event {json}` and
 any rank prints its error the same way before it exits: the worker end of the protocol in
 ddpm.torchrun, whose `train_under_torchrun` launches this command and reads them.
+A mistake the user can fix (a setting, the data, a checkpoint of other settings, a NaN loss, a
+missing file) is one line on stderr and exit status 1; --verbose shows the traceback.
 """
 
 from __future__ import annotations
@@ -20,12 +22,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 from ddpm.diffusion import DiffusionConfig
+from ddpm.errors import one_line
 from ddpm.distributed import DistributedContext, cleanup, init_distributed, launched_by_torchrun
 from ddpm.torchrun import emit_event, parent_death_signal
-from ddpm.training import REPEATING_ERRORS, TrainConfig, dataset_trainer, resolve_device
+from ddpm.training import REPEATING_ERRORS, TrainConfig, check_device, dataset_trainer, resolve_device
 from ddpm.unet import PRESETS, UNetConfig, preset
 
 
@@ -49,11 +53,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--result", help="write a JSON summary here (rank 0)")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--events", action="store_true", help="print log, checkpoint and error events (JSON lines)")
+    parser.add_argument("--verbose", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
+    try:
+        return _train(args)
+    except (*REPEATING_ERRORS, OSError) as error:
+        if args.verbose:
+            raise
+        print(f"{parser.prog}: error: {one_line(error)}", file=sys.stderr)
+        return 1
 
-    model_config = _model_arg(args.model)
-    diffusion_config = DiffusionConfig(**_json_arg(args.diffusion))
-    train_config = TrainConfig(**_json_arg(args.train))
+
+def _train(args) -> int:
+    try:
+        model_config = _model_arg(args.model)
+        diffusion_config = DiffusionConfig(**_json_arg(args.diffusion))
+        train_config = TrainConfig(**_json_arg(args.train))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"--model, --diffusion and --train take a JSON object or file: {error}") from None
+    check_device(train_config.device)
     if launched_by_torchrun() and (set_signal := parent_death_signal()):
         set_signal()   # a killed torchrun takes its workers with it
     ctx = DistributedContext()

@@ -18,7 +18,7 @@ from pydantic import Field
 from ddpm.data import load_prepared, validate_for_model
 from ddpm.metrics.scoring import ExtractorKind, check_evaluation, extractor_names
 from ddpm.torchrun import check_num_processes
-from ddpm.training import check_compiler, resolve_device
+from ddpm.training import check_compiler, check_device, resolve_device
 from tasks import contract, settings, tracking
 from tasks.config import (
     DEFAULTS, DataParam, DiffusionParam, ModelParam, PipelineConfig, SamplingParam, TrainParam,
@@ -46,7 +46,7 @@ def check_config(config: PipelineConfig) -> None:
     """The checks that need no data, for callers to run before anything starts (the CLI runs them
     before Prefect): the model's input matches the images, the FID extractor asked for is here,
     classes and guidance are asked only of a class-conditional model, within its classes,
-    this machine has a device for each training process asked for, and a C++ compiler when
+    this machine has the device asked for, one for each training process, and a C++ compiler when
     compiling on the CPU."""
     data, model, train = config.data, config.model, config.train
     if (data.image_size, data.channels) != (model.image_size, model.in_channels):
@@ -57,6 +57,7 @@ def check_config(config: PipelineConfig) -> None:
     if config.fid_extractor != "auto":
         extractor_names(config.fid_extractor, has_labels=True)   # the extra missing: said now, not after training
     config.sampling.class_labels(model.num_classes)
+    check_device(train.device)
     if train.world_size > 1:
         check_num_processes(train.num_processes, train.device)
     if train.compile:
@@ -87,6 +88,7 @@ def run_pipeline(
     parent_run_id: str | None = None,
     tags: dict[str, str] | None = None,
     resume_run_id: str | None = None,
+    force_resume: bool = False,
 ) -> dict:
     """The body of train_pipeline, callable from any flow or task (compare_schedules, retrain).
 
@@ -105,7 +107,7 @@ def run_pipeline(
     check_evaluation(fid_extractor, dataset, sampling.num_images)
     validate_for_model(dataset, model.image_size, model.in_channels, model.num_classes)
     if resume_run_id:
-        run = tracking.reopen_run(resume_run_id)
+        run = tracking.reopen_run(resume_run_id, force=force_resume)
         run_id = run.info.run_id
         print(f"resuming MLflow run {run_id} from its newest valid checkpoint")
     else:
@@ -140,9 +142,8 @@ def run_pipeline(
     summary = {"run_id": run_id, "dataset": dataset_path, "fingerprint": dataset.fingerprint,
                "conditional": model.num_classes is not None, **trained,
                "samples": samples, "evaluation": evaluation}
-    metric = evaluation["metric"]
-    print(json.dumps({k: summary[k] for k in ("run_id", "final_loss", "images_per_second", "steps")}
-                     | {metric: evaluation[metric], f"{metric}_floor": evaluation[f"{metric}_floor"]}, indent=1))
+    fids = {key: evaluation[key] for name in evaluation["metrics"] for key in (name, f"{name}_floor")}
+    print(json.dumps({k: summary[k] for k in ("run_id", "final_loss", "images_per_second", "steps")} | fids, indent=1))
     print(f"sample grid: {samples['grid']}")
     return {**summary, "model_id": model_id}
 
@@ -158,6 +159,7 @@ def train_pipeline(
     experiment: ExperimentName = contract.DEFAULT_EXPERIMENT,
     run_name: str | None = None,
     resume: str | None = None,
+    force_resume: bool = False,
 ) -> dict:
     """Prepare the data (cached), train a UNet, sample, measure FID; track it all in one MLflow run.
 
@@ -166,7 +168,10 @@ def train_pipeline(
 
     `resume`: the MLflow run id of an unfinished (crashed, killed) run to continue in that same
     run, from its newest valid checkpoint, with the configuration it was started with; the
-    other arguments may be left out (or must equal that configuration).
+    other arguments may be left out (or must equal that configuration). A run still RUNNING
+    (its process alive on this host, or on another host that cannot be asked) is refused unless
+    `force_resume` declares it dead (a preempted node, a PID reused after a reboot): recorded on
+    the run as the tag `resume.forced`.
 
     The samples (`sampling.num_images` of them, from the EMA weights of the last checkpoint) give
     both the grid picture and the FID against the holdout split. The run's full configuration is
@@ -177,7 +182,10 @@ def train_pipeline(
                             fid_extractor=fid_extractor)
     if resume:
         config = resumed_config(resume, config)
-    return run_pipeline(config, experiment=experiment, run_name=run_name, resume_run_id=resume)
+    elif force_resume:
+        raise ValueError("force_resume declares a run dead to resume it: give the run (resume=RUN_ID)")
+    return run_pipeline(config, experiment=experiment, run_name=run_name, resume_run_id=resume,
+                        force_resume=force_resume)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextvars
 import errno
 import json
-import socket
 import sys
 import threading
 import time
@@ -48,7 +47,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from tasks import contract
-from tasks.settings import tracking_uri
+from tasks.config import one_line
+from tasks.settings import ServerUnreachable, check_reachable, tracking_uri
 
 CHAMPION = contract.CHAMPION_ALIAS
 HOST = "127.0.0.1"
@@ -69,12 +69,6 @@ class ServeError(Exception):
 
 class CheckFailed(Exception):
     """A version that must not be served; the message is the reason."""
-
-
-def one_line(error: BaseException | str) -> str:
-    text = error if isinstance(error, str) else (getattr(error, "message", None) or str(error)
-                                                 or type(error).__name__)
-    return " ".join(str(text).split())
 
 
 def utc(timestamp: float) -> str:
@@ -188,12 +182,10 @@ def store_client(uri: str | None = None) -> MlflowClient:
     if path and path != ":memory:" and not Path(path).exists():
         raise ServeError(f"no MLflow store at {Path(path).resolve()} (MLFLOW_TRACKING_URI={uri}): point "
                          "MLFLOW_TRACKING_URI at the store your models are registered in")
-    if parsed.scheme in ("http", "https"):
-        port = parsed.port or (443 if parsed.scheme == "https" else 80)
-        try:
-            socket.create_connection((parsed.hostname, port), timeout=5).close()
-        except OSError as error:
-            raise ServeError(f"the MLflow tracking server {uri} is unreachable: {one_line(error)}") from None
+    try:
+        check_reachable(uri, "the MLflow tracking server (MLFLOW_TRACKING_URI)")
+    except ServerUnreachable as error:
+        raise ServeError(str(error)) from None
     try:
         client = MlflowClient(uri)
     except Exception as error:  # noqa: BLE001 (a store MLflow refuses: an old file store, an unknown scheme)

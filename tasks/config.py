@@ -29,6 +29,7 @@ from typing import Annotated, Any, TypeVar
 from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
 
 from ddpm.data import DataConfig
+from ddpm.errors import one_line  # noqa: F401 (the tasks' import of it)
 from ddpm.data.prepare import default_split
 from ddpm.diffusion import DiffusionConfig
 from ddpm.metrics.scoring import ExtractorKind   # "auto": every FID the data allows
@@ -197,13 +198,6 @@ def flat(values: dict, prefix: str = "") -> dict[str, Any]:
         else:
             out[prefix + key] = value
     return out
-
-
-def one_line(error: BaseException, prefix: str = "") -> str:
-    """A pydantic ValidationError as 'section.field: message; ...', anything else as its message."""
-    if isinstance(error, ValidationError):
-        return "; ".join(f"{prefix}{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']}" for e in error.errors())
-    return " ".join(str(error).split())
 
 
 # Named recipes: what differs from the defaults for one kind of run (`ddpm train --recipe NAME`;

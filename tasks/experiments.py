@@ -44,7 +44,7 @@ def sample_images(source: str, sampling: SamplerConfig) -> np.ndarray:
             "guidance": -1.0 if sampling.guidance_scale is None else sampling.guidance_scale}))
     if not Path(source).is_file():
         raise FileNotFoundError(f"checkpoint not found: {source}")
-    return checkpoint_images(source, sampling)[0].numpy()
+    return checkpoint_images(source, sampling, progress=True)[0].numpy()   # 1000 DDPM steps take minutes
 
 
 def real_images(dataset: str, indices: list[int], split: str = "holdout") -> torch.Tensor:

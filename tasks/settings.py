@@ -57,3 +57,25 @@ def run_dir(run_id: str) -> Path:
     path = ddpm_home() / "runs" / run_id
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+class ServerUnreachable(ConnectionError):
+    """Nothing answers at a server's address (a stack not started, a wrong URL, a closed port)."""
+
+
+def check_reachable(url: str, what: str, timeout: float = 5.0) -> None:
+    """ServerUnreachable, one line naming `what` and the address, when an http(s) `url`'s host and
+    port take no connection within `timeout` seconds; other URLs (sqlite, files) pass."""
+    import socket
+    from urllib.parse import urlparse
+
+    parsed = urlparse(url)
+    if parsed.scheme not in ("http", "https"):
+        return
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        socket.create_connection((parsed.hostname, port), timeout=timeout).close()
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise ServerUnreachable(f"{what} at {url} is unreachable ({reason}): start it (scripts/stack.sh start) or "
+                                "point the variable at one that runs") from None

@@ -285,22 +285,33 @@ def create_run(experiment: str, run_name: str | None, params: dict, tags: dict |
     return run.info.run_id
 
 
-def reopen_run(run_id: str) -> mlflow.entities.Run:
+def reopen_run(run_id: str, force: bool = False) -> mlflow.entities.Run:
     """Set an unfinished run RUNNING again, owned by this process (to resume it); the run as it was.
 
-    Refused for a run that FINISHED, and for one whose process is still alive.
+    Refused for a run that FINISHED, and for one still RUNNING in a live process (on this host),
+    or on another host (which cannot be asked), unless `force` declares it dead: recorded as the
+    tag `resume.forced`. The check and the taking over are one step under a lock, so of two
+    resumes of one run at the same instant on this machine only one proceeds.
     """
     mlflow_client = client()
-    run = find_run(run_id)
-    if run.info.status == "FINISHED":
-        raise ValueError(f"MLflow run {run_id} is FINISHED: nothing to resume")
-    tags = run.data.tags
-    if run.info.status == "RUNNING" and not vanished(run) and tags.get(contract.PID_TAG) != str(os.getpid()):
-        raise ValueError(f"MLflow run {run_id} is still RUNNING in process {tags.get(contract.PID_TAG)} on "
-                         f"{tags.get(contract.HOST_TAG)}; stop it first")
-    mlflow_client.update_run(run_id, status="RUNNING")
-    for key, value in _process_tags().items():
-        mlflow_client.set_tag(run_id, key, value)
+    with store_lock(f"resume-{run_id}"):
+        run = find_run(run_id)
+        if run.info.status == "FINISHED":
+            raise ValueError(f"MLflow run {run_id} is FINISHED: nothing to resume")
+        tags = run.data.tags
+        owner = f"process {tags.get(contract.PID_TAG)} on {tags.get(contract.HOST_TAG)}"
+        alive = run.info.status == "RUNNING" and not vanished(run) and tags.get(contract.PID_TAG) != str(os.getpid())
+        if alive and not force:
+            raise ValueError(f"MLflow run {run_id} is still RUNNING in {owner}; stop it first, or, if that process "
+                             "is gone (a preempted node, a reboot), declare it dead: `ddpm train --resume "
+                             f"{run_id} --force`")
+        mlflow_client.update_run(run_id, status="RUNNING")
+        for key, value in _process_tags().items():
+            mlflow_client.set_tag(run_id, key, value)
+        if alive:
+            mlflow_client.set_tag(run_id, contract.RESUME_FORCED_TAG,
+                                  f"declared dead at {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}: was "
+                                  f"RUNNING in {owner}")
     mlflow_client.set_tag(run_id, contract.RESUMED_TAG, str(int(tags.get(contract.RESUMED_TAG, "0")) + 1))
     return run
 

@@ -94,7 +94,22 @@ def train_model(
         metrics.flush()  # what was measured before a failure stays visible in MLflow
     train_seconds = time.perf_counter() - start
 
-    plots.log_figure(run_id, lambda: plots.loss_curve(result.loss_history,
+    checkpoints = [str(p) for p in list_checkpoints(Path(checkpoint_dir))]
+    if not result.loss_history and result.resumed_from is not None:
+        # resumed at its last step (a failure after training): nothing trained now, so the loss
+        # curve and the training summary the run logged stay as they are
+        logged = mlflow_client.get_run(run_id).data.metrics
+        summary = {key.removeprefix(contract.TRAIN_METRIC_PREFIX): value for key, value in logged.items()
+                   if key.startswith(contract.TRAIN_METRIC_PREFIX)}
+        summary["steps"] = result.step
+        summary.setdefault("final_loss", float("nan"))
+        summary.setdefault("images_per_second", 0.0)
+        return {**summary, "resumed_from": result.resumed_from, "checkpoints": checkpoints,
+                "checkpoint": checkpoints[-1] if checkpoints else None, "log_batches": metrics.batches,
+                "log_calls": metrics.calls}
+    # the whole run's curve: the steps logged before a crash and those trained since
+    history = sorted((m.step, m.value) for m in mlflow_client.get_metric_history(run_id, contract.LOSS_METRIC))
+    plots.log_figure(run_id, lambda: plots.loss_curve(history or result.loss_history,
                                                       f"loss, {diffusion_config.schedule} schedule"),
                      contract.LOSS_CURVE_ARTIFACT)
     plots.log_figure(run_id, lambda: plots.schedule_plot({diffusion_config.schedule: diffusion_config.make_schedule()}),
@@ -114,7 +129,6 @@ def train_model(
         tracking.Metric(contract.TRAIN_METRIC_PREFIX + key, float(value), int(time.time() * 1000), result.step)
         for key, value in summary.items()
     ])
-    checkpoints = [str(p) for p in list_checkpoints(Path(checkpoint_dir))]
     return {**summary, "resumed_from": result.resumed_from, "checkpoints": checkpoints,
             "checkpoint": checkpoints[-1] if checkpoints else None, "log_batches": metrics.batches,
             "log_calls": metrics.calls}

@@ -123,6 +123,14 @@ def test_sample_from_the_registered_champion(checkpoint, env, tmp_path, monkeypa
     (["denoise", "--checkpoint", "missing.pt"], 1, "checkpoint not found"),
     (["evaluate"], 2, "one of the arguments --run-id --flow-run-id is required"),
     (["fly"], 2, "invalid choice: 'fly'"),
+    (["train", "--force"], 1, "--force declares a run dead to resume it: give the run with --resume RUN_ID"),
+    (["train", "--resume", ""], 2, "--resume: expected an MLflow run id, got an empty string"),
+    (["train", "--set", "train.device=cuda"], 1, "train.device='cuda' but this machine has no CUDA device"),
+    (["train", "--set", "train.device=tpu"], 1, "train.device='tpu' is not a device name torch knows"),
+    (["train", "--set", "train.device=xla"], 1, "this pipeline trains on cpu, cuda or mps"),
+    (["train", "--set", "train.posthoc_ema=true", "--set", "train.posthoc_ema_sigma_rels=[0.05,0.5]"], 1,
+     "sigma_rel 0.5 is outside (0, 0.2887)"),
+    (["evaluate", "--run-id", "x", "--posthoc-ema", "--sigma-rels", "a,b"], 2, "expected numbers separated by commas"),
 ])
 def test_bad_arguments_exit_nonzero_with_one_clear_line(args, code, message, env, tmp_path, monkeypatch, capsys):
     """`main(argv)` in this process (the console script's own entry point): a subprocess per case
@@ -198,6 +206,13 @@ def test_denoise_and_interpolate_write_grids(checkpoint, env, tmp_path):
                   env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert Image.open(tmp_path / "i.png").size == ((6 * 18 + 2) * 8, (18 + 2) * 8)  # a, 4 mixtures, b
+
+    # the default is under $DDPM_HOME, not the current folder; a path under a file is refused first
+    result = ddpm("interpolate", *common, "--a", 0, "--b", 1, "--t", 50, "--num", 2, env=env, cwd=tmp_path)
+    assert result.returncode == 0 and (tmp_path / "home" / "outputs" / "interpolation.png").is_file(), result.stderr
+    assert not (tmp_path / "interpolation.png").exists()
+    under_a_file = ddpm("sample", "--checkpoint", checkpoint, "--out", "d.png/samples", env=env, cwd=tmp_path)
+    assert under_a_file.returncode == 1 and "--out d.png/samples: d.png is a file, not a folder" in under_a_file.stderr
 
     out_of_range = ddpm("denoise", *common, "--indices", 100000, env=env, cwd=tmp_path)
     assert out_of_range.returncode == 1 and "image index 100000 is out of range" in out_of_range.stderr
@@ -306,3 +321,30 @@ def test_show_config_prints_the_settings_and_runs_nothing(tmp_path, monkeypatch,
     assert diffusion == {name: DEFAULTS.diffusion.model_copy(update={"schedule": name, "num_timesteps": 500})
                          .model_dump(mode="json") for name in ("linear", "cosine")}
     assert [p.name for p in (tmp_path / "home").iterdir()] == ["logs"]
+
+
+def test_deploy_passes_everything_after_it_to_the_script_as_typed():
+    """`ddpm deploy --pool docker` was refused by argparse (a remainder may not start with an option)."""
+    from flows.cli.parser import build_parser, split_passthrough
+
+    parsed, rest = split_passthrough(["deploy", "--pool", "docker", "--name", "train-docker"])
+    assert rest == ["--pool", "docker", "--name", "train-docker"]
+    assert build_parser(["deploy"]).parse_args(parsed).command == "deploy"
+    assert split_passthrough(["deploy", "--help"]) == (["deploy", "--help"], [])
+    assert split_passthrough(["train", "--steps", "5"]) == (["train", "--steps", "5"], [])
+
+
+def test_a_server_that_is_down_is_one_line_naming_it_before_anything_starts(env, tmp_path, monkeypatch, capsys):
+    """Was a 70-line HTTP client traceback (MLflow) or a hang then a traceback (Prefect)."""
+    import socket
+
+    with socket.socket() as probe:   # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    down = {**env, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"}
+    assert_one_error_line(["train", "--steps", "1"], 1, f"the MLflow tracking server (MLFLOW_TRACKING_URI) at "
+                          f"http://127.0.0.1:{port} is unreachable", down, tmp_path, monkeypatch, capsys)
+    monkeypatch.setenv("PREFECT_API_URL", f"http://127.0.0.1:{port}/api")
+    assert_one_error_line(["promote"], 1, f"the Prefect API (PREFECT_API_URL) at http://127.0.0.1:{port}/api is "
+                          "unreachable", env, tmp_path, monkeypatch, capsys)
+    assert not (tmp_path / "home" / "data").exists()   # nothing prepared

@@ -811,3 +811,20 @@ def test_log_dataset_input_records_the_fingerprint_and_leaves_the_run_running(tm
         contract.DATASET_ADDED_TAG: "5", contract.DATASET_REMOVED_TAG: "0", contract.DATASET_MOVED_TO_HOLDOUT_TAG: "0"}
     (inp,) = logged.inputs.dataset_inputs
     assert {t.key: t.value for t in inp.tags}["version"] == "2"
+
+
+def test_cifar10_fetches_from_its_mirror_when_the_folder_is_empty(tmp_path, monkeypatch):
+    """The mirror list was lost in a refactor (a NameError instead of a download); the network is
+    what cannot exist here, so the download itself is replaced."""
+    from ddpm.data.sources import cifar10
+
+    asked = {}
+
+    def no_network(name, folder, mirrors, md5):
+        asked.update(name=name, mirrors=mirrors)
+        raise cifar10.DataError("offline")
+
+    monkeypatch.setattr(cifar10, "download", no_network)
+    with pytest.raises(cifar10.DataError, match="offline"):
+        cifar10._cifar_location(tmp_path, None, None)
+    assert asked == {"name": "cifar-10-python.tar.gz", "mirrors": ("https://www.cs.toronto.edu/~kriz/",)}

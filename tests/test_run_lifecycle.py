@@ -5,6 +5,7 @@ to open from two processes at once."""
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -82,6 +83,40 @@ def test_reopen_refuses_a_finished_run_and_one_still_running_elsewhere(store):
     run = store.get_run(failed)
     assert run.info.status == "RUNNING" and run.data.tags["resumed"] == "1"
     assert run.data.tags[contract.PID_TAG] == str(os.getpid())
+
+
+def test_force_declares_a_running_owner_dead_and_says_so_on_the_run(store):
+    """A run RUNNING on another machine (or under a PID a reboot reused) is resumable only by force."""
+    elsewhere = tracking.create_run("lifecycle", None, {})
+    store.set_tag(elsewhere, contract.HOST_TAG, "preempted-node")
+    store.set_tag(elsewhere, contract.PID_TAG, "4242")
+    with pytest.raises(ValueError, match=f"declare it dead: `ddpm train --resume {elsewhere} --force`"):
+        tracking.reopen_run(elsewhere)
+    tracking.reopen_run(elsewhere, force=True)
+    run = store.get_run(elsewhere)
+    assert run.info.status == "RUNNING" and run.data.tags[contract.PID_TAG] == str(os.getpid())
+    assert "was RUNNING in process 4242 on preempted-node" in run.data.tags[contract.RESUME_FORCED_TAG]
+
+
+@pytest.mark.slow
+def test_of_two_resumes_of_one_run_at_the_same_instant_only_one_proceeds(store, tmp_path):
+    run_id = tracking.create_run("lifecycle", None, {})
+    store.set_terminated(run_id, "FAILED")
+    go = tmp_path / "go"
+    code = ("import os, sys, time\n"
+            "from tasks import tracking\n"
+            f"while not os.path.exists({str(go)!r}): time.sleep(0.01)\n"
+            "try:\n"
+            f"    tracking.reopen_run({run_id!r}); print('resumed', flush=True); time.sleep(5)\n"
+            "except ValueError as error:\n"
+            "    print('refused', error)\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    processes = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
+                 for _ in range(2)]
+    time.sleep(8)   # both imported and waiting
+    go.touch()
+    outputs = sorted(p.communicate(timeout=120)[0].split()[0] for p in processes)
+    assert outputs == ["refused", "resumed"], outputs
 
 
 def test_two_processes_opening_a_new_store_at_once_both_succeed(tmp_path):

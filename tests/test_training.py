@@ -125,6 +125,25 @@ def test_resume_with_a_changed_learning_rate_is_refused_and_more_steps_are_allow
     assert resumed.resumed_from == 3 and resumed.step == 6
 
 
+def test_the_engines_own_command_line_says_a_fixable_mistake_in_one_line(tmp_path, prepared_data, capsys):
+    """`python -m ddpm.train_ddp` printed 17-line tracebacks whose last line was the message."""
+    from ddpm.train_ddp import main
+
+    base = ["--data", str(prepared_data), "--checkpoint-dir", str(tmp_path), "--model", "tiny-16", "--no-progress"]
+    assert main([*base, "--train", config(steps=2).model_dump_json()]) == 0
+    capsys.readouterr()
+    cases = [(config(steps=4, learning_rate=2e-3).model_dump_json(), r"learning_rate 0.001 -> 0.002"),
+             ('{"device": "cuda"}', "train.device='cuda' but this machine has no CUDA device"),
+             ('{"steps": 0}', "steps: Input should be greater than or equal to 1"),
+             ("{bad json", "take a JSON object or file")]
+    for train, message in cases:
+        assert main([*base, "--train", train]) == 1, train
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    with pytest.raises(CheckpointError):   # --verbose: the traceback
+        main([*base, "--train", cases[0][0], "--verbose"])
+
+
 def test_checkpoint_holds_everything_and_loads_weights_only(tmp_path):
     cfg = config(steps=2, checkpoint_every=2)
     make_trainer(cfg, tmp_path).train(progress=False)

@@ -32,13 +32,16 @@ import importlib
 import sys
 
 from flows.cli.errors import expected_errors, one_line, stop_on_sigterm
-from flows.cli.parser import build_parser, command_of
+from flows.cli.parser import build_parser, command_of, split_passthrough
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = command_of(argv)   # only its options are built: `ddpm --help` imports no torch
-    args = build_parser([command] if command else [], epilog=__doc__.split("\n\n")[1]).parse_args(argv)
+    parsed, passthrough = split_passthrough(argv)
+    args = build_parser([command] if command else [], epilog=__doc__.split("\n\n")[1]).parse_args(parsed)
+    if passthrough:
+        args.script_args = passthrough
     stop_on_sigterm()
     from tasks.settings import ddpm_home
 

@@ -11,6 +11,7 @@ import importlib
 import inspect
 import json
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -46,7 +47,12 @@ def run_flow(flow, *args, **kwargs):
     """Run `flow` in this process against $PREFECT_API_URL, else a temporary server that dies with
     this process (`flows.prefect_server`)."""
     from flows.prefect_server import prefect_api
+    from tasks.settings import check_reachable, tracking_uri
 
+    # a server that is down is one line naming it, not an HTTP client's traceback minutes later
+    check_reachable(tracking_uri(), "the MLflow tracking server (MLFLOW_TRACKING_URI)")
+    if os.environ.get("PREFECT_API_URL"):
+        check_reachable(os.environ["PREFECT_API_URL"], "the Prefect API (PREFECT_API_URL)")
     with prefect_api():
         return flow(*args, **kwargs)
 
@@ -123,11 +129,13 @@ def resume_arguments(args) -> dict:
     if changed:
         raise CLIError(f"--resume continues run {args.resume} with the configuration it was started with; "
                        f"drop the options that set {', '.join(changed)}")
-    return {"resume": args.resume}
+    return {"resume": args.resume, **({"force_resume": True} if args.force else {})}
 
 
 def train(args) -> None:
     flow = lazy_flow("flows.train_pipeline", "train_pipeline", args)
+    if args.force and not args.resume:
+        raise CLIError("--force declares a run dead to resume it: give the run with --resume RUN_ID")
     if args.resume:
         if args.show_config:   # the settings it resumes with: the run's own
             from tasks import tracking
@@ -162,7 +170,9 @@ def compare(args) -> None:
         configs = schedule_configs(given["schedules"], given["num_timesteps"], config_of(given))
         return show_config({**kwargs, "diffusion": {name: c.diffusion for name, c in configs.items()}})
     preflight(flow, kwargs)
-    print_json(run_flow(flow, **kwargs))
+    table = run_flow(flow, **kwargs)
+    # every row and column as JSON, like the other commands (str() of a DataFrame cuts it to the terminal)
+    print_json(table.to_dict(orient="records"))
 
 
 def evaluate(args) -> None:
@@ -171,6 +181,9 @@ def evaluate(args) -> None:
     fid_extractor = vars(args).get(".fid_extractor")
     if fid_extractor:
         kwargs["fid_extractor"] = fid_extractor
+    if args.posthoc_ema:
+        kwargs |= {"posthoc_ema": True, "posthoc_sigma_rels": args.sigma_rels, "posthoc_steps": args.posthoc_steps,
+                   "max_parallel": args.max_parallel, "dask_cluster": args.dask_cluster}
     print_json(run_flow(flow, **kwargs))
 
 

@@ -36,12 +36,10 @@ def expected_errors() -> tuple[type[BaseException], ...]:
 
 
 def one_line(error: BaseException) -> str:
-    """A readable single line for an expected error (pydantic errors listed as field: message)."""
-    errors = getattr(error, "errors", None)
-    if callable(errors) and type(error).__name__ == "ValidationError":
-        return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']}" for e in errors())
-    message = getattr(error, "message", None) or str(error) or type(error).__name__
-    return " ".join(str(message).split())
+    """A readable single line for an expected error (ddpm.errors.one_line, imported only on an error)."""
+    from ddpm.errors import one_line as format_error
+
+    return format_error(error)
 
 
 class WithoutTraceback(logging.Formatter):

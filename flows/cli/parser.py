@@ -190,9 +190,12 @@ def train_options(parser: argparse.ArgumentParser) -> None:
 
     pipeline_options(parser, schedule_option=True)
     parser.add_argument("--run-name", help="MLflow run name")
-    parser.add_argument("--resume", metavar="RUN_ID",
+    parser.add_argument("--resume", metavar="RUN_ID", type=run_id_argument,
                         help="continue an unfinished (crashed or killed) run from its newest valid checkpoint, "
                              "in the same MLflow run, with the configuration it was started with")
+    parser.add_argument("--force", action="store_true",
+                        help="with --resume: the run is RUNNING but its process is gone (a preempted node, a "
+                             "reboot); declare it dead and resume it (recorded on the run)")
     parser.add_argument("--promote", action="store_true", help="promote the best run afterwards")
     parser.add_argument("--model-name", default=contract.DEFAULT_MODEL_NAME, help="registered model for --promote")
 
@@ -216,6 +219,31 @@ def evaluate_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fid-extractor", dest=".fid_extractor", default=None,
                         **_argument_kind(PipelineConfig.model_fields["fid_extractor"]),
                         help="FID features (default: the run's own)")
+    parser.add_argument("--posthoc-ema", action="store_true",
+                        help="also reconstruct a sweep of EMA widths from the run's post-hoc EMA snapshots "
+                             "(trained with --set train.posthoc_ema=true), score each, keep the best")
+    parser.add_argument("--sigma-rels", type=_float_list, metavar="S,S,...",
+                        help="the widths to sweep (default 0.03,0.05,0.07,0.1,0.15,0.22)")
+    parser.add_argument("--posthoc-steps", type=_int_list, metavar="STEP,...",
+                        help="snapshot steps to reconstruct at (default: the last)")
+    parser.add_argument("--max-parallel", type=int, default=1, help="widths scored at once")
+    parser.add_argument("--dask-cluster", metavar="local|tcp://HOST:PORT",
+                        help="score the widths on Dask: a temporary local cluster of --max-parallel processes, or "
+                             "that scheduler (needs the dask extra)")
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {text!r}") from None
 
 
 def promote_options(parser: argparse.ArgumentParser) -> None:
@@ -238,7 +266,7 @@ def sample_options(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--checkpoint", help="checkpoint file (step-XXXXXXX.pt)")
     source.add_argument("--model", help="registered model URI, e.g. models:/ddpm@champion")
     parser.add_argument("--num-images", type=positive_int, default=16)
-    parser.add_argument("--out", default="samples", help="output folder (default ./samples)")
+    parser.add_argument("--out", help="output folder (default $DDPM_HOME/outputs/samples)")
     sampler_options(parser, conditional=True)
 
 
@@ -257,7 +285,7 @@ def interpolate_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--b", type=int, default=1, help="index of the second image")
     parser.add_argument("--t", type=int, default=500, help="diffusion step of the latent")
     parser.add_argument("--num", type=positive_int, default=8, help="number of lambdas from 0 to 1")
-    parser.add_argument("--out", default="interpolation.png")
+    parser.add_argument("--out", help="the grid's file (default $DDPM_HOME/outputs/interpolation.png)")
     sampler_options(parser)
 
 
@@ -265,7 +293,7 @@ def denoise_options(parser: argparse.ArgumentParser) -> None:
     dataset_options(parser)
     parser.add_argument("--indices", type=int, nargs="+", default=[0, 1, 2, 3, 4, 5, 6, 7])
     parser.add_argument("--t", type=int, nargs="+", default=[100, 250, 500, 750], help="diffusion steps")
-    parser.add_argument("--out", default="denoising.png")
+    parser.add_argument("--out", help="the grid's file (default $DDPM_HOME/outputs/denoising.png)")
     sampler_options(parser)
 
 
@@ -274,7 +302,18 @@ def stack_options(parser: argparse.ArgumentParser) -> None:
 
 
 def deploy_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("script_args", nargs=argparse.REMAINDER, help="passed on to scripts/deploy.sh")
+    # shown in --help only: everything after `deploy` reaches the script as typed (main() does not
+    # parse it; argparse refused a remainder that starts with an option, `--pool docker`)
+    parser.add_argument("script_args", nargs="*", metavar="ARG",
+                        help="passed on to scripts/deploy.sh as typed: --pool local|docker|kubernetes, and "
+                             "`prefect deploy` options such as --name NAME")
+
+
+def run_id_argument(text: str) -> str:
+    """An MLflow run id: not empty (an unset shell variable must not start a fresh run instead)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected an MLflow run id, got an empty string (an unset variable?)")
+    return text.strip()
 
 
 def positive_seconds(text: str) -> float:
@@ -352,6 +391,18 @@ def build_parser(commands: Iterable[str] | None = None, epilog: str = "") -> arg
             add_verbose(sub)
         sub.set_defaults(handler=command.handler)
     return parser
+
+
+def split_passthrough(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(what argparse parses, what a pass-through command gets as typed): `ddpm deploy --pool docker`
+    gives (["deploy"], ["--pool", "docker"]); --help stays argparse's."""
+    if command_of(argv) != "deploy":
+        return argv, []
+    at = argv.index("deploy") + 1
+    rest = argv[at:]
+    if "-h" in rest or "--help" in rest:
+        return argv, []
+    return argv[:at], rest
 
 
 def command_of(argv: list[str]) -> str | None:

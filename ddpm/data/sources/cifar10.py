@@ -13,6 +13,7 @@ from ..errors import DataError
 from .base import Source, SourceData, download, expected_md5, select_and_fit, stat_entry, verify_md5
 
 CIFAR10_ARCHIVE = "cifar-10-python.tar.gz"
+CIFAR10_MIRRORS = ("https://www.cs.toronto.edu/~kriz/",)
 # The archive's published md5 (cs.toronto.edu), and the extracted files' (the sums torchvision checks).
 CIFAR10_MD5 = {CIFAR10_ARCHIVE: "c58f30108f718f92721af3b95e74349a",
                "data_batch_1": "c99cafc152244af753f735de768cd75f", "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
