@@ -132,7 +132,7 @@ def main() -> None:
     rows = []
     for seed, run in runs.items():
         fixed = cached_json(args.out / f"fixed-{seed}-s0.json", lambda: score(run["checkpoint"], 0), announce=True)
-        fixed_name = f"fixed EMA 0.999 (~{run['fixed_sigma_rel']:.2f})"
+        fixed_name = f"fixed EMA 0.999 (~{fixed_ema_sigma_rel(0.999, run['steps']):.2f})"
         rows.append({"seed": seed, "model": fixed_name, "sigma_rel": None, "sampling_seed": 0, **fixed})
         for sigma_rel in args.sigma_rels:
             def reconstruct_and_score(sigma_rel=sigma_rel, run=run):

@@ -41,7 +41,8 @@ from ddpm.checkpoint import CheckpointError, ema_weights, latest_valid_checkpoin
 from ddpm.data import BatchLoader, load_prepared, validate_for_model
 from ddpm.diffusion import DiffusionConfig, training_loss
 from ddpm.posthoc_ema import PowerEMA, drop_snapshots_after, sigma_rel_to_gamma, snapshot_dir
-from ddpm.progress import progress_bar
+from ddpm.progress import duration, progress_bar
+from ddpm.stop import STOP_REQUESTED, StopRequested
 from ddpm.distributed import DistributedContext, all_reduce_mean, barrier, broadcast_object, current_context
 from ddpm.unet import UNet, UNetConfig
 
@@ -49,6 +50,7 @@ Tensor = torch.Tensor
 
 
 WARM_START_WARMUP_STEPS = 50
+ESTIMATE_AFTER_STEPS = 5   # the run's duration is printed once this many steps are timed
 
 
 class TrainConfig(BaseModel):
@@ -577,7 +579,10 @@ class Trainer:
         window_start = time.perf_counter()
         total_time, total_images = 0.0, 0
         bar = progress_bar(total=end, initial=self.step, desc="train", unit="step", disable=not (progress and main))
+        timed_from: tuple[float, int] | None = None   # (time, step) after the first step: compiling excluded
         while self.step < end:
+            if STOP_REQUESTED.is_set():   # a SIGTERM whose KeyboardInterrupt was swallowed (ddpm.stop)
+                raise StopRequested(f"stop requested (SIGTERM) before step {self.step + 1}")
             lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler moves on after it)
             step_start = time.perf_counter()
             loss, grad_norm = self.train_step()
@@ -585,6 +590,13 @@ class Trainer:
                 self.compile_seconds, compiled_in_window = time.perf_counter() - step_start, True
             window_loss, window_norm, window_steps = window_loss + loss, window_norm + grad_norm, window_steps + 1
             bar.update(1)
+            if timed_from is None:
+                timed_from = (time.perf_counter(), self.step)
+            elif main and self.step - timed_from[1] == ESTIMATE_AFTER_STEPS:
+                # how long the whole run takes at this speed, said early (train.steps=1e12 runs for years)
+                per_step = (time.perf_counter() - timed_from[0]) / ESTIMATE_AFTER_STEPS
+                print(f"train: {per_step:.3g} s/step here: the {end - self.step} steps left take about "
+                      f"{duration(per_step * (end - self.step))}", flush=True)
             if self.step % cfg.log_every == 0 or self.step == end:
                 elapsed, timed_steps = time.perf_counter() - window_start, window_steps
                 if compiled_in_window:   # compiling is a one-off cost, not throughput

@@ -75,7 +75,7 @@ def evaluate(
     prefect_flow_run_id: str | None = None,
     sampling: SamplerConfig | None = None,
     fid_extractor: ExtractorKind | None = None,
-    posthoc_ema: bool = False,
+    posthoc_ema: bool | None = None,
     posthoc_sigma_rels: SigmaRels | None = None,
     posthoc_steps: list[int] | None = None,
     dask_cluster: DaskCluster = None,
@@ -93,7 +93,10 @@ def evaluate(
 
     `posthoc_ema` sweeps the EMA widths `posthoc_sigma_rels` (default tasks.posthoc.DEFAULT_SIGMA_RELS)
     at the snapshot steps `posthoc_steps` (default: the last), `max_parallel` at a time on the task
-    runner `dask_cluster` picks (flows.runners); its result is under "posthoc_ema".
+    runner `dask_cluster` picks (flows.runners), with the run's own protocol (its choice decides the
+    model the run ships); its result is under "posthoc_ema". None: when the run kept snapshots and
+    is measured its own way, so the deployment triggered by a training sweeps every run trained
+    with train.posthoc_ema.
     Returns {"run_id", "metric", "fids": {step: fid}, "best_step", "protocol"}.
     """
     if bool(mlflow_run_id) == bool(prefect_flow_run_id):
@@ -107,18 +110,23 @@ def evaluate(
                 "skipped": run.data.tags.get(contract.RETRAIN_REASON_TAG, "skipped")}
     checkpoints = checkpoints_of(run)
     config = PipelineConfig.from_stored(tracking.run_config(run))
+    sampling = overlay(config.sampling, sampling)
+    extractor = fid_extractor or config.fid_extractor
+    own = sampling == config.sampling and extractor == config.fid_extractor
+    if posthoc_ema is None:
+        posthoc_ema = own and bool(list_snapshots(checkpoints[-1].parent))
+    if posthoc_ema and not own:
+        raise ValueError("the post-hoc EMA sweep chooses the model the run ships, so it measures with the run's own "
+                         "sampling and FID extractor: drop `sampling` / `fid_extractor` (or sweep in another call)")
     if posthoc_ema:
         posthoc_steps = check_posthoc(checkpoints[-1].parent, posthoc_sigma_rels, posthoc_steps, run_id)
         runner = fan_out_runner(dask_cluster, max_parallel)
-    sampling = overlay(config.sampling, sampling)
-    extractor = fid_extractor or config.fid_extractor
     print(f"evaluating {len(checkpoints)} checkpoints of MLflow run {run_id} with {sampling.describe()}")
 
     home = settings.ddpm_home()
     dataset_path = prepare_data.with_options(result_storage=home / "task-results")(config.data,
                                                                                  out_dir=str(home / "data"))
     check_evaluation(extractor, read_manifest(dataset_path), sampling.num_images)
-    own = sampling == config.sampling and extractor == config.fid_extractor
     prefix = "" if own else protocol_prefix(sampling, extractor)
     if not own:
         print(f"not the run's own protocol: FIDs logged as {prefix}fid_..., the run's comparability tags kept")
@@ -149,7 +157,8 @@ def evaluate(
             str(checkpoints[-1].parent), sigma_rels, posthoc_steps, sampling, dataset_path, extractor,
             str(settings.run_dir(run_id)))
         last = max(fids)
-        choice = log_posthoc_sweep(run_id, rows, {"step": last, metric: fids[last]}, config.train.ema_decay)
+        choice = log_posthoc_sweep(run_id, rows, {"step": last, metric: fids[last]}, config.train.ema_decay,
+                                   config.train.ema_warmup)
         best = choice["best"]
         print(f"post-hoc EMA: best sigma_rel {best['sigma_rel']:g} at step {best['step']}: {metric} "
               f"{best[metric]:.3f} against the run's own EMA's {fids[last]:.3f} at step {last}: "

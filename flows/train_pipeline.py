@@ -64,6 +64,14 @@ def check_config(config: PipelineConfig) -> None:
         check_compiler(resolve_device(train.device))
 
 
+def check_batch_fits(train, manifest: dict) -> None:
+    """A ValueError, before any run exists, when one batch needs more images than the train split has."""
+    count = manifest["splits"]["train"]
+    if train.batch_size > count:
+        raise ValueError(f"train.batch_size {train.batch_size} is larger than the {count} training images of "
+                         f"{manifest['source']}: lower it (--batch-size) or use more data")
+
+
 def resumed_config(run_id: str, given: PipelineConfig) -> PipelineConfig:
     """The configuration run `run_id` was started with, for resuming it.
 
@@ -106,6 +114,7 @@ def run_pipeline(
     check_config(config)
     check_evaluation(fid_extractor, dataset, sampling.num_images)
     validate_for_model(dataset, model.image_size, model.in_channels, model.num_classes)
+    check_batch_fits(config.train, dataset.manifest)
     if resume_run_id:
         run = tracking.reopen_run(resume_run_id, force=force_resume)
         run_id = run.info.run_id

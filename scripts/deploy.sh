@@ -43,6 +43,12 @@ case "$KIND" in
     *) echo "deploy.sh: --pool $KIND: use local, docker or kubernetes" >&2; exit 2 ;;
 esac
 
+# no server: one line saying so (prefect's own answer is a 70-line traceback)
+if ! "$PYTHON_BIN" -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1] + "/health", timeout=5)' \
+        "$PREFECT_API_URL" > /dev/null 2>&1; then
+    echo "deploy.sh: error: no Prefect server answers at $PREFECT_API_URL: start the stack (scripts/stack.sh start) or set PREFECT_API_URL" >&2
+    exit 1
+fi
 "$PREFECT" work-pool inspect "$POOL" > /dev/null 2>&1 || "$PREFECT" work-pool create "$POOL" "${CREATE[@]}"
 if [ $# -eq 0 ]; then   # every deployment of prefect.yaml on that pool
     NAMES=$("$PYTHON_BIN" -c 'import sys, yaml

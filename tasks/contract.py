@@ -78,7 +78,7 @@ TAG_DEFAULTS = {CONDITIONAL_TAG: "false"}
 PARAMETERS_PARAM = "model.parameters"       # besides the flattened configuration (tracking.flatten_params)
 # MLflow logs a logged model's model_config as params too: the served model's request bounds
 # (tasks.served_model reads them from its config; a second model of one run keeps the first values)
-MAX_IMAGES_PARAM, MAX_STEPS_PARAM = "max_images", "max_steps"
+MAX_IMAGES_PARAM, MAX_STEPS_PARAM, MAX_SECONDS_PARAM = "max_images", "max_steps", "max_seconds"
 LOSS_METRIC = "loss"                        # per log window; a resume skips the steps already logged
 TRAIN_METRIC_PREFIX = "train."              # the training summary (images/s, MFU, ...) at the last step
 BEST_SUFFIX = "_best"                       # evaluate: fid_<extractor>_best at the best checkpoint's step

@@ -58,7 +58,7 @@ def score_posthoc_width(checkpoint_dir: str, sigma_rel: float, step: int | None,
 
 
 @task
-def log_posthoc_sweep(run_id: str, rows: list[dict], fixed: dict, ema_decay: float) -> dict:
+def log_posthoc_sweep(run_id: str, rows: list[dict], fixed: dict, ema_decay: float, ema_warmup: bool = True) -> dict:
     """Log the sweep on MLflow run `run_id` and choose: the table evaluation/posthoc_ema.json, the
     plot plots/posthoc_ema.png, `posthoc_ema.<metric>_best`, `posthoc_ema.fixed_<metric>`; when
     the best reconstruction beats the run's own EMA (`fixed`: {"step", <metric>: FID}), it is
@@ -70,7 +70,7 @@ def log_posthoc_sweep(run_id: str, rows: list[dict], fixed: dict, ema_decay: flo
     metric = scored[0]["metric"]
     best = min(scored, key=lambda r: r[metric])
     fixed_fid = fixed.get(metric)
-    fixed_width = fixed_ema_sigma_rel(ema_decay, fixed["step"])
+    fixed_width = fixed_ema_sigma_rel(ema_decay, fixed["step"], ema_warmup)
     mlflow_client = tracking.client()
     columns = ["sigma_rel", "step", metric, "profile_error"]
     mlflow_client.log_table(run_id, data={key: [r[key] for r in scored] for key in columns},

@@ -32,6 +32,7 @@ from __future__ import annotations
 import base64
 import io
 import math
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,9 @@ FORMATS = ("uint8", "png_base64")
 # the request bounds of a model whose model config does not set them
 DEFAULT_MAX_IMAGES = 64
 DEFAULT_MAX_STEPS = 1000
+# A request this model would take longer to draw is refused up front (HTTP 400 with what fits):
+# under the 60 s after which MLflow's scoring server answers 504 while the work goes on unseen.
+DEFAULT_MAX_SECONDS = 50.0
 
 
 def invalid(message: str) -> MlflowException:
@@ -96,11 +100,14 @@ class DDPMImageModel(PythonModel):
 
     max_images: int = DEFAULT_MAX_IMAGES
     max_steps: int = DEFAULT_MAX_STEPS
+    max_seconds: float = DEFAULT_MAX_SECONDS
+    seconds_per_evaluation: float = 0.0   # one network evaluation of one image, timed at load
 
     def load_context(self, context) -> None:
         config = context.model_config or {}
         self.max_images = int(config.get("max_images", self.max_images))
         self.max_steps = int(config.get("max_steps", self.max_steps))
+        self.max_seconds = float(config.get("max_seconds", self.max_seconds))
         # the bundled folder holds exactly one checkpoint (see tasks.serving.write_ema_checkpoint)
         checkpoints = list_checkpoints(Path(context.artifacts["checkpoint"]))
         if len(checkpoints) != 1:
@@ -109,6 +116,36 @@ class DDPMImageModel(PythonModel):
         self.model, self.diffusion_config, state = load_model(checkpoints[0], use_ema=False)
         self.step = int(state["step"])
         self.schedule = self.diffusion_config.make_schedule()
+        self.seconds_per_evaluation = self._time_one_evaluation()
+
+    def _time_one_evaluation(self, batch: int = 8) -> float:
+        """Seconds per image per network evaluation here (a batch of noise, after a warm-up pass)."""
+        import torch
+
+        config = self.model.config
+        x = torch.randn(batch, config.in_channels, config.image_size, config.image_size)
+        t = torch.full((batch,), self.diffusion_config.num_timesteps // 2, dtype=torch.long)
+        with torch.no_grad():
+            self.model(x, t)
+            start = time.perf_counter()
+            self.model(x, t)
+        return (time.perf_counter() - start) / batch
+
+    def _check_duration(self, num_images: int, params: dict) -> None:
+        """HTTP 400, before any work, for a request that would take longer than max_seconds here."""
+        if not self.seconds_per_evaluation or not self.max_seconds:
+            return
+        sampling = SamplerConfig(sampler=params["sampler"], num_steps=int(params["steps"]) or None)
+        steps = sampling.steps(self.diffusion_config.num_timesteps)
+        per_image = steps * (2 if params["sampler"] == "heun" else 1)
+        if self.model.config.num_classes is not None and params["guidance"] != 0:
+            per_image *= 2   # guidance evaluates the conditional and the unconditional branch
+        estimate = num_images * per_image * self.seconds_per_evaluation
+        if estimate > self.max_seconds:
+            fits = max(0, int(self.max_seconds / (per_image * self.seconds_per_evaluation)))
+            raise invalid(f"{num_images} images x {steps} {params['sampler']} steps would take about {estimate:.0f} s "
+                          f"here, over this model's limit of {self.max_seconds:g} s: ask for at most {fits} images "
+                          "at these steps, or fewer steps")
 
     def _request(self, model_input: Any, params: dict | None) -> tuple[int, dict]:
         """Validate the request: the image count and the sampling params, with a clear message."""
@@ -143,6 +180,7 @@ class DDPMImageModel(PythonModel):
         if params["format"] not in FORMATS:
             raise invalid(f"'format' must be one of {list(FORMATS)}, got {params['format']!r}")
         self._check_conditioning(params["class"], params["guidance"])
+        self._check_duration(int(num_images), params)
         return int(num_images), params
 
     def _check_conditioning(self, class_label, guidance) -> None:

@@ -49,7 +49,8 @@ from ddpm.checkpoint import ema_weights, load_checkpoint, save_checkpoint
 from tasks import contract, served_model, tracking
 # Versions logged before models-from-code pickled a reference to tasks.serving.DDPMImageModel.
 from tasks.served_model import (  # noqa: F401
-    DEFAULT_MAX_IMAGES, DEFAULT_MAX_STEPS, DEFAULT_PARAMS, FORMATS, DDPMImageModel, invalid, png_base64,
+    DEFAULT_MAX_IMAGES, DEFAULT_MAX_SECONDS, DEFAULT_MAX_STEPS, DEFAULT_PARAMS, FORMATS, DDPMImageModel, invalid,
+    png_base64,
 )
 
 # the file MLflow logs as the model's code (models-from-code)
@@ -84,11 +85,12 @@ def model_signature(model_config: dict, max_images: int):
 
 
 def log_ddpm_model(run_id: str, checkpoint: Path | str, registered_model_name: str | None = None,
-                   max_images: int = DEFAULT_MAX_IMAGES, max_steps: int = DEFAULT_MAX_STEPS, tags: dict | None = None):
+                   max_images: int = DEFAULT_MAX_IMAGES, max_steps: int = DEFAULT_MAX_STEPS,
+                   max_seconds: float = DEFAULT_MAX_SECONDS, tags: dict | None = None):
     """Log `checkpoint`'s EMA weights into MLflow run `run_id` as pyfunc "model"; register it if named.
     `tags` go on the logged model beside its step and request bound.
 
-    The model is served_model.py logged as code, `max_images`/`max_steps` its model config.
+    The model is served_model.py logged as code, `max_images`/`max_steps`/`max_seconds` its model config.
     Returns MLflow's ModelInfo (`registered_model_version` is set when registered). The run is
     addressed by id, so this works whatever run is active in the calling thread.
     """
@@ -112,7 +114,9 @@ def log_ddpm_model(run_id: str, checkpoint: Path | str, registered_model_name: s
             model_id=logged_model.model_id,
             # models-from-code: the file, copied into the model and run at load time (no pickle)
             python_model=str(MODEL_CODE),
-            model_config={contract.MAX_IMAGES_PARAM: int(max_images), contract.MAX_STEPS_PARAM: int(max_steps)},
+            # every key a loader may override (load_model(uri, model_config=...)) must be here
+            model_config={contract.MAX_IMAGES_PARAM: int(max_images), contract.MAX_STEPS_PARAM: int(max_steps),
+                          contract.MAX_SECONDS_PARAM: float(max_seconds)},
             artifacts={"checkpoint": str(bundle)},
             signature=model_signature(state["model_config"], max_images),
             # shown in the UI with the request it makes; MLflow also checks it by drawing that one

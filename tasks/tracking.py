@@ -13,7 +13,7 @@ import socket
 import tempfile
 import time
 import traceback
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -49,6 +49,20 @@ def store_lock(name: str):
     return file_lock(ddpm_home(create=True) / "locks" / f"{name}.lock")
 
 
+def _has_tables(database: Path) -> bool:
+    """Whether the sqlite file holds MLflow's tables already, read without writing anything."""
+    import sqlite3
+
+    if not database.is_file():
+        return False
+    try:
+        with closing(sqlite3.connect(f"{database.resolve().as_uri()}?mode=ro", uri=True)) as connection:
+            return connection.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='alembic_version'"
+                                      ).fetchone() is not None
+    except sqlite3.Error:
+        return False
+
+
 def client() -> MlflowClient:
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
@@ -57,6 +71,9 @@ def client() -> MlflowClient:
     # MLflow builds a new sqlite store's tables when the first client opens it, without a lock:
     # two processes doing it at once crash one of them ("table ... already exists"). Serialise it.
     database = Path(uri.removeprefix("sqlite:///"))
+    if _has_tables(database):   # an existing store: nothing to create, so no lock file (a read-only store stays readable)
+        _INITIALISED_STORES.add(uri)
+        return MlflowClient(uri)
     # MLflow announces a new store's tables at INFO on stderr, where a command's only line should be its own
     creation_logger = logging.getLogger("mlflow.store.db.utils")
     level = creation_logger.level

@@ -123,6 +123,8 @@ def test_sample_from_the_registered_champion(checkpoint, env, tmp_path, monkeypa
     (["denoise", "--checkpoint", "missing.pt"], 1, "checkpoint not found"),
     (["evaluate"], 2, "one of the arguments --run-id --flow-run-id is required"),
     (["fly"], 2, "invalid choice: 'fly'"),
+    (["train", "--max-images", "40", "--batch-size", "64"], 1, "train.batch_size 64 is larger than the"),
+    (["promote"], 1, "no finished run with an FID in experiment(s) ['ddpm']; train one first"),
     (["train", "--force"], 1, "--force declares a run dead to resume it: give the run with --resume RUN_ID"),
     (["train", "--resume", ""], 2, "--resume: expected an MLflow run id, got an empty string"),
     (["train", "--set", "train.device=cuda"], 1, "train.device='cuda' but this machine has no CUDA device"),

@@ -67,6 +67,7 @@ def test_evaluate_logs_a_fid_curve_into_the_training_run(trained, store):
     result = evaluate(prefect_flow_run_id=f"prefect.flow-run.{flow_run_id}")
     assert result["run_id"] == summary["run_id"] and result["metric"] == metric
     assert sorted(result["fids"]) == [5, 10]
+    assert result["posthoc_ema"]["rows"]   # the run kept post-hoc EMA snapshots: swept without asking
 
     run = client.get_run(summary["run_id"])
     history = client.get_metric_history(summary["run_id"], metric)
@@ -133,6 +134,8 @@ def test_evaluate_refuses_bad_requests_and_writes_nothing(trained, store):
         evaluate(mlflow_run_id=summary["run_id"], posthoc_ema=True, posthoc_steps=[3])
     with pytest.raises(PosthocEMAError, match="sigma_rel 0.5 is outside"):
         evaluate(mlflow_run_id=summary["run_id"], posthoc_ema=True, posthoc_sigma_rels=[0.05, 0.5])
+    with pytest.raises(ValueError, match="measures with the run's own sampling and FID extractor"):
+        evaluate(mlflow_run_id=summary["run_id"], posthoc_ema=True, sampling={"num_steps": 3})
     assert snapshot() == before
 
 

@@ -139,3 +139,13 @@ def test_steps_already_logged_before_a_crash_are_not_logged_again(store):
         buffer.log(step, {"loss": float(step)})
     buffer.flush()
     assert [m.step for m in store.get_metric_history(run_id, "loss")] == [30]
+
+
+def test_an_existing_store_is_opened_without_writing_beside_it(store, tmp_path):
+    """The creation lock is for a new store only: `ddpm sample --model` on a read-only store created
+    a lock file beside it (and failed where that folder is not writable)."""
+    (tmp_path / "mlflow.db.init-lock").unlink(missing_ok=True)
+    tracking._INITIALISED_STORES.clear()   # as a new process opens it
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert tracking.client().get_experiment_by_name("Default") is not None
+    assert sorted(p.name for p in tmp_path.iterdir()) == before

@@ -229,7 +229,7 @@ def test_the_logged_model_is_its_code_file_which_never_imports_tasks(model_logge
                                                      dst_path=str(model_logged_now["tmp"] / "download")))
     flavor = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
     assert flavor["loader_module"] == "mlflow.pyfunc.loaders.code_model"
-    assert flavor["config"] == {"max_images": 3, "max_steps": 20}
+    assert flavor["config"] == {"max_images": 3, "max_steps": 20, "max_seconds": 50.0}
     assert not list(local.glob("*.pkl"))
     code = (local / Path(flavor["model_code_path"]).name).read_text()
     assert "class DDPMImageModel" in code and "mlflow.models.set_model(" in code
@@ -267,3 +267,20 @@ print("ok")
     result = subprocess.run([sys.executable, "-c", script], cwd=elsewhere, env=env, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
+def test_a_request_that_would_outlast_the_time_limit_is_refused_before_any_work(model_logged_now, monkeypatch):
+    """64 images x 1000 DDPM steps was allowed, answered 504 after 60 s by MLflow's server, and kept
+    computing: the model times one network evaluation at load and refuses what would not fit."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", model_logged_now["uri"])
+    mlflow.set_tracking_uri(model_logged_now["uri"])
+    tight = mlflow.pyfunc.load_model("models:/ddpm-now/1", model_config={"max_seconds": 1e-6})
+    assert tight.unwrap_python_model().seconds_per_evaluation > 0
+    with pytest.raises(MlflowException, match=r"2 images x 5 ddim steps would take about \d+ s here, over this "
+                                              r"model's limit of 1e-06 s: ask for at most 0 images"):
+        tight.predict({"num_images": 2}, params={"sampler": "ddim", "steps": 5})
+    default = mlflow.pyfunc.load_model("models:/ddpm-now/1")   # 50 s: a small request is drawn
+    assert default.predict({"num_images": 2}, params={"sampler": "ddim", "steps": 5}).shape == (2, 1, 16, 16)

@@ -38,3 +38,19 @@ def test_ddpm_stack_runs_the_projects_script_not_the_current_folders(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert "IMPOSTOR" not in result.stdout and result.returncode == 0, result.stdout + result.stderr
     assert "prefect-server: stopped" in result.stdout
+
+
+def test_deploy_without_a_server_is_one_line_and_ddpm_deploy_takes_the_pool(tmp_path):
+    """deploy.sh printed prefect's 70-line traceback; `ddpm deploy --pool docker` was refused by argparse."""
+    import socket
+
+    with socket.socket() as probe:   # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "DDPM_HOME": str(tmp_path / "home"),
+           "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}
+    result = subprocess.run([sys.executable, "-m", "flows.cli", "deploy", "--pool", "docker"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stderr.strip() == (f"deploy.sh: error: no Prefect server answers at http://127.0.0.1:{port}/api: "
+                                     "start the stack (scripts/stack.sh start) or set PREFECT_API_URL")

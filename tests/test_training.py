@@ -9,6 +9,7 @@ are shared, and oversubscribed threads make a step ~100x slower here.
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -142,6 +143,42 @@ def test_the_engines_own_command_line_says_a_fixable_mistake_in_one_line(tmp_pat
         assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     with pytest.raises(CheckpointError):   # --verbose: the traceback
         main([*base, "--train", cases[0][0], "--verbose"])
+
+
+def test_the_run_says_early_how_long_it_will_take(capsys):
+    """After 5 timed steps (the first, which may compile, not counted), one line: s/step and the rest's duration."""
+    from ddpm.progress import duration
+
+    make_trainer(config(steps=8, log_every=2)).train(progress=False)
+    (line,) = [x for x in capsys.readouterr().out.splitlines() if x.startswith("train:")]
+    assert re.fullmatch(r"train: [0-9.e+-]+ s/step here: the 2 steps left take about \d+ s", line), line
+    assert (duration(2.5e11), duration(90), duration(7200), duration(45)) == ("7,922 years", "1.5 min", "2 h", "45 s")
+
+
+def test_a_stop_whose_signal_was_swallowed_still_stops_training_at_the_next_step(tmp_path):
+    """SIGTERM's KeyboardInterrupt can land in a callback that swallows it (SQLAlchemy's cleanup):
+    the CLI's handler also sets STOP_REQUESTED, which the loop checks before every step."""
+    import signal as signals
+
+    from ddpm.stop import STOP_REQUESTED, StopRequested
+    from flows.cli.errors import stop_on_sigterm
+
+    previous = signals.getsignal(signals.SIGTERM)
+    stop_on_sigterm()
+    trainer = make_trainer(config(steps=6, checkpoint_every=2), tmp_path)
+    try:
+        def swallowed(step, path):   # the handler's raise lost, as in a weakref callback
+            if step == 2:
+                try:
+                    signals.getsignal(signals.SIGTERM)(signals.SIGTERM, None)
+                except KeyboardInterrupt:
+                    pass
+        with pytest.raises(StopRequested, match="before step 3"):
+            trainer.train(progress=False, on_checkpoint=swallowed)
+    finally:
+        STOP_REQUESTED.clear()
+        signals.signal(signals.SIGTERM, previous)
+    assert trainer.step == 2 and [p.name for p in list_checkpoints(tmp_path)] == ["step-0000002.pt"]
 
 
 def test_checkpoint_holds_everything_and_loads_weights_only(tmp_path):

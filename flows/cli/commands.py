@@ -181,16 +181,16 @@ def evaluate(args) -> None:
     fid_extractor = vars(args).get(".fid_extractor")
     if fid_extractor:
         kwargs["fid_extractor"] = fid_extractor
-    if args.posthoc_ema:
-        kwargs |= {"posthoc_ema": True, "posthoc_sigma_rels": args.sigma_rels, "posthoc_steps": args.posthoc_steps,
-                   "max_parallel": args.max_parallel, "dask_cluster": args.dask_cluster}
+    if args.posthoc_ema:   # otherwise the flow sweeps when the run kept snapshots
+        kwargs["posthoc_ema"] = True
+    kwargs |= {"posthoc_sigma_rels": args.sigma_rels, "posthoc_steps": args.posthoc_steps,
+               "max_parallel": args.max_parallel, "dask_cluster": args.dask_cluster}
     print_json(run_flow(flow, **kwargs))
 
 
 def promote(args) -> None:
-    from flows.promote import promote as promote_flow
-
-    print_json(run_flow(promote_flow, promote_config(args)))
+    flow = lazy_flow("flows.promote", "promote", args)   # its failures one line, the trace in the log file
+    print_json(run_flow(flow, promote_config(args)))
 
 
 def stack(args) -> None:

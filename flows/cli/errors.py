@@ -78,7 +78,10 @@ def stop_on_sigterm() -> None:
     """SIGTERM (systemd, `kill`, a scheduler) ends the command as Ctrl-C does: the MLflow run is
     marked KILLED and the temporary Prefect server is stopped. Python's default would die at once,
     with the run still RUNNING."""
+    from ddpm.stop import STOP_REQUESTED
+
     def interrupt(signum, frame):
+        STOP_REQUESTED.set()   # seen by the training loop even if this raise lands somewhere that swallows it
         raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, interrupt)

@@ -221,7 +221,8 @@ def evaluate_options(parser: argparse.ArgumentParser) -> None:
                         help="FID features (default: the run's own)")
     parser.add_argument("--posthoc-ema", action="store_true",
                         help="also reconstruct a sweep of EMA widths from the run's post-hoc EMA snapshots "
-                             "(trained with --set train.posthoc_ema=true), score each, keep the best")
+                             "(trained with --set train.posthoc_ema=true), score each, keep the best; done "
+                             "without asking for a run that kept snapshots")
     parser.add_argument("--sigma-rels", type=_float_list, metavar="S,S,...",
                         help="the widths to sweep (default 0.03,0.05,0.07,0.1,0.15,0.22)")
     parser.add_argument("--posthoc-steps", type=_int_list, metavar="STEP,...",
