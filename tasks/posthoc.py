@@ -73,8 +73,9 @@ def log_posthoc_sweep(run_id: str, rows: list[dict], fixed: dict, ema_decay: flo
     fixed_width = fixed_ema_sigma_rel(ema_decay, fixed["step"], ema_warmup)
     mlflow_client = tracking.client()
     columns = ["sigma_rel", "step", metric, "profile_error"]
-    mlflow_client.log_table(run_id, data={key: [r[key] for r in scored] for key in columns},
-                            artifact_file=contract.POSTHOC_TABLE)
+    # MLflow's table format, written whole: log_table would append to an earlier sweep's rows
+    tracking.log_dict(run_id, {"columns": columns, "data": [[r[key] for key in columns] for r in scored]},
+                      contract.POSTHOC_TABLE)
     label = f"the run's EMA (decay {ema_decay:g}, sigma_rel ~{fixed_width:.2f})"
     plots.log_figure(run_id, lambda: plots.posthoc_ema_plot(scored, metric, fixed_fid, label), contract.POSTHOC_PLOT)
     now = int(time.time() * 1000)
