@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ddpm.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
+from ddpm.checkpoint import CheckpointError, checkpoint_step, list_checkpoints, load_checkpoint, save_checkpoint
 
 Tensor = torch.Tensor
 
@@ -108,8 +108,8 @@ class PowerEMA:
             raise PosthocEMAError(f"post-hoc EMA tracks at least two distinct widths, got {tuple(sigma_rels)}")
         self.sigma_rels = tuple(float(s) for s in sigma_rels)
         self.gammas = tuple(sigma_rel_to_gamma(s) for s in self.sigma_rels)
-        self.names = [name for name, value in model.state_dict().items() if value.is_floating_point()]
         state = model.state_dict()
+        self.names = [name for name, value in state.items() if value.is_floating_point()]
         self.averages = [[state[name].detach().clone() for name in self.names] for _ in self.gammas]
 
     @torch.no_grad()
@@ -154,7 +154,7 @@ def drop_snapshots_after(checkpoint_dir: Path | str, step: int) -> list[Path]:
     the resumed run writes them again, bit for bit); returns what it removed."""
     removed = []
     for path in list_checkpoints(snapshot_dir(checkpoint_dir)):
-        if int(path.stem.split("-")[1]) > step:
+        if checkpoint_step(path) > step:
             path.unlink(missing_ok=True)
             path.with_name(path.name + ".sha256").unlink(missing_ok=True)
             removed.append(path)
@@ -192,7 +192,7 @@ def list_snapshots(checkpoint_dir: Path | str) -> list[Path]:
 
 
 def snapshot_steps(checkpoint_dir: Path | str) -> list[int]:
-    return [int(p.stem.split("-")[1]) for p in list_snapshots(checkpoint_dir)]
+    return [checkpoint_step(p) for p in list_snapshots(checkpoint_dir)]
 
 
 def reconstruct(checkpoint_dir: Path | str, sigma_rel: float, step: int | None = None,
@@ -201,11 +201,17 @@ def reconstruct(checkpoint_dir: Path | str, sigma_rel: float, step: int | None =
     last), from the run's snapshots up to that step; and what was used ({step, sigma_rel, gamma,
     profile_error, coefficients}). PosthocEMAError when there are no snapshots, `step` is not one,
     or the width cannot be reconstructed from them within `max_error`."""
+    weights, info, _ = _reconstruct(checkpoint_dir, sigma_rel, step, max_error)
+    return weights, info
+
+
+def _reconstruct(checkpoint_dir, sigma_rel, step, max_error) -> tuple[dict[str, Tensor], dict, dict]:
+    """reconstruct(), and the snapshot at `step` itself (its configs describe the result)."""
     paths = list_snapshots(checkpoint_dir)
     if not paths:
         raise PosthocEMAError(f"no post-hoc EMA snapshots in {snapshot_dir(checkpoint_dir)}; train with "
                               "train.posthoc_ema=true to keep them")
-    steps = [int(p.stem.split("-")[1]) for p in paths]
+    steps = [checkpoint_step(p) for p in paths]
     step = steps[-1] if step is None else int(step)
     if step not in steps:
         raise PosthocEMAError(f"no post-hoc EMA snapshot at step {step}; snapshots: {steps}")
@@ -238,7 +244,7 @@ def reconstruct(checkpoint_dir: Path | str, sigma_rel: float, step: int | None =
     dtypes = {name: t.dtype for name, t in first["averages"][0].items()}
     return ({name: t.to(dtypes[name]) for name, t in weights.items()},
             {"step": step, "sigma_rel": float(sigma_rel), "gamma": gamma, "profile_error": error,
-             "coefficients": [float(c) for c in x]})
+             "coefficients": [float(c) for c in x]}, state)
 
 
 def reconstructible_range(steps: list[int], gammas: list[float], max_error: float = MAX_PROFILE_ERROR,
@@ -258,8 +264,7 @@ def posthoc_checkpoint(checkpoint_dir: Path | str, sigma_rel: float, out_dir: Pa
     """Write the reconstruction as a checkpoint (`out_dir`/step-XXXXXXX.pt) that samples like any
     other: its "ema" is the reconstructed weights (in AveragedModel's layout) and it holds the run's
     configuration; plus a "posthoc_ema" entry saying how it was made."""
-    weights, info = reconstruct(checkpoint_dir, sigma_rel, step)
-    snapshot = load_checkpoint(list_snapshots(checkpoint_dir)[snapshot_steps(checkpoint_dir).index(info["step"])])
+    weights, info, snapshot = _reconstruct(checkpoint_dir, sigma_rel, step, MAX_PROFILE_ERROR)
     state = {"step": info["step"], "model": weights,
              "ema": {**{f"module.{name}": t for name, t in weights.items()}, "n_averaged": torch.tensor(info["step"])},
              "model_config": snapshot["model_config"], "diffusion_config": snapshot["diffusion_config"],

@@ -94,44 +94,45 @@ def train_model(
         metrics.flush()  # what was measured before a failure stays visible in MLflow
     train_seconds = time.perf_counter() - start
 
-    checkpoints = [str(p) for p in list_checkpoints(Path(checkpoint_dir))]
     if not result.loss_history and result.resumed_from is not None:
         # resumed at its last step (a failure after training): nothing trained now, so the loss
         # curve and the training summary the run logged stay as they are
-        logged = mlflow_client.get_run(run_id).data.metrics
-        summary = {key.removeprefix(contract.TRAIN_METRIC_PREFIX): value for key, value in logged.items()
-                   if key.startswith(contract.TRAIN_METRIC_PREFIX)}
-        summary["steps"] = result.step
-        summary.setdefault("final_loss", float("nan"))
-        summary.setdefault("images_per_second", 0.0)
-        return {**summary, "resumed_from": result.resumed_from, "checkpoints": checkpoints,
-                "checkpoint": checkpoints[-1] if checkpoints else None, "log_batches": metrics.batches,
-                "log_calls": metrics.calls}
-    # the whole run's curve: the steps logged before a crash and those trained since
-    history = sorted((m.step, m.value) for m in mlflow_client.get_metric_history(run_id, contract.LOSS_METRIC))
-    plots.log_figure(run_id, lambda: plots.loss_curve(history or result.loss_history,
-                                                      f"loss, {diffusion_config.schedule} schedule"),
-                     contract.LOSS_CURVE_ARTIFACT)
-    plots.log_figure(run_id, lambda: plots.schedule_plot({diffusion_config.schedule: diffusion_config.make_schedule()}),
-                     contract.SCHEDULE_PLOT_ARTIFACT)
-    summary = {
-        "final_loss": result.final_loss,
-        "images_per_second": result.images_per_second,
-        "steps": result.step,
-        "world_size": train_config.world_size,
-        "logging_seconds": metrics.seconds,
-        "logging_fraction": metrics.seconds / max(train_seconds, 1e-9),  # share of the train() wall time
-        **training_utilisation(model_config, train_config, result.images_per_second, _logger()),
-    }
-    if result.compile_seconds is not None:
-        summary["compile_seconds"] = result.compile_seconds
-    mlflow_client.log_batch(run_id, metrics=[
-        tracking.Metric(contract.TRAIN_METRIC_PREFIX + key, float(value), int(time.time() * 1000), result.step)
-        for key, value in summary.items()
-    ])
+        summary = _logged_summary(mlflow_client.get_run(run_id).data.metrics, result.step)
+    else:
+        # the whole run's curve: the steps logged before a crash and those trained since
+        history = sorted((m.step, m.value) for m in mlflow_client.get_metric_history(run_id, contract.LOSS_METRIC))
+        plots.log_figure(run_id, lambda: plots.loss_curve(history or result.loss_history,
+                                                          f"loss, {diffusion_config.schedule} schedule"),
+                         contract.LOSS_CURVE_ARTIFACT)
+        plots.log_figure(run_id, lambda: plots.schedule_plot({diffusion_config.schedule:
+                                                              diffusion_config.make_schedule()}),
+                         contract.SCHEDULE_PLOT_ARTIFACT)
+        summary = {
+            "final_loss": result.final_loss,
+            "images_per_second": result.images_per_second,
+            "steps": result.step,
+            "world_size": train_config.world_size,
+            "logging_seconds": metrics.seconds,
+            "logging_fraction": metrics.seconds / max(train_seconds, 1e-9),  # share of the train() wall time
+            **training_utilisation(model_config, train_config, result.images_per_second, _logger()),
+        }
+        if result.compile_seconds is not None:
+            summary["compile_seconds"] = result.compile_seconds
+        mlflow_client.log_batch(run_id, metrics=[
+            tracking.Metric(contract.TRAIN_METRIC_PREFIX + key, float(value), int(time.time() * 1000), result.step)
+            for key, value in summary.items()
+        ])
+    checkpoints = [str(p) for p in list_checkpoints(Path(checkpoint_dir))]
     return {**summary, "resumed_from": result.resumed_from, "checkpoints": checkpoints,
             "checkpoint": checkpoints[-1] if checkpoints else None, "log_batches": metrics.batches,
             "log_calls": metrics.calls}
+
+
+def _logged_summary(run_metrics: dict[str, float], step: int) -> dict:
+    """The training summary a run already logged (its train.* metrics), at `step`."""
+    summary = {key.removeprefix(contract.TRAIN_METRIC_PREFIX): value for key, value in run_metrics.items()
+               if key.startswith(contract.TRAIN_METRIC_PREFIX)}
+    return {"final_loss": float("nan"), "images_per_second": 0.0, **summary, "steps": step}
 
 
 def chained(*callbacks: Callable | None) -> Callable:

@@ -223,9 +223,9 @@ def evaluate_options(parser: argparse.ArgumentParser) -> None:
                         help="also reconstruct a sweep of EMA widths from the run's post-hoc EMA snapshots "
                              "(trained with --set train.posthoc_ema=true), score each, keep the best; done "
                              "without asking for a run that kept snapshots")
-    parser.add_argument("--sigma-rels", type=_float_list, metavar="S,S,...",
+    parser.add_argument("--sigma-rels", type=comma_list(float, "numbers"), metavar="S,S,...",
                         help="the widths to sweep (default 0.03,0.05,0.07,0.1,0.15,0.22)")
-    parser.add_argument("--posthoc-steps", type=_int_list, metavar="STEP,...",
+    parser.add_argument("--posthoc-steps", type=comma_list(int, "integers"), metavar="STEP,...",
                         help="snapshot steps to reconstruct at (default: the last)")
     parser.add_argument("--max-parallel", type=int, default=1, help="widths scored at once")
     parser.add_argument("--dask-cluster", metavar="local|tcp://HOST:PORT",
@@ -233,18 +233,15 @@ def evaluate_options(parser: argparse.ArgumentParser) -> None:
                              "that scheduler (needs the dask extra)")
 
 
-def _float_list(text: str) -> list[float]:
-    try:
-        return [float(item) for item in text.split(",") if item.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
+def comma_list(convert, kind: str):
+    """An argparse type: '0.05,0.1' -> [0.05, 0.1] with `convert` on each item; else one line naming `kind`."""
+    def parse(text: str) -> list:
+        try:
+            return [convert(item) for item in text.split(",") if item.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind} separated by commas, got {text!r}") from None
 
-
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(item) for item in text.split(",") if item.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {text!r}") from None
+    return parse
 
 
 def promote_options(parser: argparse.ArgumentParser) -> None:
