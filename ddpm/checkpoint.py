@@ -25,9 +25,11 @@ from pathlib import Path
 import torch
 
 from ddpm.diffusion import DiffusionConfig
+from ddpm.disk import DiskFull, check_free_space, free_bytes, is_disk_full, mib, tensor_bytes
 from ddpm.unet import UNet, UNetConfig
 
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d+)\.pt$")
+INDEX_BYTES = 1 << 20   # a torch file's zip index, pickled configs and the checksum file, generously
 
 
 class CheckpointError(RuntimeError):
@@ -66,10 +68,13 @@ def checkpoint_step(path: Path | str) -> int:
 def save_checkpoint(state: dict, directory: Path, step: int, keep_last: int | None = None) -> Path:
     """Write `state` as the checkpoint of `step`; then keep only the newest `keep_last`."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     path = checkpoint_path(directory, step)
+    needed = tensor_bytes(state) + INDEX_BYTES
+    kept = f"; the checkpoints already there are untouched: {_newest(directory)}"
+    check_free_space(directory, needed, f"checkpoint {path}", kept)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
+        directory.mkdir(parents=True, exist_ok=True)
         torch.save(state, tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
@@ -77,6 +82,14 @@ def save_checkpoint(state: dict, directory: Path, step: int, keep_last: int | No
         # the checksum first: a checkpoint without a valid checksum file is never trusted
         _atomic_write_bytes(path.with_name(path.name + ".sha256"), f"{checksum}  {path.name}\n".encode())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as error:   # torch.save's RuntimeError names no cause: the free space tells
+        tmp.unlink(missing_ok=True)
+        if not path.exists():
+            path.with_name(path.name + ".sha256").unlink(missing_ok=True)   # a checksum without its file
+        if is_disk_full(error) or free_bytes(directory) < needed:
+            raise DiskFull(f"the disk filled while writing checkpoint {path} ({mib(needed)}; "
+                           f"{mib(free_bytes(directory))} free now){kept}") from error
+        raise
     finally:
         tmp.unlink(missing_ok=True)
     if keep_last:
@@ -84,6 +97,12 @@ def save_checkpoint(state: dict, directory: Path, step: int, keep_last: int | No
             old.unlink(missing_ok=True)
             old.with_name(old.name + ".sha256").unlink(missing_ok=True)
     return path
+
+
+def _newest(directory: Path) -> str:
+    """The newest checkpoint in `directory`, for a message."""
+    found = list_checkpoints(directory)
+    return f"the newest is {found[-1].name}" if found else "there are none yet"
 
 
 def list_checkpoints(directory: Path) -> list[Path]:

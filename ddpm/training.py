@@ -37,9 +37,11 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel
 
-from ddpm.checkpoint import CheckpointError, ema_weights, latest_valid_checkpoint, load_checkpoint, save_checkpoint
+from ddpm.checkpoint import (INDEX_BYTES, CheckpointError, ema_weights, latest_valid_checkpoint, list_checkpoints,
+                             load_checkpoint, save_checkpoint)
 from ddpm.data import BatchLoader, load_prepared, validate_for_model
 from ddpm.diffusion import DiffusionConfig, training_loss
+from ddpm.disk import DiskFull, check_free_space, check_writable, mib, tensor_bytes
 from ddpm.posthoc_ema import PowerEMA, drop_snapshots_after, sigma_rel_to_gamma, snapshot_dir
 from ddpm.progress import duration, progress_bar
 from ddpm.stop import STOP_REQUESTED, StopRequested
@@ -175,8 +177,44 @@ class NonFiniteLossError(FloatingPointError):
 
 
 # Errors that a rerun with the same input raises again (bad settings or data, a checkpoint of
-# other settings, a NaN loss): retrying them only wastes time.
-REPEATING_ERRORS: tuple[type[BaseException], ...] = (NonFiniteLossError, ValueError, CheckpointError)
+# other settings, a NaN loss, a full disk): retrying them only wastes time.
+REPEATING_ERRORS: tuple[type[BaseException], ...] = (NonFiniteLossError, ValueError, CheckpointError, DiskFull)
+
+
+def checkpoint_disk_need(model_config: UNetConfig, train_config: TrainConfig, checkpoints_on_disk: int = 0,
+                         snapshots_on_disk: int = 0) -> tuple[int, str]:
+    """(bytes, what) the run's checkpoints still need on disk at its retention: a checkpoint holds
+    the weights, their EMA and Adam's two moments (and the post-hoc EMAs), float32; keep_last of
+    them stay, and one more exists while the next is written before the oldest goes; plus the
+    post-hoc snapshots not written yet. `what` says it in words, for a message."""
+    with torch.device("meta"):   # sizes without memory or time, whatever the model's size
+        model = UNet(model_config)
+    weights = tensor_bytes(model.state_dict())
+    moments = 2 * sum(p.numel() * p.element_size() for p in model.parameters())
+    posthoc = len(train_config.posthoc_ema_sigma_rels) * weights if train_config.posthoc_ema else 0
+    checkpoint = 2 * weights + moments + posthoc + INDEX_BYTES
+    written = -(-train_config.steps // train_config.checkpoint_every)   # every multiple, and the last step
+    peak = min(train_config.keep_last + 1, written)
+    new_checkpoints = max(min(1, written), peak - min(checkpoints_on_disk, train_config.keep_last))
+    needed, what = new_checkpoints * checkpoint, f"{new_checkpoints} checkpoint(s) of {mib(checkpoint)} " \
+                                                 f"(train.keep_last {train_config.keep_last})"
+    if train_config.posthoc_ema:
+        snapshots = max(0, -(-train_config.steps // train_config.posthoc_ema_every) - snapshots_on_disk)
+        needed += snapshots * (posthoc + INDEX_BYTES)
+        what += f" and {snapshots} post-hoc EMA snapshot(s) of {mib(posthoc + INDEX_BYTES)}"
+    return needed, what
+
+
+def check_checkpoint_dir(checkpoint_dir: Path | str, model_config: UNetConfig, train_config: TrainConfig,
+                         hint: str = "") -> None:
+    """Before training: DiskFull when the disk of `checkpoint_dir` cannot hold what the run's
+    checkpoints still need (`checkpoint_disk_need`, counting those already there), an OSError
+    naming the folder when it cannot be written (the first checkpoint would fail an hour in)."""
+    needed, what = checkpoint_disk_need(model_config, train_config, len(list_checkpoints(checkpoint_dir)),
+                                        len(list_checkpoints(snapshot_dir(checkpoint_dir))))
+    check_free_space(checkpoint_dir, needed, f"the run's checkpoints in {checkpoint_dir}: {what}",
+                     hint or "; free space or lower train.keep_last")
+    check_writable(checkpoint_dir, "the checkpoint folder")
 
 
 @dataclass
@@ -572,6 +610,8 @@ class Trainer:
             print(f"post-hoc EMA: widths {', '.join(f'{s:g}' for s in cfg.posthoc_ema_sigma_rels)}, a snapshot "
                   f"every {cfg.posthoc_ema_every} steps: {count} x {size / 2**20:.1f} MiB = "
                   f"{count * size / 2**20:.1f} MiB in {snapshot_dir(self.checkpoint_dir)}", flush=True)
+        if self.checkpoint_dir and main and self.step < cfg.steps:   # a full disk said now, not hours later
+            check_checkpoint_dir(self.checkpoint_dir, self.model_config, self.config)
         barrier()  # every rank has loaded before any trains
         end = min(stop_at or cfg.steps, cfg.steps)
         result = TrainResult(step=self.step, final_loss=float("nan"), images_per_second=0.0, resumed_from=resumed_from)

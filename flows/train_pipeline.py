@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import json
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Iterator
 
 from prefect import flow, runtime
 from pydantic import Field
 
 from ddpm.data import load_prepared, validate_for_model
+from ddpm.disk import DiskFull, free_bytes, full_disk_error, mib
+from ddpm.errors import one_line
 from ddpm.metrics.scoring import ExtractorKind, check_evaluation, extractor_names
 from ddpm.torchrun import check_num_processes
-from ddpm.training import check_compiler, check_device, resolve_device
+from ddpm.training import check_checkpoint_dir, check_compiler, check_device, resolve_device
 from tasks import contract, settings, tracking
 from tasks.config import (
     DEFAULTS, DataParam, DiffusionParam, ModelParam, PipelineConfig, SamplingParam, TrainParam,
@@ -64,12 +67,38 @@ def check_config(config: PipelineConfig) -> None:
         check_compiler(resolve_device(train.device))
 
 
+def check_disk_space(config: PipelineConfig) -> None:
+    """DiskFull, before a new run exists, when DDPM_HOME's disk cannot hold the run's checkpoints
+    at its retention (a resume is checked by the Trainer, counting the checkpoints it has)."""
+    check_checkpoint_dir(settings.ddpm_home() / "runs", config.model, config.train,
+                         hint="; free space, keep fewer checkpoints (--set train.keep_last=1) or set DDPM_HOME "
+                              "to a larger disk")
+
+
 def check_batch_fits(train, manifest: dict) -> None:
     """A ValueError, before any run exists, when one batch needs more images than the train split has."""
     count = manifest["splits"]["train"]
     if train.batch_size > count:
         raise ValueError(f"train.batch_size {train.batch_size} is larger than the {count} training images of "
                          f"{manifest['source']}: lower it (--batch-size) or use more data")
+
+
+@contextmanager
+def disk_full_resumable(run_id: str) -> Iterator[None]:
+    """A full disk met anywhere in the block (a checkpoint, the MLflow store, samples) as one
+    DiskFull line saying what to do: free space, then resume the run, which continues from its
+    newest checkpoint (all the ones written are intact: they are written atomically)."""
+    try:
+        yield
+    except Exception as error:
+        cause = full_disk_error(error)
+        if cause is None:
+            raise
+        if not isinstance(cause, DiskFull):   # sqlite's, or the C library's, words: say where
+            home = settings.ddpm_home()
+            cause = (f"the disk holding {home} is full ({mib(free_bytes(home))} free): "
+                     f"{one_line(str(cause).splitlines()[0] if str(cause) else cause)[:160]}")
+        raise DiskFull(f"{cause}. Free space, then continue the run: ddpm train --resume {run_id}") from error
 
 
 def resumed_config(run_id: str, given: PipelineConfig) -> PipelineConfig:
@@ -115,6 +144,8 @@ def run_pipeline(
     check_evaluation(fid_extractor, dataset, sampling.num_images)
     validate_for_model(dataset, model.image_size, model.in_channels, model.num_classes)
     check_batch_fits(config.train, dataset.manifest)
+    if not resume_run_id:
+        check_disk_space(config)
     if resume_run_id:
         run = tracking.reopen_run(resume_run_id, force=force_resume)
         run_id = run.info.run_id
@@ -126,7 +157,7 @@ def run_pipeline(
             run_tags[contract.PARENT_RUN_TAG] = parent_run_id
         run_id = start_run(experiment, run_name, config.to_stored(), tags=run_tags)
         print(f"MLflow run {run_id} in experiment '{experiment}' at {settings.tracking_uri()}")
-    with tracking.run_lifecycle(run_id):
+    with disk_full_resumable(run_id), tracking.run_lifecycle(run_id):
         out = settings.run_dir(run_id)
         if resume_run_id:
             found = tracking.run_checkpoints(run)   # where evaluate and promotion find them too

@@ -22,6 +22,7 @@ from prefect.logging import get_run_logger
 
 from ddpm.checkpoint import list_checkpoints
 from ddpm.diffusion import DiffusionConfig
+from ddpm.disk import is_disk_full
 from ddpm.torchrun import TrainingProcessError, check_num_processes, train_under_torchrun
 from ddpm.training import REPEATING_ERRORS, TrainConfig, dataset_trainer
 from ddpm.unet import UNet, UNetConfig, count_parameters
@@ -32,16 +33,16 @@ from tasks.sample import progress_grid
 
 
 def _retry_unless_deterministic(task, task_run, state) -> bool:
-    """A NaN loss, a bad config or a checkpoint of other settings fails the same way again: retry
-    only other failures (a crash, a killed rank)."""
+    """A NaN loss, a bad config, a checkpoint of other settings or a full disk fails the same way
+    again: retry only other failures (a crash, a killed rank)."""
     try:
         state.result()
     except TrainingProcessError as error:
         return error.retryable
     except REPEATING_ERRORS:
         return False
-    except Exception:
-        return True
+    except Exception as error:   # the MLflow store on a full disk fails the same way again
+        return not is_disk_full(error)
     return False
 
 
@@ -90,8 +91,13 @@ def train_model(
                                           on_log=metrics.log, on_checkpoint=on_checkpoint, logger=_logger())
         else:
             result = trainer.train(on_log=metrics.log, on_checkpoint=on_checkpoint)
-    finally:
-        metrics.flush()  # what was measured before a failure stays visible in MLflow
+    except BaseException:
+        try:
+            metrics.flush()  # what was measured before a failure stays visible in MLflow
+        except Exception:  # noqa: BLE001 (the store failing too, a full disk: the first error says why)
+            pass
+        raise
+    metrics.flush()
     train_seconds = time.perf_counter() - start
 
     if not result.loss_history and result.resumed_from is not None:

@@ -76,10 +76,12 @@ def validated(flow, kwargs: dict) -> dict:
 def preflight(flow, kwargs: dict) -> None:
     """The flow's parameter validation and the pipeline's checks that need no data, before
     Prefect starts (seconds, not a training)."""
-    from flows.train_pipeline import check_config
+    from flows.train_pipeline import check_config, check_disk_space
 
     validated(flow, kwargs)
-    check_config(config_of(kwargs))
+    config = config_of(kwargs)
+    check_config(config)
+    check_disk_space(config)
 
 
 def show_config(kwargs: dict) -> None:

@@ -43,32 +43,54 @@ def one_line(error: BaseException) -> str:
 
 
 class WithoutTraceback(logging.Formatter):
-    """Formats a record as `inner` does, minus its traceback: on the terminal a failing flow
-    prints one line naming the problem, not Prefect's 30-180 lines of frames before it."""
+    """Formats a record as `inner` does, minus its traceback and all but the first line of its
+    message: on the terminal a failing flow prints one line naming the problem, not Prefect's
+    30-180 lines of frames, nor the SQL and parameters that MLflow's store logs with a database
+    error (the log file keeps them whole)."""
 
     def __init__(self, inner: logging.Formatter | None):
         super().__init__()
         self.inner = inner or logging.Formatter()
 
     def format(self, record: logging.LogRecord) -> str:
-        if record.exc_info or record.exc_text or record.stack_info:
-            record = logging.makeLogRecord({**record.__dict__, "exc_info": None, "exc_text": None,
-                                            "stack_info": None})
+        message = record.getMessage()
+        if record.exc_info or record.exc_text or record.stack_info or "\n" in message:
+            record = logging.makeLogRecord({**record.__dict__, "msg": message.split("\n", 1)[0], "args": None,
+                                            "exc_info": None, "exc_text": None, "stack_info": None})
         return self.inner.format(record)
+
+
+def _stream_handlers():
+    """The handlers writing to a terminal stream, on the root logger and on the libraries' own
+    loggers (MLflow's "mlflow" logger has its own, and does not propagate)."""
+    loggers = [logging.getLogger(), *(logger for logger in logging.Logger.manager.loggerDict.values()
+                                      if isinstance(logger, logging.Logger))]
+    return [handler for logger in loggers for handler in logger.handlers
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)]
 
 
 def quiet_tracebacks(log_file: Path) -> None:
     """Tracebacks off the terminal and into `log_file` (every record at INFO and above, in full).
 
-    Prefect (imported by the flow commands) installs its console handler on the root logger;
-    the Prefect UI still gets full tracebacks through its own API handler.
+    Prefect (imported by the flow commands) installs its console handler on the root logger,
+    MLflow its own on the "mlflow" logger: both are quietened (call this after importing them).
+    The Prefect UI still gets full tracebacks through its own API handler.
     """
+    # a handler that cannot write (the log file on a full disk) drops its record instead of
+    # printing "--- Logging error ---" and a traceback for each, thousands of lines on a full disk
+    logging.raiseExceptions = False
+    # MLflow's store logs each database error it then raises ("SQLAlchemy database error. The
+    # following exception is caught."): the raised error is reported, once
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     root = logging.getLogger()
-    for handler in root.handlers:
-        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+    for handler in _stream_handlers():
+        if not isinstance(handler.formatter, WithoutTraceback):
             handler.setFormatter(WithoutTraceback(handler.formatter))
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    file_handler = logging.FileHandler(log_file)
+    try:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        file_handler = logging.FileHandler(log_file)
+    except OSError:   # a full or read-only disk: the command still runs, its errors still one line
+        return
     file_handler.setLevel(logging.INFO)
     file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root.addHandler(file_handler)
