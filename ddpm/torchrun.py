@@ -137,23 +137,21 @@ def torchrun_command(
     rdzv_timeout: float = 300.0,
     node_rank: int = 0,
 ) -> list[str]:
-    """`python -m torch.distributed.run ...` starting `module_args` in `num_processes` processes on this
-    node. One node: a standalone rendezvous on a free local port. Several: a static rendezvous at
+    """torchrun starting `module_args` in `num_processes` processes on this node. One node:
+    its rendezvous and the workers' sockets on the loopback interface (`python -m
+    ddpm.torchrun_loopback`), unreachable from the network. Several: a static rendezvous at
     `rdzv_endpoint`, the host:port of node 0 (which hosts it), so global rank 0 (checkpoints, the
     events) is on node 0: the launching one; node `node_rank` runs this with its own rank, and a
     node that is not there within `rdzv_timeout` seconds fails the job. torchrun never restarts a
     failed worker: the pipeline's task retry resumes from a checkpoint."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(num_processes),
-               "--max-restarts", "0", "--monitor-interval", "1"]
-    if nnodes == 1:
-        command.append("--standalone")
-    else:
-        if not rdzv_endpoint:
-            raise ValueError(f"train.nnodes={nnodes} needs train.rdzv_endpoint (host:port every node can reach)")
-        command += ["--nnodes", str(nnodes), "--node-rank", str(node_rank), "--rdzv-backend", "static",
-                    "--rdzv-endpoint", rdzv_endpoint, "--rdzv-id", rdzv_id,
-                    "--rdzv-conf", f"timeout={int(max(1, rdzv_timeout))}"]
-    return command + module_args
+    options = ["--nproc-per-node", str(num_processes), "--max-restarts", "0", "--monitor-interval", "1"]
+    if nnodes == 1:   # nothing of a one-node job listens beyond this machine (ddpm.torchrun_loopback)
+        return [sys.executable, "-m", "ddpm.torchrun_loopback", *options, *module_args]
+    if not rdzv_endpoint:
+        raise ValueError(f"train.nnodes={nnodes} needs train.rdzv_endpoint (host:port every node can reach)")
+    return [sys.executable, "-m", "torch.distributed.run", *options, "--nnodes", str(nnodes), "--node-rank",
+            str(node_rank), "--rdzv-backend", "static", "--rdzv-endpoint", rdzv_endpoint, "--rdzv-id", rdzv_id,
+            "--rdzv-conf", f"timeout={int(max(1, rdzv_timeout))}", *module_args]
 
 
 def train_under_torchrun(

@@ -5,7 +5,7 @@ Proves: 2 processes give one process's losses and weights (same global batch); r
 a rank killed with SIGKILL fails the task attempt, and Prefect's retry resumes from the newest
 checkpoint to the very weights of an uninterrupted run; a rank's error, an unreachable
 rendezvous and too many processes each get one clear line in bounded time; no process outlives
-its launcher, even one killed with SIGKILL.
+its launcher, even one killed with SIGKILL; a one-node job listens on the loopback interface only.
 """
 
 import os
@@ -205,6 +205,54 @@ def test_a_launcher_killed_outright_leaves_no_training_process(two_process_run, 
     finally:
         for pid in training_processes(str(checkpoint_dir)):
             os.kill(pid, signal.SIGKILL)
+
+
+def listening_addresses(pids: list[int]) -> list[tuple]:
+    """(ip address, port) of every TCP socket in LISTEN state that one of `pids` holds (/proc/net/tcp{,6})."""
+    import ipaddress
+
+    inodes = set()
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[len("socket:["):-1])
+    found = []
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            local, state, inode = line.split()[1], line.split()[3], line.split()[9]
+            if state == "0A" and inode in inodes:   # 0A: LISTEN
+                host, port = local.split(":")
+                raw = bytes.fromhex(host)   # 32-bit words in host (little-endian) order
+                raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+                found.append((ipaddress.ip_address(raw), int(port, 16)))
+    return found
+
+
+@pytest.mark.slow
+def test_a_one_node_job_listens_on_the_loopback_interface_only(two_process_run, tmp_path):
+    """torchrun --standalone served its unauthenticated rendezvous store on every interface
+    (*:port); one node's launcher, its workers' store and gloo's sockets now listen on 127.0.0.1."""
+    from ddpm.torchrun import train_under_torchrun
+
+    checkpoint_dir = tmp_path / "loopback" / "checkpoints"
+    seen = []
+
+    def inspect(step, path):
+        if not seen:
+            pids = training_processes(str(checkpoint_dir))
+            seen.extend(listening_addresses(pids))
+            assert len(pids) == 3   # the launcher and its two workers, all alive now
+
+    train = TrainConfig(**{**TRAIN.model_dump(), "steps": 20, "checkpoint_every": 10})
+    result = train_under_torchrun(str(two_process_run["dataset"]), MODEL, DiffusionConfig(), train,
+                                  str(checkpoint_dir), on_checkpoint=inspect)
+    assert result.step == 20
+    assert seen, "no listening socket found: the store must be one"
+    assert all(address.is_loopback for address, _ in seen), seen
 
 
 @pytest.mark.slow
