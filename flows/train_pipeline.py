@@ -156,7 +156,10 @@ def run_pipeline(
         if parent_run_id:
             run_tags[contract.PARENT_RUN_TAG] = parent_run_id
         run_id = start_run(experiment, run_name, config.to_stored(), tags=run_tags)
-        print(f"MLflow run {run_id} in experiment '{experiment}' at {settings.tracking_uri()}")
+        uri = settings.tracking_uri()
+        print(f"MLflow run {run_id} in experiment '{experiment}' at {uri}"
+              + (f": {tracking.ui_url(uri, tracking.experiment_id(experiment), run_id)}"
+                 if uri.startswith(("http://", "https://")) else ""))
     with disk_full_resumable(run_id), tracking.run_lifecycle(run_id):
         out = settings.run_dir(run_id)
         if resume_run_id:

@@ -71,7 +71,7 @@ start() {
     launch worker "$BIN/prefect" worker start --pool local-pool
     wait_for "http://127.0.0.1:$MLFLOW_PORT/health" mlflow 90
     echo "Prefect UI  http://127.0.0.1:$PREFECT_PORT"
-    echo "MLflow UI   http://127.0.0.1:$MLFLOW_PORT   (store $MLFLOW_TRACKING_URI)"
+    echo "MLflow UI   http://127.0.0.1:$MLFLOW_PORT   (store $MLFLOW_TRACKING_URI; pick 'Model training' at its top left once)"
     echo "next: PREFECT_PORT=$PREFECT_PORT scripts/deploy.sh"
 }
 

@@ -21,6 +21,10 @@ CHAMPION_ALIAS = "champion"   # the registered version that is served
 # MLflow 3's UI opens an experiment without this tag in its GenAI view ("Evaluations", traces);
 # training runs belong in the model-training view (runs, metrics, charts).
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+# MLflow 3.17's UI opens every experiment in its GenAI view (traces, evaluation runs, an assistant)
+# unless the link asks for the training view, or the user picked it once (the browser keeps it);
+# the experiment kind tag alone no longer decides (checked in headless Chromium)
+UI_TRAINING_VIEW = "workflowType=machine_learning"
 
 # --- a pipeline run's tags ---------------------------------------------------------------------
 FLOW_RUN_TAG = "prefect.flow_run_id"        # the Prefect flow run that trained it (a trigger finds the run by it)
