@@ -15,12 +15,10 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from ddpm.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, verify_checkpoint
-from ddpm.diffusion import DiffusionConfig
+from ddpm.checkpoint import list_checkpoints, save_checkpoint, verify_checkpoint
 from ddpm.disk import DiskFull, NotWritable, is_disk_full
-from ddpm.training import TrainConfig, Trainer, checkpoint_disk_need, dataset_trainer
-from ddpm.unet import UNetConfig
-from trained_runs import TINY_DIFFUSION, TINY_MODEL
+from ddpm.training import TrainConfig, Trainer, checkpoint_disk_need
+from trained_runs import TINY_DIFFUSION, TINY_MODEL, assert_equals_uninterrupted
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = ["train", "--source", "digits", "--max-images", "300", "--steps", "60", "--num-samples", "32",
@@ -171,20 +169,4 @@ def test_a_disk_that_fills_mid_run_is_one_line_and_the_run_resumes_to_the_same_w
         assert len(steps) == len(set(steps)) and max(steps) == 60
 
         # the same weights as an uninterrupted training of the run's configuration, bit for bit
-        import json
-
-        config = json.loads(Path(client.download_artifacts(run_id, "config.json", str(tmp_path))).read_text())
-        dataset = next(home.glob("data/*/manifest.json")).parent
-        previous = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            straight = dataset_trainer(dataset, UNetConfig(**config["model"]), DiffusionConfig(**config["diffusion"]),
-                                       TrainConfig(**config["train"]), tmp_path / "straight")
-            straight.train(progress=False)
-        finally:
-            torch.set_num_threads(previous)
-        final = load_checkpoint(list_checkpoints(folder)[-1])
-        assert final["step"] == straight.step == 60
-        for part, expected in (("model", straight.model.state_dict()), ("ema", straight.ema.state_dict())):
-            for key, value in expected.items():
-                assert torch.equal(final[part][key], value), f"{part}.{key} differs"
+        assert_equals_uninterrupted(client, run_id, home, folder, tmp_path, steps=60)

@@ -1,6 +1,5 @@
 """A crashed `ddpm train` continues in the same MLflow run: kill -9 through the CLI, then --resume."""
 
-import json
 import os
 import signal
 import subprocess
@@ -9,13 +8,10 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from mlflow.tracking import MlflowClient
 
-from ddpm.checkpoint import list_checkpoints, load_checkpoint
-from ddpm.diffusion import DiffusionConfig
-from ddpm.training import TrainConfig, dataset_trainer
-from ddpm.unet import UNetConfig
+from ddpm.checkpoint import list_checkpoints
+from trained_runs import assert_equals_uninterrupted
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = ["train", "--source", "digits", "--max-images", "300", "--steps", "60", "--num-samples", "32",
@@ -91,23 +87,7 @@ def test_kill_9_then_resume_continues_the_same_run_and_equals_an_uninterrupted_o
 
     # 3. its final weights equal those of an uninterrupted training with the run's own configuration
     #    (config.json) in one thread, as the CLI's, bit for bit
-    config = json.loads(Path(client.download_artifacts(crashed_id, "config.json", str(tmp_path))).read_text())
-    dataset = next(home.glob("data/*/manifest.json")).parent
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        straight = dataset_trainer(dataset, UNetConfig(**config["model"]), DiffusionConfig(**config["diffusion"]),
-                                   TrainConfig(**config["train"]), tmp_path / "straight")
-        straight.train(progress=False)
-    finally:
-        torch.set_num_threads(previous)
-    final = load_checkpoint(list_checkpoints(folder)[-1])
-    assert final["step"] == straight.step == 60
-    expected = {"model": straight.model.state_dict(), "ema": straight.ema.state_dict()}
-    for part in ("model", "ema"):
-        assert final[part].keys() == expected[part].keys()
-        for key, value in expected[part].items():
-            assert torch.equal(final[part][key], value), f"{part}.{key} differs"
+    assert_equals_uninterrupted(client, crashed_id, home, folder, tmp_path, steps=60)
 
 
 def test_sigterm_marks_the_run_killed_and_leaves_no_server_behind(tmp_path):

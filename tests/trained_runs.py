@@ -57,3 +57,33 @@ def fake_trained_run(client: MlflowClient, experiment: str, checkpoint: Path, fi
     client.set_terminated(run_id, status)
     time.sleep(0.01)  # distinct end times: "newest run" is well defined
     return run_id
+
+
+def assert_equals_uninterrupted(client: MlflowClient, run_id: str, home: Path, folder: Path, tmp_path: Path,
+                                steps: int) -> None:
+    """The newest checkpoint in `folder` (of run `run_id`, trained by the CLI in one thread with the
+    prepared data in `home`) holds, bit for bit, the weights and EMA of an uninterrupted training
+    of the run's own configuration (its config.json)."""
+    import json
+
+    from ddpm.checkpoint import list_checkpoints, load_checkpoint
+    from ddpm.training import dataset_trainer
+    from ddpm.unet import UNetConfig
+
+    config = json.loads(Path(client.download_artifacts(run_id, "config.json", str(tmp_path))).read_text())
+    dataset = next(home.glob("data/*/manifest.json")).parent
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        straight = dataset_trainer(dataset, UNetConfig(**config["model"]), DiffusionConfig(**config["diffusion"]),
+                                   TrainConfig(**config["train"]), tmp_path / "straight")
+        straight.train(progress=False)
+    finally:
+        torch.set_num_threads(previous)
+    final = load_checkpoint(list_checkpoints(folder)[-1])
+    assert final["step"] == straight.step == steps
+    expected = {"model": straight.model.state_dict(), "ema": straight.ema.state_dict()}
+    for part in ("model", "ema"):
+        assert final[part].keys() == expected[part].keys()
+        for key, value in expected[part].items():
+            assert torch.equal(final[part][key], value), f"{part}.{key} differs"
