@@ -32,6 +32,9 @@ class DiskFull(OSError):
     def __str__(self) -> str:
         return self.strerror
 
+    def __reduce__(self):   # OSError's would call DiskFull(errno, message): Dask and copy need this
+        return type(self), (self.strerror,)
+
 
 class NotWritable(OSError):
     """A folder a run must write to cannot be written (read-only, not ours)."""
@@ -78,7 +81,7 @@ def check_free_space(path: Path | str, needed: int, what: str, hint: str = "") -
 
 
 def exception_chain(error: BaseException | None) -> Iterator[BaseException]:
-    """`error` and every error it was raised from or while handling (both links), newest first."""
+    """`error` and every error it was raised from or while handling (both links, depth first)."""
     pending, seen = [error], set()
     while pending:
         error = pending.pop()

@@ -12,8 +12,8 @@ launcher, before handing over to torchrun (`torch.distributed.run.main`, unchang
   (`master_listen_fd`); torchrun's static rendezvous at 127.0.0.1:that port then finds that
   server (a `multi_tenant` store shares the server of its port within a process) rather than
   binding a new one on all interfaces, and the workers join it as clients (the agent's store);
-- points gloo and NCCL at the loopback interface (GLOO_SOCKET_IFNAME, NCCL_SOCKET_IFNAME = lo)
-  unless the user chose an interface.
+- points gloo and NCCL at the loopback interface (GLOO_SOCKET_IFNAME, NCCL_SOCKET_IFNAME = lo,
+  on Linux) unless the user chose an interface.
 
 Several nodes need reachable sockets by nature: ddpm.torchrun runs torchrun itself for them.
 """
@@ -44,16 +44,17 @@ def loopback_store(timeout_seconds: float = 300.0):
 
 
 def main(argv: list[str] | None = None) -> None:
-    from torch.distributed.run import main as torchrun
+    from torch.distributed.run import main as torchrun, parse_args
 
     argv = sys.argv[1:] if argv is None else list(argv)
-    if any(arg.split("=")[0] in ("--standalone", "--nnodes", "--rdzv-endpoint", "--rdzv_endpoint",
-                                  "--rdzv-backend", "--rdzv_backend", "--master-addr", "--master_addr")
-           for arg in argv):
-        raise SystemExit("ddpm.torchrun_loopback runs one node and chooses its own rendezvous: "
-                         "give only --nproc-per-node and the other options")
-    for variable in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
-        os.environ.setdefault(variable, LOOPBACK_INTERFACE)   # the workers inherit them
+    given = parse_args(argv)   # torchrun's own reading of the options (abbreviations, both spellings)
+    if (given.standalone or given.nnodes not in ("1", "1:1") or given.node_rank != 0 or given.rdzv_endpoint
+            or given.rdzv_backend != "static" or given.master_addr != LOOPBACK):
+        raise SystemExit("ddpm.torchrun_loopback runs one node and chooses its own rendezvous: leave out "
+                         "--standalone, --nnodes, --node-rank, --rdzv-* and --master-addr")
+    if sys.platform == "linux":   # the loopback interface's name elsewhere differs (lo0): left to the user
+        for variable in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+            os.environ.setdefault(variable, LOOPBACK_INTERFACE)   # the workers inherit them
     store, port = loopback_store()
     torchrun(["--nnodes", "1", "--node-rank", "0", "--rdzv-backend", "static",
               "--rdzv-endpoint", f"{LOOPBACK}:{port}", *argv])

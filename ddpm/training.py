@@ -41,7 +41,7 @@ from ddpm.checkpoint import (INDEX_BYTES, CheckpointError, ema_weights, latest_v
                              load_checkpoint, save_checkpoint)
 from ddpm.data import BatchLoader, load_prepared, validate_for_model
 from ddpm.diffusion import DiffusionConfig, training_loss
-from ddpm.disk import DiskFull, check_free_space, check_writable, mib, tensor_bytes
+from ddpm.disk import DiskFull, NotWritable, check_free_space, check_writable, mib, tensor_bytes
 from ddpm.posthoc_ema import PowerEMA, drop_snapshots_after, sigma_rel_to_gamma, snapshot_dir
 from ddpm.progress import duration, progress_bar
 from ddpm.stop import STOP_REQUESTED, StopRequested
@@ -177,8 +177,9 @@ class NonFiniteLossError(FloatingPointError):
 
 
 # Errors that a rerun with the same input raises again (bad settings or data, a checkpoint of
-# other settings, a NaN loss, a full disk): retrying them only wastes time.
-REPEATING_ERRORS: tuple[type[BaseException], ...] = (NonFiniteLossError, ValueError, CheckpointError, DiskFull)
+# other settings, a NaN loss, a full disk, a folder it cannot write): retrying them only wastes time.
+REPEATING_ERRORS: tuple[type[BaseException], ...] = (NonFiniteLossError, ValueError, CheckpointError, DiskFull,
+                                                      NotWritable)
 
 
 def checkpoint_disk_need(model_config: UNetConfig, train_config: TrainConfig, checkpoints_on_disk: int = 0,
@@ -206,15 +207,19 @@ def checkpoint_disk_need(model_config: UNetConfig, train_config: TrainConfig, ch
 
 
 def check_checkpoint_dir(checkpoint_dir: Path | str, model_config: UNetConfig, train_config: TrainConfig,
-                         hint: str = "") -> None:
-    """Before training: DiskFull when the disk of `checkpoint_dir` cannot hold what the run's
-    checkpoints still need (`checkpoint_disk_need`, counting those already there), an OSError
-    naming the folder when it cannot be written (the first checkpoint would fail an hour in)."""
+                         hint: str = "; free space or lower train.keep_last", runs: int = 1,
+                         writable: bool = True) -> None:
+    """Before training: DiskFull when the disk of `checkpoint_dir` cannot hold what the checkpoints
+    of `runs` such runs still need (`checkpoint_disk_need`, counting those already there), and
+    (`writable`) NotWritable when the folder cannot be written (the first checkpoint would fail
+    an hour in)."""
     needed, what = checkpoint_disk_need(model_config, train_config, len(list_checkpoints(checkpoint_dir)),
                                         len(list_checkpoints(snapshot_dir(checkpoint_dir))))
-    check_free_space(checkpoint_dir, needed, f"the run's checkpoints in {checkpoint_dir}: {what}",
-                     hint or "; free space or lower train.keep_last")
-    check_writable(checkpoint_dir, "the checkpoint folder")
+    whose = "the run's" if runs == 1 else f"{runs} runs' (each"
+    check_free_space(checkpoint_dir, runs * needed,
+                     f"{whose} checkpoints in {checkpoint_dir}: {what}{')' if runs > 1 else ''}", hint)
+    if writable:
+        check_writable(checkpoint_dir, "the checkpoint folder")
 
 
 @dataclass
@@ -611,7 +616,8 @@ class Trainer:
                   f"every {cfg.posthoc_ema_every} steps: {count} x {size / 2**20:.1f} MiB = "
                   f"{count * size / 2**20:.1f} MiB in {snapshot_dir(self.checkpoint_dir)}", flush=True)
         if self.checkpoint_dir and main and self.step < cfg.steps:   # a full disk said now, not hours later
-            check_checkpoint_dir(self.checkpoint_dir, self.model_config, self.config)
+            check_checkpoint_dir(self.checkpoint_dir, self.model_config, self.config,
+                                 **({"hint": "; free space"} if resumed_from is not None else {}))   # settings are fixed now
         barrier()  # every rank has loaded before any trains
         end = min(stop_at or cfg.steps, cfg.steps)
         result = TrainResult(step=self.step, final_loss=float("nan"), images_per_second=0.0, resumed_from=resumed_from)

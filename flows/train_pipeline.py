@@ -33,6 +33,7 @@ from tasks.serving import log_ddpm_model
 from tasks.train import train_model
 
 ExperimentName = Annotated[str, Field(min_length=1, description="MLflow experiment")]
+NEARLY_FULL_BYTES = 64 << 20   # below this, a full disk met in a run is said to be DDPM_HOME's
 
 
 def start_run(experiment: str, run_name: str | None, params: dict, tags: dict | None = None) -> str:
@@ -67,10 +68,13 @@ def check_config(config: PipelineConfig) -> None:
         check_compiler(resolve_device(train.device))
 
 
-def check_disk_space(config: PipelineConfig) -> None:
-    """DiskFull, before a new run exists, when DDPM_HOME's disk cannot hold the run's checkpoints
-    at its retention (a resume is checked by the Trainer, counting the checkpoints it has)."""
-    check_checkpoint_dir(settings.ddpm_home() / "runs", config.model, config.train,
+def check_disk_space(config: PipelineConfig, runs: int = 1) -> None:
+    """DiskFull, before new runs exist, when DDPM_HOME's disk cannot hold the checkpoints of
+    `runs` runs of `config` at its retention (compare trains one per schedule, and all are kept;
+    a resume is checked by the Trainer, counting the checkpoints it has)."""
+    # space only: the run's own folder is made, and checked writable by the Trainer, once the run
+    # exists (a failure there is the run's, FAILED with its reason)
+    check_checkpoint_dir(settings.ddpm_home() / "runs", config.model, config.train, runs=runs, writable=False,
                          hint="; free space, keep fewer checkpoints (--set train.keep_last=1) or set DDPM_HOME "
                               "to a larger disk")
 
@@ -94,10 +98,12 @@ def disk_full_resumable(run_id: str) -> Iterator[None]:
         cause = full_disk_error(error)
         if cause is None:
             raise
-        if not isinstance(cause, DiskFull):   # sqlite's, or the C library's, words: say where
+        if not isinstance(cause, DiskFull):   # sqlite's, the C library's, or a worker's DiskFull as text
+            text = one_line(str(cause).split("\n", 1)[0] or cause)
             home = settings.ddpm_home()
-            cause = (f"the disk holding {home} is full ({mib(free_bytes(home))} free): "
-                     f"{one_line(str(cause).splitlines()[0] if str(cause) else cause)[:160]}")
+            where = (f"the disk holding {home} is full ({mib(free_bytes(home))} free)"
+                     if free_bytes(home) < NEARLY_FULL_BYTES else "a disk is full")
+            cause = text if "diskfull:" in text.lower() else f"{where}: {text}"
         raise DiskFull(f"{cause}. Free space, then continue the run: ddpm train --resume {run_id}") from error
 
 

@@ -88,10 +88,10 @@ def client() -> MlflowClient:
     return mlflow_client
 
 
-def ui_url(base: str, experiment: str, run_id: str | None = None) -> str:
-    """The MLflow UI's page of `experiment` (an id), or of one of its runs, at `base` (the UI's or
-    the tracking server's http address), opening in the model-training view."""
-    page = f"{base.rstrip('/')}/#/experiments/{experiment}"
+def ui_url(base: str, experiment_id: str, run_id: str | None = None) -> str:
+    """The MLflow UI's page of an experiment, or of one of its runs, at `base` (the UI's or the
+    tracking server's http address), opening in the model-training view."""
+    page = f"{base.rstrip('/')}/#/experiments/{experiment_id}"
     return f"{page}/runs/{run_id}?{contract.UI_TRAINING_VIEW}" if run_id else f"{page}?{contract.UI_TRAINING_VIEW}"
 
 

@@ -98,6 +98,8 @@ def test_disk_full_is_recognised_through_the_layers_that_reword_it():
         assert is_disk_full(error)
     assert is_disk_full(OSError(errno.ENOSPC, "No space left on device"))
     assert is_disk_full(DiskFull("x")) and isinstance(DiskFull("x"), OSError)
+    import pickle   # it crosses processes (Dask workers) whole
+    assert str(pickle.loads(pickle.dumps(DiskFull("the disk is full")))) == "the disk is full"
     assert is_disk_full(RuntimeError("training process rank 1 of 2 failed: DiskFull: not enough disk space ..."))
     assert not is_disk_full(OSError(errno.EACCES, "Permission denied"))
 

@@ -55,8 +55,10 @@ def blocks(document: str) -> list[dict]:
         if match.group(1) not in RUNNABLE:
             continue
         line = text[:match.start()].count("\n") + 1
-        before = text[:match.start()].rstrip("\n").rsplit("\n", 1)[-1]
-        after = text[match.end():].lstrip("\n").split("\n", 1)[0]
+        # the line right before the fence, or right after it: never across a blank line, so a
+        # block cannot borrow the marker of the next one
+        before = text[:match.start()].removesuffix("\n").rsplit("\n", 1)[-1]
+        after = text[match.end():].removeprefix("\n").split("\n", 1)[0]
         marker = MARKER.search(before) or MARKER.search(after)
         found.append({"language": match.group(1), "code": match.group(2), "line": line,
                       "mode": None if marker is None else marker.group(1).split()[0].rstrip(":"),
@@ -97,22 +99,35 @@ def wait_for(url: str, process: subprocess.Popen, seconds: float = 120) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         assert process.poll() is None, f"the server exited with {process.returncode} before {url} answered"
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except OSError:
-            time.sleep(0.5)
+        if answers(url):
+            return
+        time.sleep(0.5)
     raise AssertionError(f"{url} did not answer within {seconds} s")
 
 
 def stop(process: subprocess.Popen | None) -> None:
-    if process is not None and process.poll() is None:
-        os.killpg(process.pid, 15)   # the block's whole process group (mlflow's server has a uvicorn child)
+    """End a background block's whole process group (mlflow's server has a uvicorn child, which
+    may outlive its parent)."""
+    if process is None:
+        return
+    for signal_number in (15, 9):
+        try:
+            os.killpg(process.pid, signal_number)
+        except ProcessLookupError:
+            return
         try:
             process.wait(30)
+            time.sleep(1)   # the group's other members, after the leader
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, 9)
-            process.wait()
+            continue
+
+
+def answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2):
+            return True
+    except OSError:
+        return False
 
 
 @pytest.mark.slow
@@ -134,6 +149,7 @@ def test_the_commands_of_a_document_work_as_written(document, tmp_path):
                 [str(checkout / ".venv" / "bin" / "python"), "-c", block["code"]]
             if block["mode"] == "background":
                 stop(server)
+                assert not answers(block["url"]), f"{where}: something else already answers {block['url']}"
                 server = subprocess.Popen(command, cwd=checkout, env=env, stdout=subprocess.DEVNULL,
                                           stderr=subprocess.DEVNULL, start_new_session=True)
                 wait_for(block["url"], server)

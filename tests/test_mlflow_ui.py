@@ -23,11 +23,13 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def rendered_text(url: str) -> str:
-    """The page's DOM once its scripts ran (Chromium's --dump-dom after 25 s of virtual time)."""
+def rendered_text(url: str, profile) -> str:
+    """The page's DOM once its scripts ran (Chromium's --dump-dom after 25 s of virtual time), in a
+    fresh browser profile: nothing the UI stored in an earlier page decides this one."""
     done = subprocess.run([CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1500,900",
-                           "--virtual-time-budget=25000", "--dump-dom", url],
+                           f"--user-data-dir={profile}", "--virtual-time-budget=25000", "--dump-dom", url],
                           capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0 and done.stdout, f"Chromium failed ({done.returncode}): {done.stderr[-2000:]}"
     return done.stdout
 
 
@@ -58,12 +60,17 @@ def test_the_pipeline_s_link_opens_the_experiment_in_the_training_view(mlflow_st
             except OSError:
                 assert server.poll() is None and time.monotonic() < deadline, "mlflow ui did not start"
                 time.sleep(0.5)
-        training = rendered_text(tracking.ui_url(base, experiment))
+        training = rendered_text(tracking.ui_url(base, experiment), tmp_path / "profile-1")
         assert "a-training-run" in training and "Model registry" in training   # the runs table, classic nav
         assert "Evaluation runs" not in training and "Judges" not in training
-        # the same experiment without the link's choice: MLflow's GenAI view (the row the issue reported)
-        default = rendered_text(f"{base}/#/experiments/{experiment}")
+        # the same experiment without the link's choice: MLflow's GenAI view (the row the issue
+        # reported). This pins MLflow's default: if a later MLflow opens training experiments in
+        # their view by itself, this half fails and the link's parameter can go
+        default = rendered_text(f"{base}/#/experiments/{experiment}", tmp_path / "profile-2")
         assert "Evaluation runs" in default and "a-training-run" not in default
     finally:
-        os.killpg(server.pid, 15)
+        try:
+            os.killpg(server.pid, 15)
+        except ProcessLookupError:
+            pass
         server.wait(30)

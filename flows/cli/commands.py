@@ -73,15 +73,15 @@ def validated(flow, kwargs: dict) -> dict:
         prefect_logger.setLevel(level)
 
 
-def preflight(flow, kwargs: dict) -> None:
+def preflight(flow, kwargs: dict, runs: int = 1) -> None:
     """The flow's parameter validation and the pipeline's checks that need no data, before
-    Prefect starts (seconds, not a training)."""
+    Prefect starts (seconds, not a training); disk space for `runs` runs."""
     from flows.train_pipeline import check_config, check_disk_space
 
     validated(flow, kwargs)
     config = config_of(kwargs)
     check_config(config)
-    check_disk_space(config)
+    check_disk_space(config, runs)
 
 
 def show_config(kwargs: dict) -> None:
@@ -171,7 +171,8 @@ def compare(args) -> None:
         given = {**defaults, **kwargs}
         configs = schedule_configs(given["schedules"], given["num_timesteps"], config_of(given))
         return show_config({**kwargs, "diffusion": {name: c.diffusion for name, c in configs.items()}})
-    preflight(flow, kwargs)
+    schedules = kwargs.get("schedules") or inspect.signature(flow.fn).parameters["schedules"].default
+    preflight(flow, kwargs, runs=len(schedules))   # one run per schedule, all kept
     table = run_flow(flow, **kwargs)
     # every row and column as JSON, like the other commands (str() of a DataFrame cuts it to the terminal)
     print_json(table.to_dict(orient="records"))

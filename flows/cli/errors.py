@@ -43,10 +43,11 @@ def one_line(error: BaseException) -> str:
 
 
 class WithoutTraceback(logging.Formatter):
-    """Formats a record as `inner` does, minus its traceback and all but the first line of its
-    message: on the terminal a failing flow prints one line naming the problem, not Prefect's
-    30-180 lines of frames, nor the SQL and parameters that MLflow's store logs with a database
-    error (the log file keeps them whole)."""
+    """Formats a record as `inner` does, minus its traceback and, for a warning or an error, all
+    but the first line of its message: on the terminal a failing flow prints one line naming the
+    problem, not Prefect's 30-180 lines of frames, nor the SQL and parameters of a database error
+    (the log file keeps the root logger's records whole). Information (a flow's printed summary)
+    stays whole."""
 
     def __init__(self, inner: logging.Formatter | None):
         super().__init__()
@@ -54,7 +55,8 @@ class WithoutTraceback(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         message = record.getMessage()
-        if record.exc_info or record.exc_text or record.stack_info or "\n" in message:
+        if record.exc_info or record.exc_text or record.stack_info or (
+                record.levelno >= logging.WARNING and "\n" in message):
             record = logging.makeLogRecord({**record.__dict__, "msg": message.split("\n", 1)[0], "args": None,
                                             "exc_info": None, "exc_text": None, "stack_info": None})
         return self.inner.format(record)
@@ -80,7 +82,7 @@ def quiet_tracebacks(log_file: Path) -> None:
     # printing "--- Logging error ---" and a traceback for each, thousands of lines on a full disk
     logging.raiseExceptions = False
     # MLflow's store logs each database error it then raises ("SQLAlchemy database error. The
-    # following exception is caught."): the raised error is reported, once
+    # following exception is caught."): the raised error is reported, once (and --verbose keeps it)
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     root = logging.getLogger()
     for handler in _stream_handlers():
