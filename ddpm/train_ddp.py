@@ -26,11 +26,10 @@ import sys
 from pathlib import Path
 
 from ddpm.diffusion import DiffusionConfig
-from ddpm.disk import is_disk_full
 from ddpm.errors import one_line
 from ddpm.distributed import DistributedContext, cleanup, init_distributed, launched_by_torchrun
 from ddpm.torchrun import emit_event, parent_death_signal
-from ddpm.training import REPEATING_ERRORS, TrainConfig, check_device, dataset_trainer, resolve_device
+from ddpm.training import REPEATING_ERRORS, TrainConfig, check_device, dataset_trainer, is_repeating, resolve_device
 from ddpm.unet import PRESETS, UNetConfig, preset
 
 
@@ -98,8 +97,7 @@ def _train(args) -> int:
     except BaseException as error:
         if args.events and not isinstance(error, KeyboardInterrupt):
             emit_event("error", rank=int(os.environ.get("RANK", ctx.rank)), type=type(error).__name__,
-                       message=str(error).split("\n")[0],
-                       retryable=not (isinstance(error, REPEATING_ERRORS) or is_disk_full(error)))
+                       message=str(error).split("\n")[0], retryable=not is_repeating(error))
         raise
     finally:
         cleanup()

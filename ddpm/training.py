@@ -41,7 +41,7 @@ from ddpm.checkpoint import (INDEX_BYTES, CheckpointError, ema_weights, latest_v
                              load_checkpoint, save_checkpoint)
 from ddpm.data import BatchLoader, load_prepared, validate_for_model
 from ddpm.diffusion import DiffusionConfig, training_loss
-from ddpm.disk import DiskFull, NotWritable, check_free_space, check_writable, mib, tensor_bytes
+from ddpm.disk import DiskFull, NotWritable, check_free_space, check_writable, is_disk_full, mib, tensor_bytes
 from ddpm.posthoc_ema import PowerEMA, drop_snapshots_after, sigma_rel_to_gamma, snapshot_dir
 from ddpm.progress import duration, progress_bar
 from ddpm.stop import STOP_REQUESTED, StopRequested
@@ -143,6 +143,11 @@ class TrainConfig(BaseModel):
         return -(-self.steps // self.posthoc_ema_snapshots)
 
     @property
+    def posthoc_ema_snapshot_count(self) -> int:
+        """Snapshots a whole run writes: every multiple of posthoc_ema_every, and the last step."""
+        return -(-self.steps // self.posthoc_ema_every)
+
+    @property
     def effective_warmup_steps(self) -> int:
         """The warm-up the schedule uses: warmup_steps, at most WARM_START_WARMUP_STEPS for a warm
         start (trained weights need no long warm-up; that of a random init only wastes steps)."""
@@ -182,6 +187,12 @@ REPEATING_ERRORS: tuple[type[BaseException], ...] = (NonFiniteLossError, ValueEr
                                                       NotWritable)
 
 
+def is_repeating(error: BaseException) -> bool:
+    """Whether a rerun would fail the same way: one of REPEATING_ERRORS, or a full disk met in a
+    layer that does not raise DiskFull (the MLflow store's sqlite, a raw ENOSPC)."""
+    return isinstance(error, REPEATING_ERRORS) or is_disk_full(error)
+
+
 def checkpoint_disk_need(model_config: UNetConfig, train_config: TrainConfig, checkpoints_on_disk: int = 0,
                          snapshots_on_disk: int = 0) -> tuple[int, str]:
     """(bytes, what) the run's checkpoints still need on disk at its retention: a checkpoint holds
@@ -200,7 +211,7 @@ def checkpoint_disk_need(model_config: UNetConfig, train_config: TrainConfig, ch
     needed, what = new_checkpoints * checkpoint, f"{new_checkpoints} checkpoint(s) of {mib(checkpoint)} " \
                                                  f"(train.keep_last {train_config.keep_last})"
     if train_config.posthoc_ema:
-        snapshots = max(0, -(-train_config.steps // train_config.posthoc_ema_every) - snapshots_on_disk)
+        snapshots = max(0, train_config.posthoc_ema_snapshot_count - snapshots_on_disk)
         needed += snapshots * (posthoc + INDEX_BYTES)
         what += f" and {snapshots} post-hoc EMA snapshot(s) of {mib(posthoc + INDEX_BYTES)}"
     return needed, what
@@ -215,9 +226,9 @@ def check_checkpoint_dir(checkpoint_dir: Path | str, model_config: UNetConfig, t
     an hour in)."""
     needed, what = checkpoint_disk_need(model_config, train_config, len(list_checkpoints(checkpoint_dir)),
                                         len(list_checkpoints(snapshot_dir(checkpoint_dir))))
-    whose = "the run's" if runs == 1 else f"{runs} runs' (each"
+    whose = "the run's" if runs == 1 else f"{runs} runs'"
     check_free_space(checkpoint_dir, runs * needed,
-                     f"{whose} checkpoints in {checkpoint_dir}: {what}{')' if runs > 1 else ''}", hint)
+                     f"{whose} checkpoints in {checkpoint_dir}: {what}{' each' if runs > 1 else ''}", hint)
     if writable:
         check_writable(checkpoint_dir, "the checkpoint folder")
 
@@ -610,7 +621,7 @@ class Trainer:
             # snapshots written after the checkpoint resumed from (or by a run that never saved
             # one) are written again by this run, identically
             drop_snapshots_after(self.checkpoint_dir, self.step)
-            count = -(-cfg.steps // cfg.posthoc_ema_every)   # every multiple, and the last step
+            count = cfg.posthoc_ema_snapshot_count
             size = self.posthoc.snapshot_bytes()
             print(f"post-hoc EMA: widths {', '.join(f'{s:g}' for s in cfg.posthoc_ema_sigma_rels)}, a snapshot "
                   f"every {cfg.posthoc_ema_every} steps: {count} x {size / 2**20:.1f} MiB = "

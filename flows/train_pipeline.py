@@ -101,8 +101,9 @@ def disk_full_resumable(run_id: str) -> Iterator[None]:
         if not isinstance(cause, DiskFull):   # sqlite's, the C library's, or a worker's DiskFull as text
             text = one_line(str(cause).split("\n", 1)[0] or cause)
             home = settings.ddpm_home()
-            where = (f"the disk holding {home} is full ({mib(free_bytes(home))} free)"
-                     if free_bytes(home) < NEARLY_FULL_BYTES else "a disk is full")
+            free = free_bytes(home)
+            where = (f"the disk holding {home} is full ({mib(free)} free)" if free < NEARLY_FULL_BYTES
+                     else "a disk is full")
             cause = text if "diskfull:" in text.lower() else f"{where}: {text}"
         raise DiskFull(f"{cause}. Free space, then continue the run: ddpm train --resume {run_id}") from error
 
@@ -150,13 +151,12 @@ def run_pipeline(
     check_evaluation(fid_extractor, dataset, sampling.num_images)
     validate_for_model(dataset, model.image_size, model.in_channels, model.num_classes)
     check_batch_fits(config.train, dataset.manifest)
-    if not resume_run_id:
-        check_disk_space(config)
     if resume_run_id:
         run = tracking.reopen_run(resume_run_id, force=force_resume)
         run_id = run.info.run_id
         print(f"resuming MLflow run {run_id} from its newest valid checkpoint")
     else:
+        check_disk_space(config)
         run_tags = {contract.DATASET_FINGERPRINT_TAG: dataset.fingerprint, contract.SCHEDULE_TAG: config.diffusion.schedule,
                     contract.CONDITIONAL_TAG: str(model.num_classes is not None).lower(), **(tags or {})}
         if parent_run_id:

@@ -22,9 +22,8 @@ from prefect.logging import get_run_logger
 
 from ddpm.checkpoint import list_checkpoints
 from ddpm.diffusion import DiffusionConfig
-from ddpm.disk import is_disk_full
 from ddpm.torchrun import TrainingProcessError, check_num_processes, train_under_torchrun
-from ddpm.training import REPEATING_ERRORS, TrainConfig, dataset_trainer
+from ddpm.training import TrainConfig, dataset_trainer, is_repeating
 from ddpm.unet import UNet, UNetConfig, count_parameters
 from ddpm.utilisation import training_utilisation
 from tasks import contract, plots, tracking
@@ -39,10 +38,8 @@ def _retry_unless_deterministic(task, task_run, state) -> bool:
         state.result()
     except TrainingProcessError as error:
         return error.retryable
-    except REPEATING_ERRORS:
-        return False
-    except Exception as error:   # the MLflow store on a full disk fails the same way again
-        return not is_disk_full(error)
+    except Exception as error:
+        return not is_repeating(error)
     return False
 
 

@@ -163,16 +163,15 @@ def train(args) -> None:
 def compare(args) -> None:
     flow = lazy_flow("flows.compare_schedules", "compare_schedules", args)
     kwargs = pipeline_arguments(flow, args)
+    defaults = {name: p.default for name, p in inspect.signature(flow.fn).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    given = {**defaults, **kwargs}
     if args.show_config:   # with each schedule's diffusion settings, as the flow will build them
         from flows.compare_schedules import schedule_configs
 
-        defaults = {name: p.default for name, p in inspect.signature(flow.fn).parameters.items()
-                    if p.default is not inspect.Parameter.empty}
-        given = {**defaults, **kwargs}
         configs = schedule_configs(given["schedules"], given["num_timesteps"], config_of(given))
         return show_config({**kwargs, "diffusion": {name: c.diffusion for name, c in configs.items()}})
-    schedules = kwargs.get("schedules") or inspect.signature(flow.fn).parameters["schedules"].default
-    preflight(flow, kwargs, runs=len(schedules))   # one run per schedule, all kept
+    preflight(flow, kwargs, runs=len(given["schedules"]))   # one run per schedule, all kept
     table = run_flow(flow, **kwargs)
     # every row and column as JSON, like the other commands (str() of a DataFrame cuts it to the terminal)
     print_json(table.to_dict(orient="records"))
