@@ -402,16 +402,11 @@ def test_folder_with_class_subfolders_sizes_and_policies(tmp_path):
 
 # ---------------------------------------------------------------------------- bad input
 
-def _truncated_png(folder: Path) -> None:
-    write_png(folder / "ok.png", (8, 8), (1, 2, 3))
+def write_truncated_png(path: Path) -> None:
+    """A PNG cut in half: its header reads, its pixels do not."""
     full = io.BytesIO()
     Image.effect_noise((64, 64), 50).save(full, format="PNG")
-    (folder / "broken.png").write_bytes(full.getvalue()[: len(full.getvalue()) // 2])
-
-
-def _unreadable(folder: Path) -> None:
-    write_png(folder / "ok.png", (8, 8), (1, 2, 3))
-    (folder / "garbage.jpg").write_bytes(b"not a jpeg at all")
+    path.write_bytes(full.getvalue()[: len(full.getvalue()) // 2])
 
 
 def _mixed(folder: Path) -> None:
@@ -419,24 +414,31 @@ def _mixed(folder: Path) -> None:
     write_png(folder / "b.png", (28, 28), (0, 0, 0))
 
 
-def _one_pixel(folder: Path) -> None:
-    write_png(folder / "a.png", (16, 16), (0, 0, 0))
+def _no_images(folder: Path) -> None:
+    (folder / "readme.txt").write_text("no pictures here")
+
+
+def _nothing_usable(folder: Path) -> None:
+    (folder / "garbage.jpg").write_bytes(b"not a jpeg at all")
     write_png(folder / "dot.png", (1, 1), (9, 9, 9))
 
 
-def _no_images(folder: Path) -> None:
-    (folder / "readme.txt").write_text("no pictures here")
+def _loop(folder: Path) -> None:
+    write_png(folder / "a" / "x.png", (8, 8), (1, 2, 3))
+    (folder / "a" / "again").symlink_to(folder)
 
 
 @pytest.mark.parametrize("make, resize, message", [
     (None, "center_crop", r"folder .*missing does not exist"),
     (lambda f: None, "center_crop", r"folder .* is empty"),
     (_no_images, "center_crop", r"no PNG/JPEG image files in .*\(1 other files, e\.g\. readme\.txt\)"),
-    (_truncated_png, "center_crop", r"cannot read image .*broken\.png"),
-    (_unreadable, "center_crop", r"cannot read image .*garbage\.jpg"),
+    (_nothing_usable, "center_crop", r"none of the 2 image files in .* can be used, e\.g\. dot\.png is 1x1: "
+                                     r"smaller than 4 px"),
+    (_nothing_usable, "none", r"none of the 2 image files in .* can be used, e\.g\. dot\.png is 1x1"),
     (_mixed, "none", r"mixed sizes 16x16 \(e\.g\. a\.png\), 28x28 \(e\.g\. b\.png\) and resize='none'"),
-    (_one_pixel, "resize", r"image .*dot\.png is 1x1: smaller than 4 px"),
-], ids=["missing", "empty", "no-images", "truncated", "unreadable", "mixed-sizes", "one-pixel"])
+    (_loop, "center_crop", r"a/again is a symbolic link to .*missing, a folder that contains it: following it "
+                           r"would loop; remove the link"),
+], ids=["missing", "empty", "no-images", "nothing-usable", "nothing-usable-none", "mixed-sizes", "link-loop"])
 def test_bad_folders_raise_clear_errors_and_leave_nothing(tmp_path, make, resize, message):
     folder = tmp_path / "missing"
     if make is not None:
@@ -446,6 +448,85 @@ def test_bad_folders_raise_clear_errors_and_leave_nothing(tmp_path, make, resize
     with pytest.raises(DataError, match=message):
         prepare_dataset(DataConfig(source=f"folder:{folder}", resize=resize), out)
     assert no_output(out)
+
+
+@pytest.mark.parametrize("resize", ["center_crop", "none"])
+def test_unusable_images_are_skipped_listed_in_the_manifest_and_warned_once(tmp_path, resize):
+    """One bad file in a nightly folder must not fail the whole preparation: truncated, not an
+    image, too small, a dangling link are each skipped with their reason; what is prepared is
+    exactly the folder without them (same fingerprint)."""
+    clean, dirty = tmp_path / "clean", tmp_path / "dirty"
+    write_digit_pngs(clean, range(40))
+    write_digit_pngs(dirty, range(40))
+    write_truncated_png(dirty / "broken.png")
+    (dirty / "garbage.jpg").write_bytes(b"not a jpeg at all")
+    write_png(dirty / "dot.png", (1, 1), (9, 9, 9))
+    (dirty / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    config = DataConfig(source=f"folder:{dirty}", image_size=8, resize=resize)
+    with pytest.warns(UserWarning) as caught:
+        data = load_prepared(prepare_dataset(config, tmp_path / "out"))
+    (warning,) = [str(w.message) for w in caught if "skipped" in str(w.message)]
+    assert "\n" not in warning and warning.startswith(f"skipped 4 of 44 image files in {dirty}: broken.png ")
+    assert "and 3 more (the prepared manifest's skipped_files lists them)" in warning
+    skipped = {entry["file"]: entry["reason"] for entry in data.manifest["skipped_files"]}
+    assert sorted(skipped) == ["broken.png", "dot.png", "garbage.jpg", "gone.png"]
+    assert skipped["dot.png"] == "is 1x1: smaller than 4 px on a side, too small to train on"
+    assert all(skipped[name].startswith("cannot be read: ") for name in ("broken.png", "garbage.jpg", "gone.png"))
+    reference = load_prepared(prepare_dataset(config.model_copy(update={"source": f"folder:{clean}"}), tmp_path / "c"))
+    assert data.manifest["count"] == 40 and data.fingerprint == reference.fingerprint
+    assert reference.manifest["skipped_files"] == []
+    # the identity (the preparation's cache key) is deterministic with unreadable entries in the listing
+    from ddpm.data import source_identity
+    assert source_identity(config.source, tmp_path) == source_identity(config.source, tmp_path)
+
+
+def test_symlinked_class_folders_are_followed(tmp_path):
+    """Path.rglob does not follow a link to a folder: class `b` (a link) would silently be missing."""
+    root, elsewhere = tmp_path / "imgs", tmp_path / "elsewhere"
+    for name, indices in (("a", range(0, 10)), ("c", range(20, 30))):
+        write_digit_pngs(root / name, indices)
+    write_digit_pngs(elsewhere / "bees", range(10, 20))
+    (root / "b").symlink_to(elsewhere / "bees")
+    data = load_prepared(prepare_dataset(DataConfig(source=f"folder:{root}", image_size=8, resize="none"),
+                                         tmp_path / "out"))
+    assert data.manifest["class_names"] == ["a", "b", "c"] and data.manifest["count"] == 30
+    assert sorted(data.labels.tolist()) == [0] * 10 + [1] * 10 + [2] * 10
+    # two links to one folder are two folders (as two copies would be), not a loop
+    (root / "d").symlink_to(elsewhere / "bees")
+    twice = load_prepared(prepare_dataset(DataConfig(source=f"folder:{root}", image_size=8, resize="none"),
+                                          tmp_path / "out"))
+    assert twice.manifest["class_names"] == ["a", "b", "c", "d"] and twice.manifest["count"] == 40
+
+
+def test_an_image_replaced_with_the_same_size_and_mtime_is_seen_only_with_verify_content(tmp_path, monkeypatch):
+    """The stat identity's trade-off, and DDPM_VERIFY_CONTENT=1, which hashes the files' bytes."""
+    from sklearn.datasets import load_digits
+
+    from ddpm.data import source_identity
+
+    root = tmp_path / "imgs"
+    write_digit_pngs(root, range(10))
+    target = root / "digit-0003.png"
+    stat = target.stat()
+    for image in np.rint(load_digits().images[10:] * (255.0 / 16.0)).astype(np.uint8):   # another digit, same size
+        encoded = io.BytesIO()
+        Image.fromarray(image, mode="L").save(encoded, format="PNG")
+        if len(encoded.getvalue()) == stat.st_size and encoded.getvalue() != target.read_bytes():
+            break
+    else:
+        pytest.fail("no other digit's PNG has the same size")
+    identity = {}
+    for verify in ("0", "1"):
+        monkeypatch.setenv("DDPM_VERIFY_CONTENT", verify)
+        identity[verify] = source_identity(f"folder:{root}", tmp_path)
+    target.write_bytes(encoded.getvalue())
+    os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert (target.stat().st_size, target.stat().st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
+    monkeypatch.setenv("DDPM_VERIFY_CONTENT", "0")
+    assert source_identity(f"folder:{root}", tmp_path) == identity["0"]   # invisible to a stat listing
+    monkeypatch.setenv("DDPM_VERIFY_CONTENT", "1")
+    after = source_identity(f"folder:{root}", tmp_path)
+    assert after != identity["1"] and after["listing"] == "content" and identity["0"] != identity["1"]
 
 
 def test_16_bit_png_keeps_its_gray_levels(tmp_path):

@@ -6,6 +6,7 @@ Layout of a prepared dataset (out_dir/<kind>-<S>x<S>x<C>-<hash12>/):
                  content_hashes uint8 (N, 16): the first 16 bytes of sha256 of each fitted image's
                  bytes (absent from folders prepared before it existed; not in the fingerprint)
   manifest.json  source, source identity, image size, channels, counts, split sizes, class names,
+                 the files the source skipped and why (`skipped_files`: a folder's unreadable images),
                  the config, and the sha256 fingerprint of the content
 The folder is written under a temporary name in out_dir and renamed at the end, so a failure
 leaves nothing behind and a reader never sees a half-written dataset. Each folder a
@@ -294,7 +295,8 @@ def prepare_dataset(config: DataConfig, out_dir: Path, *, download_dir: Path | N
         "count": int(len(data.images)),
         "splits": {"train": int(len(train)), "holdout": int(len(holdout))},
         "has_labels": data.labels is not None,
-        "class_names": data.class_names,
+        "class_names": data.class_names,   # labels are positions in it: retraining compares names (flows.retrain)
+        "skipped_files": data.skipped,
         "config": config.model_dump(mode="json"),
         "fingerprint": fingerprint(data.images, data.labels, train, holdout),
     }

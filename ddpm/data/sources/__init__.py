@@ -13,8 +13,10 @@ Source strings (DataConfig.source):
                       folder holding it, or the extracted cifar-10-batches-py folder); all
                       batches present are used (data_batch_1..5 then test_batch). Downloaded
                       when absent. Without PATH: <download_dir>/cifar10.
-  - "folder:DIR"      PNG/JPEG files in DIR (recursively). When every image sits in an immediate
-                      sub-folder, the sub-folder names are the classes (sorted) and give labels.
+  - "folder:DIR"      PNG/JPEG files in DIR (recursively, symbolic links to folders followed).
+                      When every image sits in an immediate sub-folder, the sub-folder names are
+                      the classes (sorted) and give labels. A file that cannot be used (unreadable,
+                      truncated, too small) is skipped, listed in the manifest's `skipped_files`.
 
 Default split (Source.default_split, DataConfig.split when not given): "content" for a folder,
 which grows (its train images stay in train as images are added), "random" for the fixed sets.
@@ -78,7 +80,8 @@ def source_identity(source: str, download_dir: Path, checksums: dict | None = No
     """What identifies the source's content without reading it all.
 
     A file with an expected md5 is identified by that md5 (it is verified on read, so a changed
-    file fails loudly); other files by name, size and mtime. Files still to be downloaded are
+    file fails loudly); other files by name, size and mtime (a folder's by the sha256 of their
+    bytes with DDPM_VERIFY_CONTENT=1: see sources/folder.py). Files still to be downloaded are
     identified by their expected md5s, so the identity is the same before and after download.
     """
     kind, path = parse_source(source)

@@ -23,6 +23,7 @@ class SourceData:
     class_names: list[str] | None
     details: dict = field(default_factory=dict)   # what was read (files, splits), for the manifest
     official_holdout: np.ndarray | None = None   # bool (N,): in the source's own test split; None: it has none
+    skipped: list[dict] = field(default_factory=list)   # files left out, [{"file", "reason"}], for the manifest
 
 
 
