@@ -9,6 +9,15 @@ and the MLflow run's tags `retrain.decision`, `retrain.reason`, `retrain.based_o
                                                                   then the recipe's schedule and steps);
                                                                   `init="scratch"` trains from nothing
     the configuration changed                                  -> from scratch
+    the classes changed (a class-conditional model: a class    -> from scratch, `model.num_classes` from the
+    sub-folder removed, added or renamed)                         data: labels are positions in the sorted
+                                                                  class names, so after a change the
+                                                                  champion's label k means another class
+
+Classes are compared by name: the reference run's tag `dataset.class_names` (tasks.data), else the
+manifest of its prepared data; a class-conditional reference whose names are known by neither
+trains from scratch too. A retrain that was already tried (the same configuration on the same data
+from the same reference, and it lost) is not trained again unless `force`d.
 
 The reference it compares with is the champion of the registered model `promote_to` (its source
 run), else the best FINISHED run of the experiment (`best_run_config`), else the pipeline's
@@ -21,17 +30,18 @@ champion alias (tasks.registry.promote_best: a head-to-head on the new data, bey
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Literal
 
 from prefect import flow
 
-from ddpm.data import DataConfig, read_manifest
+from ddpm.data import DataConfig, DataError, read_manifest
 from ddpm.training import PLACEMENT_FIELDS, TrainConfig
 from flows.train_pipeline import ExperimentName, run_pipeline, start_run
 from tasks import contract, settings, tracking
 from tasks.config import DEFAULTS, PipelineConfig, overlay
-from tasks.data import prepare_data
+from tasks.data import DATASET_CLASS_NAMES_TAG, class_names_tag, prepare_data, tagged_class_names
 from tasks.registry import ChallengeRule, champion_bundle, comparable_runs, current_champion, promote_best
 
 # TrainConfig fields that do not make two configurations different for retraining: where a run
@@ -105,10 +115,67 @@ def previous_attempt(experiment: str, reference, config: PipelineConfig, fingerp
     return None
 
 
+def reference_class_names(run) -> list[str] | dict | None:
+    """The class names of the data `run` trained on (labels are positions in them): its tag
+    `dataset.class_names` (tasks.data.tagged_class_names), else the manifest of its prepared data (runs
+    logged before the tag); LookupError naming what is missing when neither is there."""
+    try:
+        return tagged_class_names(run.data.tags)
+    except LookupError:
+        pass
+    path = run.data.tags.get(contract.DATASET_PATH_TAG)
+    if path:
+        try:
+            return read_manifest(Path(path)).get("class_names")
+        except DataError:
+            pass
+    raise LookupError(f"run {run.info.run_id} records no class names (no tag {DATASET_CLASS_NAMES_TAG}, and its "
+                      f"prepared data {path or '(untagged)'} is gone)")
+
+
+def _some(names: list[str], most: int = 5) -> str:
+    shown = ", ".join(repr(name) for name in names[:most])
+    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def class_difference(old: list[str] | dict | None, new: list[str] | None) -> str | None:
+    """How the data's class names `new` differ from `old` (reference_class_names), in words; None
+    when they are the same."""
+    if isinstance(old, dict):   # a long list, recorded by its count and hash
+        if json.loads(class_names_tag(new)) == old:
+            return None
+        return f"the names of its {old['count']} classes are not the data's {len(new or [])}"
+    if old == new:
+        return None
+    if old is None:
+        return f"it had no labels, the data has {len(new)} classes"
+    if new is None:
+        return f"it had {len(old)} classes, the data has no labels"
+    removed = [name for name in old if name not in set(new)]
+    added = [name for name in new if name not in set(old)]
+    moved = sum(1 for i, name in enumerate(old) if name in set(new) and new.index(name) != i)
+    parts = [f"removed {_some(removed)}"] if removed else []
+    parts += [f"added {_some(added)}"] if added else []
+    parts += [f"{moved} other class(es) at another label"] if moved else []
+    return "; ".join(parts) or "the same names in another order"
+
+
+def with_data_classes(config: PipelineConfig, class_names: list[str] | None) -> PipelineConfig:
+    """`config` with a class-conditional model's `num_classes` set to the data's class count (the
+    rule of `ddpm train --conditional`); unchanged for an unconditional model or unlabelled data."""
+    if config.model.num_classes is None or not class_names or len(class_names) == config.model.num_classes:
+        return config
+    # a class added or removed makes a new model, trained from scratch (retrain_decision), rather
+    # than a DataError asking for num_classes=11 every night
+    model = type(config.model).model_validate({**config.model.model_dump(), "num_classes": len(class_names)})
+    return config.model_copy(update={"model": model})
+
+
 def retrain_decision(reference, config: PipelineConfig, fingerprint: str, init: str, force: bool,
-                     tried: str | None = None) -> tuple[str, str]:
-    """("skipped" | "warm-start" | "scratch", why) for training `config` on data `fingerprint`;
-    `tried`: a run that already trained it from this reference (previous_attempt)."""
+                     tried: str | None = None, class_names: list[str] | None = None) -> tuple[str, str]:
+    """("skipped" | "warm-start" | "scratch", why) for training `config` on data `fingerprint`, whose
+    classes are `class_names` (None: no labels); `tried`: a run that already trained it from this
+    reference (previous_attempt)."""
     if reference is None:
         return "scratch", "no finished run to compare with: a first training"
     run, stored, champion = reference
@@ -116,15 +183,33 @@ def retrain_decision(reference, config: PipelineConfig, fingerprint: str, init: 
     same_data = run.data.tags.get(contract.DATASET_FINGERPRINT_TAG) == fingerprint
     changes = [key for key, value in tracking.flatten_params(without_placement(config)).items()
                if tracking.flatten_params(without_placement(stored)).get(key) != value]
+    try:
+        classes, unknown = class_difference(reference_class_names(run), class_names), None
+    except LookupError as error:
+        classes, unknown = None, str(error)
+    # a class-conditional model's label k is the k-th class name: once the names change, warm-starting
+    # would teach the champion's class k other images (remove `3/` and `4/` becomes class 3)
+    conditional = stored.model.num_classes is not None
+    already = (f"already tried: run {tried} trained this configuration on this data version ({fingerprint[:12]}) "
+               f"from {what}, which stayed champion")
+    if tried and not force and (changes or (conditional and (classes or unknown))):   # it would make the same model
+        return "skipped", already
+    if conditional and classes:
+        return "scratch", (f"the classes changed against {what} ({classes}): a class-conditional model's labels "
+                           "would mean other classes, so it trains from scratch, with the data's classes")
+    if conditional and unknown:
+        return "scratch", (f"cannot tell whether the classes changed against {what} ({unknown}): a class-conditional "
+                           "model whose labels may mean other classes trains from scratch")
     if changes:
         return "scratch", f"the configuration changed against {what}: {', '.join(changes[:8])}"
     if same_data and not force:
         return "skipped", f"nothing changed since {what}: same data version ({fingerprint[:12]}), same configuration"
     if tried and not force:
-        return "skipped", (f"already tried: run {tried} trained this configuration on this data version "
-                           f"({fingerprint[:12]}) from {what}, which stayed champion")
+        return "skipped", already
     why = "forced, nothing changed" if same_data else \
         f"the data changed ({run.data.tags.get(contract.DATASET_FINGERPRINT_TAG, '?')[:12]} -> {fingerprint[:12]})"
+    if classes:   # said, though an unconditional model does not use labels
+        why += f" and so did its classes ({classes}), which an unconditional model does not use"
     if init == "scratch":
         return "scratch", f"{why}; init='scratch'"
     if champion is None:
@@ -164,9 +249,11 @@ def retrain(
     home = settings.ddpm_home()
     dataset_path = prepare_data.with_options(result_storage=home / "task-results")(config.data,
                                                                                  out_dir=str(home / "data"))
-    fingerprint = read_manifest(Path(dataset_path))["fingerprint"]
+    manifest = read_manifest(Path(dataset_path))
+    fingerprint, class_names = manifest["fingerprint"], manifest["class_names"]
+    config = with_data_classes(config, class_names)
     tried = previous_attempt(experiment, reference, config, fingerprint)
-    decision, reason = retrain_decision(reference, config, fingerprint, init, force, tried)
+    decision, reason = retrain_decision(reference, config, fingerprint, init, force, tried, class_names)
     based_on = reference[0].info.run_id if reference else "defaults"
     print(f"retrain: {decision}: {reason}")
     tags = {contract.RETRAIN_BASED_ON_TAG: based_on, contract.RETRAIN_DECISION_TAG: decision,

@@ -29,6 +29,13 @@ from tasks.settings import ddpm_home
 RESULTS_DIR = ddpm_home() / "task-results"
 _LOG_INPUT_LOCK = threading.Lock()
 
+# Run tags of the dataset's classes and skipped files. They belong in tasks/contract.py beside the
+# other dataset.* tags; defined here until it takes them.
+DATASET_CLASS_NAMES_TAG = "dataset.class_names"       # class_names_tag: the names in label order, as JSON
+DATASET_SKIPPED_FILES_TAG = "dataset.skipped_files"   # source files preparation skipped (the manifest says why)
+# what every MLflow tag store holds (8000 since MLflow 2.x; 5000 before, and on older servers)
+MAX_TAG_CHARS = 5000
+
 
 def _arguments(parameters: dict) -> tuple[DataConfig, Path, Path | None]:
     config = parameters["config"]
@@ -77,6 +84,9 @@ def log_dataset_input(run_id: str, dataset: PreparedDataset, context: str = "tra
     lists it, goes in the run tags `dataset.version`, `dataset.previous_fingerprint` ("none" for
     the first), `dataset.added`, `dataset.removed` and `dataset.moved_to_holdout` ("unknown" when the
     previous folder was gone), and in the dataset input's tags of the same names without `dataset.`.
+    Its class names (labels are positions in them) go in `dataset.class_names` (class_names_tag),
+    so that retraining compares classes by name; the count of source files preparation skipped
+    (unreadable images) in `dataset.skipped_files`.
     """
     import mlflow
     import mlflow.data
@@ -116,6 +126,8 @@ def log_dataset_input(run_id: str, dataset: PreparedDataset, context: str = "tra
                        contract.DATASET_PATH_TAG: str(dataset.path),
                        contract.DATASET_TRAIN_COUNT_TAG: str(manifest["splits"]["train"]),
                        contract.DATASET_HOLDOUT_COUNT_TAG: str(manifest["splits"]["holdout"]),
+                       DATASET_CLASS_NAMES_TAG: class_names_tag(manifest.get("class_names")),
+                       DATASET_SKIPPED_FILES_TAG: str(len(manifest.get("skipped_files") or [])),
                        **version_tags}.items():
         client.set_tag(run_id, key, value)
 
@@ -139,3 +151,20 @@ def _version_tags(dataset: PreparedDataset, contract) -> dict[str, str]:
             contract.DATASET_ADDED_TAG: count(version["added"]),
             contract.DATASET_REMOVED_TAG: count(version["removed"]),
             contract.DATASET_MOVED_TO_HOLDOUT_TAG: count(version["moved_to_holdout"])}
+
+
+def class_names_tag(names: list[str] | None) -> str:
+    """The tag value of a dataset's class names: their JSON list ("null": no labels), or, when that
+    is longer than a tag holds, {"count", "sha256"} of it (tagged_class_names reads either)."""
+    text = json.dumps(names)
+    if len(text) <= MAX_TAG_CHARS:
+        return text
+    return json.dumps({"count": len(names), "sha256": hashlib.sha256(text.encode()).hexdigest()})
+
+
+def tagged_class_names(tags: dict[str, str]) -> list[str] | dict | None:
+    """The class names a run's tags record (class_names_tag): a list, None for unlabelled data, or
+    {"count", "sha256"} for a long list; LookupError when the run has no such tag (older runs)."""
+    if DATASET_CLASS_NAMES_TAG not in tags:
+        raise LookupError(f"no {DATASET_CLASS_NAMES_TAG} tag")
+    return json.loads(tags[DATASET_CLASS_NAMES_TAG])

@@ -3,6 +3,7 @@ changed, and when a challenger beats the champion (beyond FID's noise)."""
 
 from __future__ import annotations
 
+import json
 import random
 import statistics
 import time
@@ -51,6 +52,103 @@ def test_retrain_warm_starts_on_new_data_and_trains_from_scratch_on_a_new_config
     decision, reason = retrain_decision(reference(), DEFAULTS, "data-2", "champion", force=False, tried="run-7")
     assert decision == "skipped" and "already tried: run run-7" in reason
     assert retrain_decision(reference(), DEFAULTS, "data-2", "champion", force=True, tried="run-7")[0] == "warm-start"
+
+
+def test_class_differences_are_said_by_name():
+    from flows.retrain import class_difference
+    from tasks.data import class_names_tag
+
+    digits = [str(i) for i in range(10)]
+    assert class_difference(digits, list(digits)) is None
+    assert class_difference(digits, digits[:3] + digits[4:]) == "removed '3'; 6 other class(es) at another label"
+    assert class_difference(digits, sorted(digits + ["10"])) == "added '10'; 8 other class(es) at another label"
+    assert class_difference(["cat", "dog"], ["cat", "hound"]) == "removed 'dog'; added 'hound'"
+    assert class_difference(None, ["a"]) == "it had no labels, the data has 1 classes"
+    assert class_difference(["a", "b"], None) == "it had 2 classes, the data has no labels"
+    many = [f"class-{i:04d}" for i in range(1000)]   # longer than a tag holds: recorded by count and hash
+    recorded = json.loads(class_names_tag(many))
+    assert set(recorded) == {"count", "sha256"} and class_difference(recorded, list(many)) is None
+    assert class_difference(recorded, many[:-1]) == "the names of its 1000 classes are not the data's 999"
+
+
+def test_a_removed_class_folder_trains_a_conditional_model_from_scratch_with_the_datas_classes(tmp_path, mlflow_store):
+    """Real folders, a real MLflow run tagged by log_dataset_input: remove `3/` and `4/` would become
+    class 3. A class-conditional champion is never warm-started on it; the new model takes the data's
+    class count (a new class must not fail every night with 'set num_classes=11')."""
+    from mlflow.tracking import MlflowClient
+
+    from ddpm.data import DataConfig, load_prepared, prepare_dataset, validate_for_model
+    from flows.retrain import retrain_decision, with_data_classes
+    from tasks.data import DATASET_CLASS_NAMES_TAG, log_dataset_input
+
+    folder = tmp_path / "incoming"
+    write_digits(folder, range(0, 150))
+    config = DEFAULTS.with_settings({"data.source": f"folder:{folder}", "data.image_size": 8,
+                                     "model.num_classes": 10})
+    before = load_prepared(prepare_dataset(config.data, tmp_path / "data"))
+    client = MlflowClient(mlflow_store)
+    run_id = client.create_run(client.create_experiment("classes", artifact_location=(tmp_path / "a").as_uri())).info.run_id
+    log_dataset_input(run_id, before)
+    run = client.get_run(run_id)
+    assert json.loads(run.data.tags[DATASET_CLASS_NAMES_TAG]) == [str(i) for i in range(10)]
+    champion = SimpleNamespace(version="1")
+
+    # the folder grows, same classes: a warm start, as before
+    write_digits(folder, range(150, 200))
+    grown = load_prepared(prepare_dataset(config.data, tmp_path / "data")).manifest
+    assert with_data_classes(config, grown["class_names"]) == config
+    assert retrain_decision((run, config, champion), config, grown["fingerprint"], "champion", False,
+                            class_names=grown["class_names"])[0] == "warm-start"
+
+    import shutil
+    shutil.rmtree(folder / "3")
+    removed = load_prepared(prepare_dataset(config.data, tmp_path / "data"))
+    nine = with_data_classes(config, removed.manifest["class_names"])
+    assert nine.model.num_classes == 9
+    validate_for_model(removed, 8, 1, nine.model.num_classes)
+    decision, reason = retrain_decision((run, config, champion), nine, removed.fingerprint, "champion", False,
+                                        class_names=removed.manifest["class_names"])
+    assert decision == "scratch" and "\n" not in reason
+    assert reason.startswith(f"the classes changed against champion version 1 (run {run_id}) (removed '3'; "
+                             "6 other class(es) at another label)")
+    # ... even when it was forced, and even when only a name changed
+    assert retrain_decision((run, config, champion), nine, removed.fingerprint, "champion", True,
+                            class_names=removed.manifest["class_names"])[0] == "scratch"
+    (folder / "9").rename(folder / "nine")
+    renamed = load_prepared(prepare_dataset(config.data, tmp_path / "data")).manifest
+    assert "removed '3', '9'; added 'nine'" in retrain_decision((run, config, champion), nine, renamed["fingerprint"],
+                                                           "champion", False, class_names=renamed["class_names"])[1]
+
+    # a class added: eleven classes, from scratch (not a DataError asking for num_classes=11)
+    (folder / "nine").rename(folder / "9")
+    write_digits(folder, range(0, 150))
+    (folder / "10").mkdir()
+    for i, path in enumerate(sorted((folder / "7").iterdir())[:10]):
+        shutil.copy(path, folder / "10" / f"copy-{i}.png")
+    added = load_prepared(prepare_dataset(config.data, tmp_path / "data"))
+    eleven = with_data_classes(config, added.manifest["class_names"])
+    validate_for_model(added, 8, 1, eleven.model.num_classes)
+    assert eleven.model.num_classes == 11
+    decision, reason = retrain_decision((run, config, champion), eleven, added.fingerprint, "champion", False,
+                                        class_names=added.manifest["class_names"])
+    assert decision == "scratch" and "added '10'" in reason
+    # the same retrain, tried already and lost: not trained again every night
+    assert retrain_decision((run, config, champion), eleven, added.fingerprint, "champion", False, tried="run-9",
+                            class_names=added.manifest["class_names"])[0] == "skipped"
+
+    # a run from before the tag: its prepared data's manifest says; neither: a conditional model starts over
+    del run.data.tags[DATASET_CLASS_NAMES_TAG]
+    assert retrain_decision((run, config, champion), config, grown["fingerprint"], "champion", False,
+                            class_names=grown["class_names"])[0] == "warm-start"
+    shutil.rmtree(before.path)
+    decision, reason = retrain_decision((run, config, champion), config, grown["fingerprint"], "champion", False,
+                                        class_names=grown["class_names"])
+    assert decision == "scratch" and reason.startswith("cannot tell whether the classes changed")
+    # an unconditional model does not use labels: it warm-starts, and the reason says the classes changed
+    plain = config.with_settings({"model.num_classes": None})
+    decision, reason = retrain_decision((client.get_run(run_id), plain, champion), plain, removed.fingerprint,
+                                        "champion", False, class_names=removed.manifest["class_names"])
+    assert decision == "warm-start" and "which an unconditional model does not use" in reason
 
 
 def test_noise_aware_promotion_moves_only_beyond_the_paired_spread():
