@@ -18,8 +18,8 @@ from PIL import Image
 from trained_runs import fake_trained_run, tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
-SUBCOMMANDS = ["prepare", "train", "compare", "evaluate", "promote", "serve", "sample", "interpolate", "denoise",
-               "stack", "deploy"]
+SUBCOMMANDS = ["prepare", "train", "compare", "evaluate", "promote", "retrain", "serve", "sample", "interpolate",
+               "denoise", "stack", "deploy"]
 
 
 @pytest.fixture(scope="module")
@@ -166,6 +166,34 @@ def assert_one_error_line(args, code, message, env, tmp_path, monkeypatch, capsy
     stderr = capsys.readouterr().err
     assert returncode == code and message in stderr, stderr
     assert "Traceback" not in stderr and sum("error:" in line for line in stderr.splitlines()) == 1, stderr
+
+
+def test_retrain_help_lists_its_options_generated_from_the_flow_and_its_configs(capsys):
+    from flows.cli import main
+
+    with pytest.raises(SystemExit) as exit:
+        main(["retrain", "--help"])
+    out = capsys.readouterr().out
+    assert exit.value.code == 0 and out.startswith("usage: ddpm retrain")
+    for option in ("--source", "--steps", "--set SECTION.FIELD=VALUE", "--seeds", "--confidence", "--min-margin",
+                   "--init {champion,scratch}", "--force", "--no-promote", "--model-name", "--verbose"):
+        assert option in out, option
+    assert "sets train.steps; default: the reference run's" in " ".join(out.split())
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (["retrain", "--source", "folder:{tmp}/nowhere"], 1, "folder {tmp}/nowhere does not exist"),
+    (["retrain", "--set", "model.dropout=0"], 1, "retrain takes data, train, challenge settings, not 'model.dropout'"),
+    (["retrain", "--set", "train.lr=1"], 1, "train.lr"),
+    (["retrain", "--confidence", "2"], 1, "confidence: Input should be less than 1"),
+    (["retrain", "--seeds", "0"], 2, "--seeds: must be >= 1"),
+    (["retrain", "--init", "warm"], 2, "invalid choice: 'warm'"),
+    (["retrain", "--source", "imagenet"], 1, "unknown source 'imagenet'"),
+], ids=["missing-folder", "model-section", "unknown-train-setting", "confidence", "seeds", "init", "source-kind"])
+def test_retrain_bad_input_is_one_line_before_prefect_starts(args, code, message, env, tmp_path, monkeypatch, capsys):
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    assert_one_error_line(args, code, message.replace("{tmp}", str(tmp_path)), env, tmp_path, monkeypatch, capsys)
+    assert not (tmp_path / "mlflow.db").exists()   # nothing started: no store created
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@
     ddpm compare --schedules linear cosine             one pipeline per noise schedule
     ddpm evaluate --run-id <mlflow run id>             FID of a run's checkpoints
     ddpm promote                                       best run by FID -> registry, champion alias
+    ddpm retrain                                       retrain if the data or settings changed, then challenge
     ddpm sample --model models:/ddpm@champion --out samples/
     ddpm sample --checkpoint step-0001500.pt --class 3 --guidance 3
     ddpm interpolate --checkpoint step-0001500.pt --a 0 --b 1
@@ -21,7 +22,7 @@ value out of range prints one line on stderr and exits with 1. The package, one 
 
     parser.py     the command line; options generated from the config classes, built per command
     configs.py    the parsed options -> PipelineConfig, DataConfig, SamplerConfig, PromoteConfig
-    commands.py   prepare, train, compare, evaluate, promote, stack, deploy
+    commands.py   prepare, train, compare, evaluate, promote, retrain, stack, deploy
     images.py     sample, interpolate, denoise -> PNGs
     errors.py     the error policy: one line and exit 1, tracebacks to $DDPM_HOME/logs/ddpm.log
 """

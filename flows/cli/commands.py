@@ -1,4 +1,4 @@
-"""The pipeline's commands: prepare, train, compare, evaluate, promote, and the local stack.
+"""The pipeline's commands: prepare, train, compare, evaluate, promote, retrain, and the local stack.
 
 Each takes the parsed arguments, builds its configuration (flows.cli.configs), checks what can be
 checked before Prefect starts (`preflight`: seconds, not a failed flow run), runs the flow in this
@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from flows.cli.configs import (FLOW_OPTIONS, config_of, data_config, pipeline_arguments, pipeline_config,
-                               promote_config)
+                               promote_config, retrain_arguments)
 from flows.cli.errors import CLIError, one_line, quiet_tracebacks
 
 REPO = Path(__file__).resolve().parents[2]
@@ -193,6 +193,24 @@ def evaluate(args) -> None:
 def promote(args) -> None:
     flow = lazy_flow("flows.promote", "promote", args)   # its failures one line, the trace in the log file
     print_json(run_flow(flow, promote_config(args)))
+
+
+def retrain(args) -> None:
+    flow = lazy_flow("flows.retrain", "retrain", args)
+    kwargs = retrain_arguments(args)
+    if args.show_config:
+        return show_config(kwargs)
+    validated(flow, kwargs)
+    source = kwargs.get("data", {}).get("source")
+    if source:   # a folder that is not there is one line now, not after Prefect and MLflow started
+        from ddpm.data import source_identity
+        from ddpm.data.prepare import default_download_dir
+        from tasks.settings import ddpm_home
+
+        source_identity(source, default_download_dir(ddpm_home() / "data"))
+    result = run_flow(flow, **kwargs)
+    print_json({k: result[k] for k in ("decision", "reason", "run_id", "based_on", "evaluation", "promotion")
+                if k in result})
 
 
 def stack(args) -> None:

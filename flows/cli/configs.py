@@ -5,6 +5,7 @@
     data_config(args)         DataConfig for `ddpm prepare`
     sampler_config(args, n)   SamplerConfig for sample / interpolate / denoise
     promote_config(args)      PromoteConfig for `ddpm promote`
+    retrain_arguments(args)   the retrain flow's arguments: partial data / train / challenge sections
 
 The options' values sit under their settings' dotted keys (flows.cli.parser.field_options); each
 config applies exactly those, so everything else keeps the config's (or the recipe's) default.
@@ -80,6 +81,30 @@ def data_class_count(data) -> int:
         raise CLIError(f"--conditional needs labelled data and {data.source!r} has no labels (a folder source has "
                        "them when its images sit in one sub-folder per class)")
     return len(manifest["class_names"])
+
+
+def retrain_arguments(args) -> dict:
+    """`ddpm retrain`'s flow arguments: the data, train and challenge settings given, each a partial
+    section (the flow overlays it on the reference run's configuration: only what is named
+    changes), and the flow's options given."""
+    from flows.cli.parser import RETRAIN_SECTIONS
+
+    settings = given_settings(args)
+    settings.update(dict(args.set or []))
+    kwargs: dict = {}
+    for key, value in settings.items():
+        section, _, name = key.partition(".")
+        if section not in RETRAIN_SECTIONS:
+            raise CLIError(f"retrain takes {', '.join(RETRAIN_SECTIONS)} settings, not {key!r}: the rest of its "
+                           "configuration is the reference run's (a new configuration: ddpm train)")
+        kwargs.setdefault(section, {})[name] = value
+    kwargs["promote_to"] = None if args.no_promote else args.model_name
+    for name in ("experiment", "metric", "init"):
+        if getattr(args, name) is not None:
+            kwargs[name] = getattr(args, name)
+    if args.force:
+        kwargs["force"] = True
+    return kwargs
 
 
 def data_config(args):

@@ -233,6 +233,55 @@ def evaluate_options(parser: argparse.ArgumentParser) -> None:
                              "that scheduler (needs the dask extra)")
 
 
+# retrain's own settings: the sections it overlays on the reference run's configuration, and its rule
+RETRAIN_SECTIONS = ("data", "train", "challenge")
+
+
+def retrain_options(parser: argparse.ArgumentParser) -> None:
+    """The retrain flow's parameters: its flow options, the challenge rule's fields, and the data and
+    train shortcuts of PIPELINE_OPTIONS, which change only what they name in the reference's settings."""
+    import inspect
+
+    from ddpm.data import DataConfig
+    from ddpm.training import PLACEMENT_FIELDS, TrainConfig
+    from flows.retrain import retrain
+    from tasks import contract
+    from tasks.config import DEFAULTS
+    from tasks.registry import ChallengeRule
+
+    init = inspect.signature(retrain.fn).parameters["init"].default
+    group = parser.add_argument_group("settings changed against the reference run's (the champion's source run, "
+                                      "else the experiment's best run, else the pipeline's defaults)")
+    for key, (flag, help_text) in PIPELINE_OPTIONS.items():
+        section, _, name = key.rpartition(".")
+        if section in ("data", "train"):
+            # where a retrain runs is its own (the pipeline's defaults), not the reference run's
+            default = (f"default: {getattr(DEFAULTS.train, name)}, not the reference run's" if name in PLACEMENT_FIELDS
+                       else "default: the reference run's")
+            field_options(group, {"data": DataConfig, "train": TrainConfig}[section], section, {name: flag},
+                          helps={name: f"{help_text or DataConfig.model_fields[name].description} (sets {key}; "
+                                       f"{default})"})
+    group.add_argument("--set", action="append", type=parse_setting, metavar="SECTION.FIELD=VALUE",
+                       help="any other data or train setting, e.g. --set train.warmup_steps=20 (sections: "
+                            f"{', '.join(RETRAIN_SECTIONS)}); repeatable")
+    group.add_argument("--show-config", action="store_true", help="print the flow's arguments as JSON and stop")
+    rule = parser.add_argument_group("how the new run must beat the champion (tasks.registry.ChallengeRule)")
+    field_options(rule, ChallengeRule, "challenge", {name: "--" + name.replace("_", "-")
+                                                      for name in ChallengeRule.model_fields})
+    parser.add_argument("--experiment", help=f"MLflow experiment (default: {contract.DEFAULT_EXPERIMENT})")
+    parser.add_argument("--metric", help="FID metric that ranks the experiment's runs (default: the newest run's "
+                                         "primary FID)")
+    parser.add_argument("--model-name", default=contract.DEFAULT_MODEL_NAME,
+                        help=f"registered model whose champion is the reference and is challenged (default: "
+                             f"{contract.DEFAULT_MODEL_NAME})")
+    parser.add_argument("--no-promote", action="store_true",
+                        help="compare with the experiment's best run, and leave the registry alone")
+    parser.add_argument("--init", choices=list(typing.get_args(typing.get_type_hints(retrain.fn)["init"])),
+                        help=f"what a retrain on changed data starts from (default: {init})")
+    parser.add_argument("--force", action="store_true",
+                        help="train even when nothing changed, or when this very retrain was tried and lost")
+
+
 def comma_list(convert, kind: str):
     """An argparse type: '0.05,0.1' -> [0.05, 0.1] with `convert` on each item; else one line naming `kind`."""
     def parse(text: str) -> list:
@@ -361,6 +410,8 @@ COMMANDS: dict[str, Command] = {
                         "flows.cli.commands:evaluate"),
     "promote": Command("register the best run by FID; move 'champion' if it wins", promote_options,
                        "flows.cli.commands:promote"),
+    "retrain": Command("retrain if the data or settings changed since the champion (skip, warm start or from "
+                       "scratch), then challenge it", retrain_options, "flows.cli.commands:retrain"),
     "sample": Command("images from a checkpoint or a registered model -> PNGs + grid.png", sample_options,
                       "flows.cli.images:sample"),
     "interpolate": Command("interpolate two real images through the diffused latent", interpolate_options,
