@@ -30,8 +30,7 @@ from ddpm.metrics.scoring import ExtractorKind, check_evaluation
 from ddpm.posthoc_ema import PosthocEMAError, list_snapshots, sigma_rel_to_gamma, snapshot_steps
 from ddpm.samplers import SamplerConfig
 from flows.runners import DaskCluster, fan_out_runner
-from tasks import contract, settings, tracking
-from tasks.data import prepare_data
+from tasks import contract, run_files, settings, tracking
 from tasks.config import PipelineConfig, overlay
 from tasks.evaluate import evaluate_samples
 from tasks.posthoc import DEFAULT_SIGMA_RELS, log_posthoc_sweep, score_posthoc_width
@@ -43,11 +42,13 @@ class NoCheckpointsError(FileNotFoundError):
 
 
 def checkpoints_of(run: mlflow.entities.Run) -> list[Path]:
-    """The run's checkpoints (tracking.run_checkpoints); NoCheckpointsError when it has none."""
-    if found := tracking.run_checkpoints(run):
+    """The run's checkpoints, here or fetched from its artifact store (tasks.run_files);
+    NoCheckpointsError when neither has any."""
+    if found := run_files.checkpoints(run):
         return found
-    folders = ", ".join(map(str, tracking.checkpoint_folders(run)))
-    raise NoCheckpointsError(f"MLflow run {run.info.run_id} has no checkpoints to evaluate (looked in {folders})")
+    folders = ", ".join(map(str, run_files.checkpoint_folders(run)))
+    raise NoCheckpointsError(f"MLflow run {run.info.run_id} has no checkpoints to evaluate (looked in {folders} "
+                             "and in its artifact store)")
 
 
 SigmaRels = Annotated[list[float], Field(min_length=1, description="post-hoc EMA widths (sigma_rel) to reconstruct")]
@@ -114,7 +115,9 @@ def evaluate(
     extractor = fid_extractor or config.fid_extractor
     own = sampling == config.sampling and extractor == config.fid_extractor
     if posthoc_ema is None:
-        posthoc_ema = own and bool(list_snapshots(checkpoints[-1].parent))
+        posthoc_ema = own and config.train.posthoc_ema and bool(list_snapshots(run_files.snapshot_folder(run)))
+    elif posthoc_ema:
+        run_files.snapshot_folder(run)   # here, or fetched from the store
     if posthoc_ema and not own:
         raise ValueError("the post-hoc EMA sweep chooses the model the run ships, so it measures with the run's own "
                          "sampling and FID extractor: drop `sampling` / `fid_extractor` (or sweep in another call)")
@@ -123,9 +126,7 @@ def evaluate(
         runner = fan_out_runner(dask_cluster, max_parallel)
     print(f"evaluating {len(checkpoints)} checkpoints of MLflow run {run_id} with {sampling.describe()}")
 
-    home = settings.ddpm_home()
-    dataset_path = prepare_data.with_options(result_storage=home / "task-results")(config.data,
-                                                                                 out_dir=str(home / "data"))
+    dataset_path = run_files.run_dataset(run, config.data)   # the data it trained on: here, fetched, or prepared
     check_evaluation(extractor, read_manifest(dataset_path), sampling.num_images)
     prefix = "" if own else protocol_prefix(sampling, extractor)
     if not own:

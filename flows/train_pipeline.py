@@ -22,7 +22,7 @@ from ddpm.errors import one_line
 from ddpm.metrics.scoring import ExtractorKind, check_evaluation, extractor_names
 from ddpm.torchrun import check_num_processes
 from ddpm.training import check_checkpoint_dir, check_compiler, check_device, resolve_device
-from tasks import contract, settings, tracking
+from tasks import contract, run_files, settings, tracking
 from tasks.config import (
     DEFAULTS, DataParam, DiffusionParam, ModelParam, PipelineConfig, SamplingParam, TrainParam,
 )
@@ -143,8 +143,11 @@ def run_pipeline(
     """
     model, sampling, fid_extractor = config.model, config.sampling, config.fid_extractor
     home = settings.ddpm_home()
-    dataset_path = prepare_data.with_options(result_storage=home / "task-results")(config.data,
-                                                                                 out_dir=str(home / "data"))
+    if resume_run_id:   # the data it trained on, wherever this host is: here, in the store, or prepared
+        dataset_path = run_files.run_dataset(tracking.find_run(resume_run_id), config.data)
+    else:
+        dataset_path = prepare_data.with_options(result_storage=home / "task-results")(config.data,
+                                                                                     out_dir=str(home / "data"))
     dataset = load_prepared(Path(dataset_path))
     # Everything checkable is checked before a run exists or anything trains.
     check_config(config)
@@ -169,14 +172,17 @@ def run_pipeline(
     with disk_full_resumable(run_id), tracking.run_lifecycle(run_id):
         out = settings.run_dir(run_id)
         if resume_run_id:
-            found = tracking.run_checkpoints(run)   # where evaluate and promotion find them too
-            checkpoint_dir = found[-1].parent if found else tracking.checkpoint_folders(run)[0]
+            # the newest valid checkpoint on this host, else the newest that reached the store (a run
+            # continued on another host), fetched and verified
+            found = run_files.newest_valid_checkpoint(run)
+            checkpoint_dir = found.parent if found else run_files.local_folder(run)
         else:
             checkpoint_dir = out / "checkpoints"
             log_dataset_input(run_id, dataset)
-            # evaluate finds the checkpoints from these, even when its DDPM_HOME is another folder
-            tracking.client().set_tag(run_id, contract.CHECKPOINT_DIR_TAG, str(checkpoint_dir))
             tracking.log_dict(run_id, config.to_stored(), contract.CONFIG_ARTIFACT)
+            run_files.publish_dataset(dataset_path)   # hosts that cannot reach the source find it by fingerprint
+        # the folder it trains in on this host (readers here use it; other hosts fetch from the store)
+        tracking.client().set_tag(run_id, contract.CHECKPOINT_DIR_TAG, str(checkpoint_dir))
         trained = train_model(dataset_path, model, config.diffusion, config.train, run_id, str(checkpoint_dir))
         final = trained["checkpoints"][-1]
         # the run's model (MLflow 3 LoggedModel, the EMA weights), its FIDs linked to it; promotion

@@ -19,6 +19,7 @@ cd "$(dirname "$0")/.."
 REPO=$PWD
 export DDPM_HOME=$(mkdir -p "${DDPM_HOME:-$REPO/.ddpm}" && cd "${DDPM_HOME:-$REPO/.ddpm}" && pwd)
 export MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI:-sqlite:///$DDPM_HOME/mlflow.db}
+export DDPM_JOB_HOME=${DDPM_JOB_HOME:-$DDPM_HOME}
 export PREFECT_API_URL=${PREFECT_API_URL:-http://127.0.0.1:${PREFECT_PORT:-4200}/api}
 export PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=true
 export DDPM_IMAGE=${DDPM_IMAGE:-ddpm-pipeline:latest} DDPM_NAMESPACE=${DDPM_NAMESPACE:-default}

@@ -1,13 +1,23 @@
 #!/usr/bin/env bash
-# The local stack: a Prefect server, the process work pool and a worker, and the MLflow UI, all on
+# The local stack: a Prefect server, the process work pool and a worker, and MLflow, all on
 # 127.0.0.1. PID files and logs go to $DDPM_HOME/stack.
 #
-#   scripts/stack.sh start     # start what is not running; waits until the servers answer
+#   scripts/stack.sh start          # embedded: Prefect on sqlite, the MLflow UI on the sqlite store
+#   scripts/stack.sh start --team   # a team's stack: PostgreSQL as the database of an MLflow tracking
+#                                   # server with proxied artifacts and of the Prefect server; other
+#                                   # hosts need only the two URLs it prints
+#   scripts/stack.sh start          # again: the stack it stopped (--embedded goes back)
 #   scripts/stack.sh status
-#   scripts/stack.sh stop      # one SIGTERM per process group, then waits for it to end
+#   scripts/stack.sh stop           # one SIGTERM per process group, then waits for it to end
 #
 # Environment (defaults): DDPM_HOME (./.ddpm), PREFECT_PORT (4200), MLFLOW_PORT (5000),
-# MLFLOW_TRACKING_URI (sqlite:///$DDPM_HOME/mlflow.db), PYTHON_BIN (python of .venv, else python3).
+# MLFLOW_TRACKING_URI (sqlite:///$DDPM_HOME/mlflow.db; --team: the tracking server),
+# PYTHON_BIN (python of .venv, else python3).
+# --team only: PG_PORT (5432), PG_BIN (/usr/lib/postgresql/<newest>/bin), PG_DATA ($DDPM_HOME/stack/
+# postgres; run as root, the cluster belongs to the user postgres, which must reach that folder),
+# ARTIFACTS_DESTINATION ($DDPM_HOME/stack/artifacts, or s3://..., gs://...: where the tracking server
+# keeps artifacts). Its password is random, kept in $DDPM_HOME/stack/pgpass (0600, PGPASSFILE): no URL,
+# log or command line carries it. Needs the `team` extra (pip install -e ".[team]": psycopg2).
 set -euo pipefail
 set -m   # each background job in its own process group: it gets SIGTERM (a plain background
          # child of a non-interactive shell ignores SIGINT, and a worker then ignores SIGTERM)
@@ -25,6 +35,12 @@ PYTHON_BIN=${PYTHON_BIN:-$( [ -x "$REPO/.venv/bin/python" ] && echo "$REPO/.venv
 BIN=$(dirname "$PYTHON_BIN")
 STACK=$DDPM_HOME/stack
 mkdir -p "$STACK"
+PG_PORT=${PG_PORT:-5432}
+PG_DATA=${PG_DATA:-$STACK/postgres}
+PG_BIN=${PG_BIN:-$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)}
+ARTIFACTS_DESTINATION=${ARTIFACTS_DESTINATION:-$STACK/artifacts}
+export PGPASSFILE=$STACK/pgpass
+PG_USER=ddpm
 
 started_at() {  # started_at PID: the process's start time (differs for a reused PID)
     ps -o lstart= -p "$1" 2>/dev/null
@@ -60,11 +76,65 @@ launch() {  # launch NAME COMMAND...: in the background, in its own process grou
     echo "$name started (pid $!, log $STACK/$name.log)"
 }
 
+as_cluster_owner() {  # the PostgreSQL tools refuse root: as root they run as the user postgres
+    if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
+}
+
+postgres_start() {
+    [ -x "$PG_BIN/pg_ctl" ] || { echo "stack.sh: error: no PostgreSQL in ${PG_BIN:-/usr/lib/postgresql} (apt-get install postgresql, or set PG_BIN)" >&2; exit 1; }
+    "$PYTHON_BIN" -c 'import psycopg2' 2>/dev/null \
+        || { echo "stack.sh: error: the team stack needs the PostgreSQL driver: pip install -e \".[team]\"" >&2; exit 1; }
+    if [ ! -f "$PG_DATA/PG_VERSION" ]; then
+        mkdir -p "$PG_DATA"
+        [ "$(id -u)" = 0 ] && chown postgres: "$PG_DATA"
+        as_cluster_owner test -w "$PG_DATA" \
+            || { echo "stack.sh: error: the user postgres cannot write $PG_DATA: set PG_DATA to a folder it reaches" >&2; exit 1; }
+        local password; password=$("$PYTHON_BIN" -c 'import secrets; print(secrets.token_urlsafe(24))')
+        local pwfile; pwfile=$(mktemp)
+        printf '%s\n' "$password" > "$pwfile"
+        [ "$(id -u)" = 0 ] && chown postgres: "$pwfile"
+        (umask 077; printf '127.0.0.1:%s:*:%s:%s\n' "$PG_PORT" "$PG_USER" "$password" > "$PGPASSFILE")
+        as_cluster_owner "$PG_BIN/initdb" -D "$PG_DATA" -U "$PG_USER" --pwfile="$pwfile" --auth-host=scram-sha-256 \
+            --auth-local=scram-sha-256 -E UTF8 > "$STACK/initdb.log" 2>&1 \
+            || { rm -f "$pwfile"; echo "stack.sh: error: initdb failed; see $STACK/initdb.log" >&2; exit 1; }
+        rm -f "$pwfile"
+    fi
+    if ! as_cluster_owner "$PG_BIN/pg_ctl" -D "$PG_DATA" status > /dev/null 2>&1; then
+        as_cluster_owner "$PG_BIN/pg_ctl" -D "$PG_DATA" -w -t 60 -l "$PG_DATA/server.log" \
+            -o "-p $PG_PORT -c listen_addresses=127.0.0.1 -k $PG_DATA" start > /dev/null \
+            || { echo "stack.sh: error: PostgreSQL did not start on 127.0.0.1:$PG_PORT; see $PG_DATA/server.log" >&2; exit 1; }
+        echo "postgres started (127.0.0.1:$PG_PORT, data $PG_DATA)"
+    fi
+    for database in mlflow prefect; do
+        "$PG_BIN/psql" -h 127.0.0.1 -p "$PG_PORT" -U "$PG_USER" -d postgres -tAc \
+            "SELECT 1 FROM pg_database WHERE datname = '$database'" | grep -q 1 \
+            || "$PG_BIN/createdb" -h 127.0.0.1 -p "$PG_PORT" -U "$PG_USER" "$database"
+    done
+}
+
 start() {
-    launch prefect-server "$BIN/prefect" server start --host 127.0.0.1 --port "$PREFECT_PORT"
-    launch mlflow "$BIN/mlflow" ui --backend-store-uri "$MLFLOW_TRACKING_URI" \
-        --default-artifact-root "$DDPM_HOME/mlartifacts" --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 1
-    wait_for "$PREFECT_API_URL/health" prefect-server 90
+    case "${1:-}" in   # the mode is remembered: a plain `start` starts the stack it stopped
+        --team) echo team > "$STACK/mode" ;;
+        --embedded) rm -f "$STACK/mode" ;;
+        "") ;;
+        *) echo "usage: $0 start [--team|--embedded]" >&2; exit 2 ;;
+    esac
+    if [ "$(cat "$STACK/mode" 2>/dev/null)" = team ]; then
+        postgres_start
+        # the URLs carry no password: psycopg2 and asyncpg read it from PGPASSFILE
+        export PREFECT_API_DATABASE_CONNECTION_URL="postgresql+asyncpg://$PG_USER@127.0.0.1:$PG_PORT/prefect"
+        export MLFLOW_TRACKING_URI=http://127.0.0.1:$MLFLOW_PORT
+        launch prefect-server "$BIN/prefect" server start --host 127.0.0.1 --port "$PREFECT_PORT"
+        # proxied artifacts: clients upload and download through the server (mlflow-artifacts:), so a
+        # host needs only this URL, never the destination's credentials or path
+        launch mlflow "$BIN/mlflow" server --backend-store-uri "postgresql+psycopg2://$PG_USER@127.0.0.1:$PG_PORT/mlflow" \
+            --artifacts-destination "$ARTIFACTS_DESTINATION" --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 1
+    else
+        launch prefect-server "$BIN/prefect" server start --host 127.0.0.1 --port "$PREFECT_PORT"
+        launch mlflow "$BIN/mlflow" ui --backend-store-uri "$MLFLOW_TRACKING_URI" \
+            --default-artifact-root "$DDPM_HOME/mlartifacts" --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 1
+    fi
+    wait_for "$PREFECT_API_URL/health" prefect-server 120
     "$BIN/prefect" work-pool inspect local-pool > /dev/null 2>&1 \
         || "$BIN/prefect" work-pool create local-pool --type process > /dev/null
     # The worker's environment reaches its flow runs; the deployments' job variables add to it.
@@ -72,7 +142,12 @@ start() {
     wait_for "http://127.0.0.1:$MLFLOW_PORT/health" mlflow 90
     echo "Prefect UI  http://127.0.0.1:$PREFECT_PORT"
     echo "MLflow UI   http://127.0.0.1:$MLFLOW_PORT   (store $MLFLOW_TRACKING_URI; pick 'Model training' at its top left once)"
-    echo "next: PREFECT_PORT=$PREFECT_PORT scripts/deploy.sh"
+    if [ "$(cat "$STACK/mode" 2>/dev/null)" = team ]; then
+        echo "every host: export MLFLOW_TRACKING_URI=http://127.0.0.1:$MLFLOW_PORT PREFECT_API_URL=$PREFECT_API_URL"
+        echo "next: MLFLOW_TRACKING_URI=http://127.0.0.1:$MLFLOW_PORT PREFECT_PORT=$PREFECT_PORT scripts/deploy.sh"
+    else
+        echo "next: PREFECT_PORT=$PREFECT_PORT scripts/deploy.sh"
+    fi
 }
 
 stop() {
@@ -89,17 +164,24 @@ stop() {
         fi
         rm -f "$STACK/$name.pid" "$STACK/$name.started"
     done
+    if [ -f "$PG_DATA/PG_VERSION" ] && as_cluster_owner "$PG_BIN/pg_ctl" -D "$PG_DATA" status > /dev/null 2>&1; then
+        as_cluster_owner "$PG_BIN/pg_ctl" -D "$PG_DATA" -w -m fast stop > /dev/null && echo "postgres stopped"
+    fi
 }
 
 status() {
     for name in prefect-server worker mlflow; do
         if running "$name"; then echo "$name: running (pid $(cat "$STACK/$name.pid"))"; else echo "$name: stopped"; fi
     done
+    if [ "$(cat "$STACK/mode" 2>/dev/null)" = team ]; then
+        if as_cluster_owner "$PG_BIN/pg_ctl" -D "$PG_DATA" status > /dev/null 2>&1; then echo "postgres: running"
+        else echo "postgres: stopped"; fi
+    fi
 }
 
 case "${1:-}" in
-    start) start ;;
+    start) start "${2:-}" ;;
     stop) stop ;;
     status) status ;;
-    *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
+    *) echo "usage: $0 start [--team|--embedded]|stop|status" >&2; exit 2 ;;
 esac

@@ -34,7 +34,10 @@ HOST_TAG, PID_TAG = "ddpm.host", "ddpm.pid"  # the process working on a RUNNING 
 ERROR_TAG = "error"                         # why a run FAILED
 RESUMED_TAG = "resumed"                     # how many times it was resumed
 RESUME_FORCED_TAG = "resume.forced"         # a resume that declared the RUNNING owner dead (--force), and whom
-CHECKPOINT_DIR_TAG = "checkpoint_dir"       # where its checkpoints are, whatever DDPM_HOME the reader has
+CHECKPOINT_DIR_TAG = "checkpoint_dir"       # the folder it trained in, on the host it trained on
+# which checkpoints reached its artifact store (tasks.run_files: any host fetches them from there)
+CHECKPOINTS_STORED_TAG = "checkpoints.stored"            # the steps stored, "4000,5000,6000"
+CHECKPOINTS_STORE_ERROR_TAG = "checkpoints.store_error"  # those that never did, and why
 SCHEDULE_TAG = "schedule"
 CONDITIONAL_TAG = "model.conditional"       # "true" / "false": the two kinds never compete in promotion
 RETRAIN_BASED_ON_TAG = "retrain.based_on"   # the run whose configuration a retrain used ("defaults": none)
@@ -55,6 +58,9 @@ POSTHOC_METRIC_PREFIX = "posthoc_ema."             # posthoc_ema.fid_<x>_best, p
 # the dataset it trained on (tasks.data.log_dataset_input); the fingerprint names the exact images
 DATASET_FINGERPRINT_TAG = "dataset.fingerprint"
 DATASET_NAME_TAG = "dataset.name"
+# prepared data in the store, by fingerprint, for hosts that cannot reach the source (tasks.run_files)
+DATASETS_EXPERIMENT = "ddpm-datasets"       # one run per fingerprint, tagged dataset.fingerprint
+DATASET_ARTIFACT_DIR = "prepared"           # its manifest.json and data.npz
 DATASET_PATH_TAG = "dataset.path"
 DATASET_TRAIN_COUNT_TAG = "dataset.train_count"
 DATASET_HOLDOUT_COUNT_TAG = "dataset.holdout_count"
@@ -84,10 +90,12 @@ PARAMETERS_PARAM = "model.parameters"       # besides the flattened configuratio
 # (tasks.served_model reads them from its config; a second model of one run keeps the first values)
 MAX_IMAGES_PARAM, MAX_STEPS_PARAM, MAX_SECONDS_PARAM = "max_images", "max_steps", "max_seconds"
 LOSS_METRIC = "loss"                        # per log window; a resume skips the steps already logged
+PUBLISHED_MIB_METRIC = "checkpoints.published_mib"   # what this attempt uploaded to the artifact store
 TRAIN_METRIC_PREFIX = "train."              # the training summary (images/s, MFU, ...) at the last step
 BEST_SUFFIX = "_best"                       # evaluate: fid_<extractor>_best at the best checkpoint's step
 
 # --- artifacts and images -------------------------------------------------------------------------
+CHECKPOINTS_ARTIFACT_DIR = "checkpoints"    # step-*.pt + .sha256, and posthoc-ema/ (tasks.run_files)
 CONFIG_ARTIFACT = "config.json"             # the whole PipelineConfig: retrain, evaluate and resume read it
 LOSS_CURVE_ARTIFACT = "plots/loss_curve.png"
 SCHEDULE_PLOT_ARTIFACT = "plots/noise_schedule.png"

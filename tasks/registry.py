@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import shutil
 import statistics
 from pathlib import Path
 
@@ -31,8 +32,9 @@ from mlflow.entities import LoggedModelStatus
 from mlflow.exceptions import MlflowException
 from pydantic import BaseModel, ConfigDict, Field
 
-from ddpm.checkpoint import CheckpointError, checkpoint_step, list_checkpoints
-from tasks import contract, settings, tracking
+from ddpm.checkpoint import CheckpointError, checkpoint_step, list_checkpoints, verify_checkpoint
+from ddpm.data import DataError
+from tasks import contract, run_files, settings, tracking
 from tasks.config import one_line
 # Models registered before tasks.serving existed pickled a reference to tasks.registry.DDPMImageModel.
 from tasks.serving import DDPMImageModel, log_ddpm_model  # noqa: F401
@@ -94,36 +96,37 @@ def comparable_runs(experiments: list[str] | str, metric: str | None = None, fin
     return sorted(same, key=lambda r: r.data.metrics[metric]), criteria
 
 
-def posthoc_choice(run) -> tuple[Path, dict] | None:
-    """(checkpoint, logged-model tags) of the post-hoc EMA reconstruction that evaluate chose for
-    the run (tasks.posthoc), when it chose one and the file is still there; else None."""
+def posthoc_choice(run) -> tuple[int, Path | None, dict] | None:
+    """(step, checkpoint if it is on this host, logged-model tags) of the post-hoc EMA
+    reconstruction that evaluate chose for the run (tasks.posthoc), when it chose one; else None.
+    The reconstruction was logged as a model of the run, so another host registers that model."""
     tags = run.data.tags
     if tags.get(contract.POSTHOC_CHOSEN_TAG) != "reconstruction":
         return None
     path = Path(tags.get(contract.POSTHOC_CHECKPOINT_TAG, ""))
-    if not path.is_file():
-        return None
-    return path, {contract.POSTHOC_SIGMA_REL_TAG: tags[contract.POSTHOC_SIGMA_REL_TAG]}
+    step = int(tags[contract.POSTHOC_STEP_TAG]) if tags.get(contract.POSTHOC_STEP_TAG) else checkpoint_step(path)
+    return step, (path if path.is_file() else None), {contract.POSTHOC_SIGMA_REL_TAG: tags[contract.POSTHOC_SIGMA_REL_TAG]}
+
+
+def step_of_fid(run, metric: str) -> int | None:
+    """The training step whose samples gave the run's `metric` (its newest value), None without one."""
+    history = tracking.client().get_metric_history(run.info.run_id, metric)
+    return max(history, key=lambda m: m.timestamp).step if history else None
 
 
 def checkpoint_for_fid(run, metric: str) -> Path | None:
     """The checkpoint whose samples gave the run's `metric` (the step of it), else the newest one;
-    found where evaluate finds them (tracking.run_checkpoints)."""
-    checkpoints = tracking.run_checkpoints(run)
-    if not checkpoints:
-        return None
-    history = tracking.client().get_metric_history(run.info.run_id, metric)
-    step = max(history, key=lambda m: m.timestamp).step if history else None
-    by_step = {checkpoint_step(p): p for p in checkpoints}
-    return by_step.get(step, checkpoints[-1])
+    on this host or fetched from the run's artifact store (tasks.run_files); None when neither has one."""
+    step = step_of_fid(run, metric)
+    return (run_files.checkpoint(run, step) if step is not None else None) or run_files.checkpoint(run)
 
 
-def register_logged_model(run, checkpoint: Path, model_name: str, max_images: int, tags: dict | None = None):
-    """Register the model the training run logged of `checkpoint` (same step, same request bound,
+def register_logged_model(run, step: int, model_name: str, max_images: int, tags: dict | None = None):
+    """Register the model the training run logged of its checkpoint at `step` (same request bound,
     the same post-hoc EMA tags: none for the run's own EMA) instead of logging it again; None when
     the run has no such model."""
     mlflow_client = tracking.client()
-    step = str(checkpoint_step(checkpoint))
+    step = str(step)
     models = mlflow_client.search_logged_models(
         [run.info.experiment_id],
         filter_string=f"source_run_id = '{run.info.run_id}' AND tags.`{contract.LOGGED_STEP_TAG}` = '{step}' "
@@ -210,7 +213,9 @@ SEED_STRIDE = 1_000_003
 
 def champion_bundle(model_name: str, version: str | int) -> Path:
     """The EMA checkpoint a registered version serves (its bundle's step-*.pt), downloaded once to
-    $DDPM_HOME/registry/<name>/<version>; LookupError naming the version when its files are gone."""
+    $DDPM_HOME/registry/<name>/<version>-<key> and verified by its checksum each time: a damaged
+    cached copy is dropped and fetched again, once; LookupError in one line naming the version when
+    its files are gone from the store or damaged there."""
     try:
         source = tracking.client().get_model_version(model_name, str(version)).source
     except MlflowException as error:
@@ -218,28 +223,43 @@ def champion_bundle(model_name: str, version: str | int) -> Path:
     # keyed by the store and the version's source: another store's "ddpm/1" is another model
     key = hashlib.sha256(f"{settings.tracking_uri()}\n{source}".encode()).hexdigest()[:12]
     folder = settings.ddpm_home(create=True) / "registry" / model_name / f"{version}-{key}"
-    found = list_checkpoints(folder / "artifacts" / "checkpoint")
-    if not found:
-        try:
-            mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{model_name}/{version}", dst_path=str(folder))
-        except (MlflowException, OSError) as error:
-            raise LookupError(f"the files of {model_name} version {version} cannot be read ({one_line(error)})") from None
+    problem = ""
+    for attempt in range(2):   # a cached copy that fails its checksum is dropped and fetched once more
         found = list_checkpoints(folder / "artifacts" / "checkpoint")
-    if len(found) != 1:
-        raise LookupError(f"{model_name} version {version} holds {len(found)} checkpoints in its bundle, expected one")
-    return found[0]
+        if not found:
+            try:
+                mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{model_name}/{version}", dst_path=str(folder))
+            except (MlflowException, OSError) as error:
+                raise LookupError(f"the files of {model_name} version {version} cannot be read from the store "
+                                  f"(deleted, or the store unreachable: {one_line(error)})") from None
+            found = list_checkpoints(folder / "artifacts" / "checkpoint")
+        if len(found) != 1:
+            raise LookupError(f"{model_name} version {version} holds {len(found)} checkpoints in its bundle, expected "
+                              "one: its files are gone from the store or damaged")
+        try:
+            verify_checkpoint(found[0])
+            return found[0]
+        except CheckpointError as error:
+            problem = one_line(error)
+            shutil.rmtree(folder, ignore_errors=True)
+    raise LookupError(f"{model_name} version {version}'s checkpoint fails its checksum even fetched afresh: {problem}")
 
 
 def rescorable(run) -> bool:
-    """A run whose protocol can be replayed: its stored configuration and its prepared data are here."""
-    path = run.data.tags.get(contract.DATASET_PATH_TAG)
-    if not path or not Path(path).is_dir():
-        return False
+    """A run whose protocol can be replayed: its stored configuration, and its prepared data on
+    this host or in the store (tasks.run_files.run_dataset)."""
     try:
-        tracking.run_config(run)
-    except FileNotFoundError:
+        config = tracking.run_config(run)
+        run_files.run_dataset(run, _stored_data(config))
+    except (FileNotFoundError, ValueError, DataError):
         return False
     return True
+
+
+def _stored_data(config: dict):
+    from tasks.config import PipelineConfig
+
+    return PipelineConfig.from_stored(config).data
 
 
 def head_to_head(challenger_run, metric: str, model_name: str, versions: dict[str, str], seeds: int) -> dict:
@@ -252,8 +272,9 @@ def head_to_head(challenger_run, metric: str, model_name: str, versions: dict[st
     from ddpm.training import resolve_device
     from tasks.config import PipelineConfig
 
-    sampling = PipelineConfig.from_stored(tracking.run_config(challenger_run)).sampling
-    dataset = load_prepared(Path(challenger_run.data.tags[contract.DATASET_PATH_TAG]))
+    config = PipelineConfig.from_stored(tracking.run_config(challenger_run))
+    sampling = config.sampling
+    dataset = load_prepared(Path(run_files.run_dataset(challenger_run, config.data)))
     scorer = Scorer.build(dataset, [metric.removeprefix("fid_")], settings.metrics_cache_dir())
     device = resolve_device("auto")
     fids: dict[str, list[float]] = {}
@@ -326,23 +347,27 @@ def _promote_best(experiments, model_name, fingerprint, metric, max_images, log,
     skipped = []
     for run in candidates:  # the best one we can still register
         # evaluate --posthoc-ema's choice when it made one, else the checkpoint of the run's FID
-        checkpoint, model_tags = posthoc_choice(run) or (None, {})
+        step, checkpoint, model_tags = posthoc_choice(run) or (step_of_fid(run, metric), None, {})
         version = registered_version(model_name, run.info.run_id, model_tags)
         if version is not None:
             break
+        # the model the run logged of that checkpoint (in the store: any host registers it) ...
+        version = register_logged_model(run, step, model_name, max_images, model_tags) if step is not None else None
+        if version is not None:
+            break
+        # ... else the checkpoint itself, here or fetched from the run's artifact store, logged now
         checkpoint = checkpoint or checkpoint_for_fid(run, metric)
         if checkpoint is None:
             skipped.append(run.info.run_id)
-            log(f"run {run.info.run_id} ({metric} {fid_of(run):.4g}) has no checkpoint under "
-                f"{', '.join(map(str, tracking.checkpoint_folders(run)))}; trying the next best")
+            log(f"run {run.info.run_id} ({metric} {fid_of(run):.4g}) has no logged model or checkpoint under "
+                f"{', '.join(map(str, run_files.checkpoint_folders(run)))} or in its artifact store; trying the next best")
             continue
-        version = register_logged_model(run, checkpoint, model_name, max_images, model_tags)
-        if version is None:
-            info = log_ddpm_model(run.info.run_id, checkpoint, model_name, max_images=max_images, tags=model_tags)
-            version = mlflow_client.get_model_version(model_name, str(info.registered_model_version))
+        info = log_ddpm_model(run.info.run_id, checkpoint, model_name, max_images=max_images, tags=model_tags)
+        version = mlflow_client.get_model_version(model_name, str(info.registered_model_version))
         break
     else:
-        raise LookupError(f"none of the {len(candidates)} candidate runs has its checkpoint on this machine")
+        raise LookupError(f"none of the {len(candidates)} candidate runs has a logged model or a checkpoint, on this "
+                          "machine or in the artifact store")
 
     tags = {contract.VERSION_FID_TAG: repr(fid_of(run)), contract.FID_METRIC_TAG: metric,
             contract.FID_NUM_SAMPLES_TAG: criteria["num_samples"], contract.DATASET_FINGERPRINT_TAG: fingerprint,

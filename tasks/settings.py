@@ -2,7 +2,8 @@
 
     DDPM_HOME (default ./.ddpm)        prepared data, checkpoints, samples, caches
     MLFLOW_TRACKING_URI (default sqlite:///$DDPM_HOME/mlflow.db, absolute)
-    artifacts of new experiments        $DDPM_HOME/mlartifacts
+    artifacts of new experiments        $DDPM_HOME/mlartifacts on a local store; the server's own
+                                        artifact store on a tracking server (http, https)
 """
 
 from __future__ import annotations
@@ -39,6 +40,12 @@ def ddpm_home(create: bool = False) -> Path:
 def tracking_uri() -> str:
     """The MLflow store: $MLFLOW_TRACKING_URI, else an sqlite file in DDPM_HOME (absolute path)."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{ddpm_home(create=True) / 'mlflow.db'}"
+
+
+def is_tracking_server(uri: str) -> bool:
+    """An MLflow tracking server (every host reaches it, and its artifact store) rather than a store
+    this process opens itself (sqlite, a database URL, files)."""
+    return uri.startswith(("http://", "https://", "databricks"))
 
 
 def artifact_root() -> str:

@@ -22,9 +22,8 @@ from mlflow.entities import Metric, RunStatus
 from mlflow.tracking import MlflowClient
 from prefect.exceptions import TerminationSignal
 
-from ddpm.checkpoint import list_checkpoints
 from tasks import contract
-from tasks.settings import artifact_root, ddpm_home, tracking_uri
+from tasks.settings import artifact_root, ddpm_home, is_tracking_server, tracking_uri
 
 
 _INITIALISED_STORES: set[str] = set()
@@ -96,8 +95,11 @@ def ui_url(base: str, experiment_id: str, run_id: str | None = None) -> str:
 
 
 def experiment_id(name: str) -> str:
-    """The id of experiment `name`, created with an explicit artifact location if it is new, and
-    marked as a model-training experiment for the MLflow UI."""
+    """The id of experiment `name`, created if it is new, and marked as a model-training experiment
+    for the MLflow UI. A new experiment's artifacts go where the store says: on a tracking server,
+    its default artifact location (proxied mlflow-artifacts:, S3, ...), which every host reaches;
+    on a local store, $DDPM_HOME/mlartifacts/<name> (MLflow's default would be ./mlruns of
+    whatever folder the process started in)."""
     mlflow_client = client()
     experiment = mlflow_client.get_experiment_by_name(name)
     if experiment is not None:
@@ -106,7 +108,8 @@ def experiment_id(name: str) -> str:
                                              contract.EXPERIMENT_KIND)
         return experiment.experiment_id
     try:
-        return mlflow_client.create_experiment(name, artifact_location=f"{artifact_root()}/{name}",
+        location = None if is_tracking_server(tracking_uri()) else f"{artifact_root()}/{name}"
+        return mlflow_client.create_experiment(name, artifact_location=location,
                                                tags={contract.EXPERIMENT_KIND_TAG: contract.EXPERIMENT_KIND})
     except mlflow.exceptions.MlflowException:  # created meanwhile by a concurrent run
         return mlflow_client.get_experiment_by_name(name).experiment_id
@@ -233,22 +236,6 @@ def run_config(run: mlflow.entities.Run) -> dict:
         raise FileNotFoundError(
             f"MLflow run {run.info.run_id} has no {contract.CONFIG_ARTIFACT}: it was not made by train_pipeline"
         ) from error
-
-
-def checkpoint_folders(run: mlflow.entities.Run) -> list[Path]:
-    """Where a run's checkpoints may be: its `checkpoint_dir` tag, then $DDPM_HOME/runs/<run id>/checkpoints."""
-    tagged = run.data.tags.get(contract.CHECKPOINT_DIR_TAG)
-    default = ddpm_home() / "runs" / run.info.run_id / "checkpoints"
-    return [Path(tagged), default] if tagged and Path(tagged) != default else [default]
-
-
-def run_checkpoints(run: mlflow.entities.Run) -> list[Path]:
-    """The checkpoints of `run`, oldest first, from the first of its `checkpoint_folders` that has
-    any ([] when none has): evaluation and promotion find a run's checkpoints this one way."""
-    for folder in checkpoint_folders(run):
-        if found := list_checkpoints(folder):
-            return found
-    return []
 
 
 # --- the run lifecycle ------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from ddpm.torchrun import TrainingProcessError, check_num_processes, train_under
 from ddpm.training import TrainConfig, dataset_trainer, is_repeating
 from ddpm.unet import UNet, UNetConfig, count_parameters
 from ddpm.utilisation import training_utilisation
-from tasks import contract, plots, tracking
+from tasks import contract, plots, run_files, tracking
 from tasks.sample import progress_grid
 
 
@@ -56,8 +56,10 @@ def train_model(
     """Train (or resume) in `checkpoint_dir`; metrics, curves and the schedule go to MLflow run `run_id`.
 
     A retry after a crash resumes from the newest valid checkpoint in `checkpoint_dir`.
-    `on_checkpoint(step, path)` is called after each checkpoint is written (to publish it, or in
-    tests to fail right after one). Returns the summary numbers, `resumed_from` (the step the
+    `on_checkpoint(step, path)` is called after each checkpoint is written (in tests, to fail right
+    after one). Where other hosts read the run (a tracking server), each checkpoint is also
+    published to the run's artifact store in the background (tasks.run_files.CheckpointPublisher);
+    the summary says how many bytes and which steps reached it. Returns the summary numbers, `resumed_from` (the step the
     last attempt started from, None for a fresh start), `checkpoints` (all on disk, oldest
     first) and `checkpoint` (the final one, for sampling and evaluation).
     With `train_config.world_size` > 1 the training runs under torchrun (see the module doc).
@@ -81,6 +83,11 @@ def train_model(
         # on the training device in-process; beside torchrun's ranks, on the CPU
         grid_device = "cpu" if launched else train_config.device
         on_checkpoint = chained(progress_grid(run_id, train_config.progress_images, grid_device), on_checkpoint)
+    publisher = None
+    if run_files.publishing():
+        publisher = run_files.CheckpointPublisher(run_id, checkpoint_dir, train_config.keep_last,
+                                                  warn=_logger().warning)
+        on_checkpoint = chained(on_checkpoint, publisher)
     start = time.perf_counter()
     try:
         if launched:
@@ -91,11 +98,16 @@ def train_model(
     except BaseException:
         try:
             metrics.flush()  # what was measured before a failure stays visible in MLflow
+            if publisher is not None:   # the checkpoints written so far still reach the store
+                publisher.close(timeout=120)
         except Exception:  # noqa: BLE001 (the store failing too, a full disk: the first error says why)
             pass
         raise
     metrics.flush()
     train_seconds = time.perf_counter() - start
+    stored = publisher.close() if publisher is not None else None
+    if publisher is not None:
+        mlflow_client.log_metric(run_id, contract.PUBLISHED_MIB_METRIC, publisher.bytes_uploaded / 2**20)
 
     if not result.loss_history and result.resumed_from is not None:
         # resumed at its last step (a failure after training): nothing trained now, so the loss
@@ -126,6 +138,8 @@ def train_model(
             for key, value in summary.items()
         ])
     checkpoints = [str(p) for p in list_checkpoints(Path(checkpoint_dir))]
+    if publisher is not None:
+        summary = {**summary, "published_bytes": publisher.bytes_uploaded, "published_steps": stored}
     return {**summary, "resumed_from": result.resumed_from, "checkpoints": checkpoints,
             "checkpoint": checkpoints[-1] if checkpoints else None, "log_batches": metrics.batches,
             "log_calls": metrics.calls}

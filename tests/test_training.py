@@ -485,14 +485,14 @@ def test_ddp_two_processes_match_one_process_with_the_same_global_batch(tmp_path
 
 
 def test_a_runs_checkpoints_are_found_in_its_tagged_folder_else_its_run_folder(tmp_path, monkeypatch):
-    """Evaluation, promotion and resume find a run's checkpoints the same way (tasks.tracking):
+    """Evaluation, promotion and resume find a run's checkpoints the same way (tasks.run_files):
     a stale `checkpoint_dir` tag (DDPM_HOME moved, a container's path) falls back to the run folder."""
     from types import SimpleNamespace
 
     from trained_runs import tiny_checkpoint
 
     from ddpm.checkpoint import checkpoint_step, load_model
-    from tasks import contract, tracking
+    from tasks import contract, run_files
 
     monkeypatch.setenv("DDPM_HOME", str(tmp_path / "home"))
     run_folder = tmp_path / "home" / "runs" / "abc" / "checkpoints"
@@ -503,9 +503,9 @@ def test_a_runs_checkpoints_are_found_in_its_tagged_folder_else_its_run_folder(t
         return SimpleNamespace(info=SimpleNamespace(run_id="abc"), data=SimpleNamespace(tags=tags))
 
     stale = run({contract.CHECKPOINT_DIR_TAG: str(tmp_path / "gone")})
-    assert tracking.checkpoint_folders(stale) == [tmp_path / "gone", run_folder]
-    assert tracking.run_checkpoints(stale) == [checkpoint] == tracking.run_checkpoints(run({}))
-    assert tracking.run_checkpoints(run({contract.CHECKPOINT_DIR_TAG: str(run_folder)})) == [checkpoint]
+    assert run_files.checkpoint_folders(stale) == [tmp_path / "gone", run_folder]
+    assert run_files.checkpoints(stale, fetch=False) == [checkpoint] == run_files.checkpoints(run({}), fetch=False)
+    assert run_files.checkpoints(run({contract.CHECKPOINT_DIR_TAG: str(run_folder)})) == [checkpoint]
     with pytest.raises(CheckpointError, match="not a checkpoint file name"):
         checkpoint_step(tmp_path / "model.pt")
 

@@ -71,7 +71,9 @@ def assert_equals_uninterrupted(client: MlflowClient, run_id: str, home: Path, f
     from ddpm.unet import UNetConfig
 
     config = json.loads(Path(client.download_artifacts(run_id, "config.json", str(tmp_path))).read_text())
-    dataset = next(home.glob("data/*/manifest.json")).parent
+    # prepared here, or fetched from the tracking store by a host that resumed the run (tasks.run_files)
+    dataset = next(p for pattern in ("data/*/manifest.json", "cache/datasets/*/manifest.json")
+                   for p in home.glob(pattern)).parent
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
