@@ -132,6 +132,7 @@ class CheckpointPublisher:
             self._upload_pair(staged, _artifact_dir(""))
         except Exception as error:  # noqa: BLE001 (a server down, a full store, a timeout: all alike)
             self.failed[step] = one_line(error)
+            self._delete(step)   # a half-written copy there is no checkpoint (and would hold space)
             self.warn(f"checkpoint step {step} did not reach the artifact store ({self.failed[step]}); training goes "
                       "on, the upload is tried again at the end of the run")
             return
@@ -175,13 +176,17 @@ class CheckpointPublisher:
         excess, self.stored = self.stored[:-self.keep_last], self.stored[-self.keep_last:]
         if not excess:
             return
-        repository = _repository(self.run_id)
         for step in excess:
-            name = checkpoint_path(Path(), step).name
-            for file in (name, name + ".sha256"):
-                try:
-                    repository.delete_artifacts(f"{_artifact_dir('')}/{file}")
-                except Exception as error:  # noqa: BLE001 (a store that cannot delete keeps more: only space)
+            self._delete(step, warn=True)
+
+    def _delete(self, step: int, warn: bool = False) -> None:
+        """Delete checkpoint `step` (and its checksum) from the store, best effort."""
+        name = checkpoint_path(Path(), step).name
+        for file in (name + ".sha256", name):   # the checksum first: never a pair with a missing file
+            try:
+                _repository(self.run_id).delete_artifacts(f"{_artifact_dir('')}/{file}")
+            except Exception as error:  # noqa: BLE001 (a store that cannot delete keeps more: only space)
+                if warn:
                     self.warn(f"could not delete {file} from the artifact store ({one_line(error)})")
 
     def _record(self) -> None:
