@@ -705,16 +705,16 @@ def dataset_trainer(
     distributed: DistributedContext | None = None,
 ) -> Trainer:
     """A Trainer fed by a BatchLoader over the train split of a prepared dataset, sliced for this
-    rank, with the labels when the model is class-conditional."""
+    rank, with the labels when the model is class-conditional. The split is read in place from the
+    memory-mapped images (no copy of it): the same batches as a copy of the split would give."""
     ctx = distributed or DistributedContext()
     dataset = load_prepared(Path(dataset_path))
     validate_for_model(dataset, model_config.image_size, model_config.in_channels, model_config.num_classes)
     conditional = model_config.num_classes is not None
-    train_images, train_labels = dataset.split("train")
     loader = BatchLoader(
-        train_images, batch_size=train_config.rank_micro_batch_size(ctx.world_size), seed=train_config.seed,
+        dataset.images, batch_size=train_config.rank_micro_batch_size(ctx.world_size), seed=train_config.seed,
         hflip=train_config.hflip, rank=ctx.rank, world_size=ctx.world_size,
-        labels=train_labels if conditional else None,
+        labels=dataset.labels if conditional else None, index=dataset.train_indices,
     )
     batch_fn = loader.labelled_batch if conditional else loader.batch
     return Trainer(model_config, diffusion_config, train_config, batch_fn, checkpoint_dir, distributed=ctx)

@@ -18,6 +18,7 @@ import threading
 import warnings
 from pathlib import Path
 
+import numpy as np
 from prefect import task
 from prefect.context import TaskRunContext
 
@@ -54,13 +55,14 @@ def _is_prepared(path: Path) -> bool:
 
 
 def prepare_cache_key(context: TaskRunContext, parameters: dict) -> str:
-    """Key on (config, source identity, out_dir, download_dir); forget a record whose output is gone."""
+    """Key on (config, source identity, out_dir, download_dir); forget a record whose output is gone.
+    The source is listed once (its identity serves the key and the prepared folder's path)."""
     config, out_dir, download_dir = _arguments(parameters)
     identity = source_identity(config.source, download_dir or default_download_dir(out_dir))
     payload = json.dumps({"config": config.model_dump(mode="json"), "identity": identity,
                           "out_dir": str(out_dir), "download_dir": str(download_dir)}, sort_keys=True)
     key = "prepare-data-" + hashlib.sha256(payload.encode()).hexdigest()
-    if not _is_prepared(prepared_path(config, out_dir, download_dir)):
+    if not _is_prepared(prepared_path(config, out_dir, download_dir, identity=identity)):
         storage = getattr(context.task, "result_storage", None)
         if isinstance(storage, (str, Path)):   # a record pointing at a deleted folder: drop it
             (Path(storage).expanduser().resolve() / key).unlink(missing_ok=True)
@@ -96,12 +98,16 @@ def log_dataset_input(run_id: str, dataset: PreparedDataset, context: str = "tra
 
     manifest = dataset.manifest
     name = f"{manifest['source']}-{manifest['image_size']}x{manifest['image_size']}x{manifest['channels']}"
-    train_images, train_labels = dataset.split("train")
+    train = dataset.train_indices.numpy()
+    images = dataset.images.numpy()
+    # MLflow keeps the features' shape, size, bytes and dtype (the digest is the fingerprint's), never
+    # their values: a zero-stride view of the train split's shape, not a copy of the split
+    features = np.broadcast_to(images[:1], (len(train), *images.shape[1:]))
     with warnings.catch_warnings():   # MLflow registers its local source type twice and says so
         warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
         mlflow_dataset = mlflow.data.from_numpy(
-            features=train_images.numpy(),
-            targets=train_labels.numpy() if train_labels is not None else None,
+            features=features,
+            targets=dataset.labels.numpy()[train] if dataset.labels is not None else None,
             source=str(Path(dataset.path).resolve()),
             name=name,
             digest=dataset.fingerprint[:32],

@@ -45,14 +45,21 @@ CHAMPION, DEFAULT_MODEL_NAME = contract.CHAMPION_ALIAS, contract.DEFAULT_MODEL_N
 # --- promotion ------------------------------------------------------------------------------
 
 
-def runs_with_fid(experiments: list[str]) -> list:
-    """FINISHED runs of `experiments` that carry an FID (tag `fid.metric` and that metric), newest first."""
+def runs_with_fid(experiments: list[str], page_size: int = 5000) -> list:
+    """FINISHED runs of `experiments` that carry an FID (tag `fid.metric` and that metric), newest first:
+    all of them, read `page_size` at a time (MLflow's page_token), never a silent cap."""
     mlflow_client = tracking.client()
     ids = [e.experiment_id for name in experiments if (e := mlflow_client.get_experiment_by_name(name))]
     if not ids:
         return []
-    runs = mlflow_client.search_runs(ids, filter_string="attributes.status = 'FINISHED'", max_results=5000,
-                                     order_by=["attributes.end_time DESC"])
+    runs, token = [], None
+    while True:
+        page = mlflow_client.search_runs(ids, filter_string="attributes.status = 'FINISHED'", max_results=page_size,
+                                         order_by=["attributes.end_time DESC"], page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            break
     return [r for r in runs if r.data.tags.get(contract.FID_METRIC_TAG) in r.data.metrics]
 
 

@@ -22,11 +22,16 @@ class BatchLoader:
     process with batch_size * world_size would see. The images tensor is moved to `device`
     once; each batch is then a gather, a flip and a scale to [-1, 1] on that device. With
     `labels` (one per image), `labelled_batch` gives the batch's labels too.
+
+    `index` (int64 rows of images_uint8): train on those rows only, read in place (a prepared
+    dataset's memory-mapped images and its train_indices: no copy of the split). The batches are
+    exactly those of BatchLoader(images_uint8[index], ...) (labels likewise: one per row of
+    images_uint8). On another device than the CPU the rows are copied there once, as before.
     """
 
     def __init__(self, images_uint8: torch.Tensor, batch_size: int, seed: int = 0, hflip: bool = False,
                  device: str | torch.device = "cpu", rank: int = 0, world_size: int = 1,
-                 drop_last: bool = True, labels: torch.Tensor | None = None):
+                 drop_last: bool = True, labels: torch.Tensor | None = None, index: torch.Tensor | None = None):
         if images_uint8.dtype != torch.uint8 or images_uint8.dim() != 4:
             raise ValueError(f"images_uint8 must be a uint8 (N, C, H, W) tensor, got "
                              f"{images_uint8.dtype} {tuple(images_uint8.shape)}")
@@ -35,13 +40,23 @@ class BatchLoader:
                              f"batch_size={batch_size}, rank={rank}, world_size={world_size}")
         if labels is not None and labels.shape != (len(images_uint8),):
             raise ValueError(f"labels must have shape ({len(images_uint8)},), one per image, got {tuple(labels.shape)}")
+        if index is not None:
+            index = torch.as_tensor(index, dtype=torch.int64)
+            if index.dim() != 1 or (len(index) and (index.min() < 0 or index.max() >= len(images_uint8))):
+                raise ValueError(f"index must be 1-D rows of images_uint8 (0..{len(images_uint8) - 1})")
+            if torch.device(device).type != "cpu":   # the device holds the split only
+                images_uint8 = images_uint8[index]
+                labels = labels[index] if labels is not None else None
+                index = None
+        self.index = index.to(device) if index is not None else None
         self.images = images_uint8.to(device)
         self.labels = labels.long().to(device) if labels is not None else None
         self.batch_size, self.seed, self.hflip = batch_size, seed, hflip
         self.device = torch.device(device)
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
         self.global_batch = batch_size * world_size
-        n = len(images_uint8)
+        n = len(images_uint8) if self.index is None else len(self.index)
+        self._n = n
         if drop_last and n < self.global_batch:
             raise ValueError(f"{n} images cannot fill one global batch of {self.global_batch} "
                              "(batch_size * world_size) with drop_last=True")
@@ -54,7 +69,9 @@ class BatchLoader:
     def _permutation(self, epoch: int) -> torch.Tensor:
         if epoch != self._epoch:
             g = torch.Generator().manual_seed(_seed(self.seed, epoch, 0))
-            self._perm = torch.randperm(len(self.images), generator=g).to(self.device)
+            self._perm = torch.randperm(self._n, generator=g).to(self.device)
+            if self.index is not None:
+                self._perm = self.index[self._perm]   # rows of images
             self._epoch = epoch
         return self._perm
 

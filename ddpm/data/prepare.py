@@ -8,17 +8,34 @@ Layout of a prepared dataset (out_dir/<kind>-<S>x<S>x<C>-<hash12>/):
   manifest.json  source, source identity, image size, channels, counts, split sizes, class names,
                  the files the source skipped and why (`skipped_files`: a folder's unreadable images),
                  the config, and the sha256 fingerprint of the content
+  files.npz      a folder source's file index (names, sizes, mtimes, sha256 of the bytes, rows): what
+                 the next version's incremental preparation reuses (sources/folder.py)
+  .verified.json written by load_prepared once it has checked the fingerprint of this data.npz (its
+                 inode, size, mtime and ctime): a later load of the same file skips the hashing
 The folder is written under a temporary name in out_dir and renamed at the end, so a failure
 leaves nothing behind and a reader never sees a half-written dataset. Each folder a
 preparation returns is recorded as a version of its lineage (ddpm.data.versions).
+
+Loading maps the images (data.npz is an uncompressed zip: the array is read in place, copy on
+write) instead of reading them: every load in one process shares one mapping, and the kernel's
+page cache holds the bytes once for every process on the host. A dataset larger than memory then
+trains from disk (pages come and go), at the disk's random-read speed.
+
+A folder grows night after night: its new version decodes only the files that are new or changed
+(sources/folder.py), and a version whose content (fingerprint, skipped files) equals one of its
+lineage's existing folders is that folder (a re-stamped copy of the folder, a `touch`): no new copy
+is written, the identity is recorded as an alias of it (ddpm.data.versions).
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import shutil
 import tempfile
+import threading
+import weakref
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +50,8 @@ from .sources import SOURCES, SourceData, parse_source, read_source, source_iden
 
 MANIFEST = "manifest.json"
 DATA_FILE = "data.npz"
+FILES_FILE = "files.npz"          # a folder source's file index (incremental preparation)
+VERIFIED_FILE = ".verified.json"  # the data.npz whose fingerprint load_prepared checked
 FORMAT_VERSION = 1
 CONTENT_HASH_BYTES = 16   # per-image content hash stored in data.npz: sha256 truncated
 
@@ -135,11 +154,16 @@ class PreparedDataset:
         return self.manifest["fingerprint"]
 
     def split(self, name: Literal["train", "holdout"]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(uint8 images, labels or None) of one split."""
+        """(uint8 images, labels or None) of one split: a copy of its rows (a training reads the
+        train split in place: BatchLoader(dataset.images, index=dataset.train_indices))."""
+        index = self.split_indices(name)
+        return self.images[index], (self.labels[index] if self.labels is not None else None)
+
+    def split_indices(self, name: Literal["train", "holdout"]) -> torch.Tensor:
+        """The rows of `images` in one split (int64, sorted)."""
         if name not in ("train", "holdout"):
             raise DataError(f"split must be 'train' or 'holdout', got {name!r}")
-        index = self.train_indices if name == "train" else self.holdout_indices
-        return self.images[index], (self.labels[index] if self.labels is not None else None)
+        return self.train_indices if name == "train" else self.holdout_indices
 
 
 # ---------------------------------------------------------------------------- split and fingerprint
@@ -242,41 +266,60 @@ def default_download_dir(out_dir: Path) -> Path:
 
 
 def prepared_path(config: DataConfig, out_dir: Path, download_dir: Path | None = None,
-                  checksums: dict | None = None) -> Path:
-    """Where prepare_dataset writes this config's dataset (cheap: no image is read)."""
+                  checksums: dict | None = None, identity: dict | None = None) -> Path:
+    """Where prepare_dataset writes (or found) this config's dataset (cheap: no image is read):
+    out_dir/<name>, or the folder of the lineage that this source state was found to equal (an
+    alias: a re-stamped folder). `identity`: the source's, when the caller has it (one listing)."""
+    from .versions import alias_of
+
     download_dir = Path(download_dir) if download_dir else default_download_dir(out_dir)
-    return Path(out_dir) / dataset_name(config, source_identity(config.source, download_dir, checksums))
+    if identity is None:
+        identity = source_identity(config.source, download_dir, checksums)
+    name = dataset_name(config, identity)
+    final = Path(out_dir) / name
+    if not final.is_dir() and (alias := alias_of(config, out_dir, name)) is not None:
+        return Path(out_dir) / alias
+    return final
+
+
+def _load_if_intact(path: Path) -> PreparedDataset | None:
+    try:
+        return load_prepared(path) if path.is_dir() else None
+    except DataError:
+        return None   # incomplete or damaged: prepared again
 
 
 def prepare_dataset(config: DataConfig, out_dir: Path, *, download_dir: Path | None = None,
-                    mirrors: list[str] | None = None, checksums: dict | None = None) -> Path:
+                    mirrors: list[str] | None = None, checksums: dict | None = None,
+                    workers: int | None = None) -> Path:
     """Read, fit, split and fingerprint the source; write out_dir/<name>/ atomically; return it.
 
     download_dir: where `mnist`/`cifar10` without a path look for (and download) files,
     default out_dir/downloads. mirrors: base URLs to download from instead of the standard
     ones. checksums: {file name: md5} overriding MD5SUMS files and the published sums.
+    workers: processes decoding a folder's images (default DDPM_PREPARE_WORKERS, else the cores).
     The folder's name hashes the config and the source's identity, so an existing folder of that
     name that loads and matches its fingerprint is this dataset already: it is returned as it is
     (`ddpm prepare` then `ddpm train` prepares once). A damaged one is replaced.
+    A folder source is read incrementally from its lineage's newest version (see the module doc);
+    a result equal to an existing version of the lineage returns that version's folder.
     The folder returned is recorded as a version of the config's lineage in out_dir
     (ddpm.data.versions: out_dir/versions/), unless that history lists it already.
     """
-    from .versions import record_version
+    from .versions import incremental_base, record_alias, record_version, same_version
 
     out_dir = Path(out_dir)
     download_dir = Path(download_dir) if download_dir else default_download_dir(out_dir)
     identity = source_identity(config.source, download_dir, checksums)
-    final = out_dir / dataset_name(config, identity)
-    if final.is_dir():
-        try:
-            found = load_prepared(final)
-        except DataError:
-            found = None   # incomplete or damaged: prepared again below
-        if found is not None:
+    name = dataset_name(config, identity)
+    final = out_dir / name
+    for candidate in dict.fromkeys((final, prepared_path(config, out_dir, download_dir, checksums, identity))):
+        if (found := _load_if_intact(candidate)) is not None:
             record_version(found)
-            return final
+            return candidate
 
-    data = read_source(config, download_dir, mirrors, checksums)
+    previous = incremental_base(config, out_dir) if SOURCES[parse_source(config.source)[0]].incremental else None
+    data = read_source(config, download_dir, mirrors, checksums, previous=previous, workers=workers)
     if config.split == "official":
         train, holdout = official_split_indices(data, config.source)
     elif config.split == "content":
@@ -300,6 +343,12 @@ def prepare_dataset(config: DataConfig, out_dir: Path, *, download_dir: Path | N
         "config": config.model_dump(mode="json"),
         "fingerprint": fingerprint(data.images, data.labels, train, holdout),
     }
+    del previous   # its mapping is not needed any more
+    if (same := same_version(config, out_dir, manifest)) is not None:
+        # the content of a version the lineage has (a re-stamped folder): that folder, no new copy
+        record_alias(config, out_dir, name, same.name)
+        record_version(same)
+        return same
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=out_dir))
     tmp.chmod(0o777 & ~_umask())   # mkdtemp makes it 0700; a prepared folder is as readable as any other
@@ -309,11 +358,14 @@ def prepare_dataset(config: DataConfig, out_dir: Path, *, download_dir: Path | N
         if data.labels is not None:
             arrays["labels"] = data.labels
         save_npz(tmp / DATA_FILE, arrays)
+        if data.file_index is not None:
+            save_npz(tmp / FILES_FILE, data.file_index)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
         _replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _mark_verified(final, manifest["fingerprint"])   # its fingerprint was computed from these very arrays
     del data, arrays   # the images are not needed to record the version (it may read the previous one's)
     record_version(final, hashes=hashes, train=train, holdout=holdout, manifest=manifest)
     return final
@@ -359,15 +411,121 @@ def read_manifest(path: Path) -> dict:
         raise DataError(f"cannot read {file}: {exc}") from exc
 
 
+_PROCESS_LOCK = threading.Lock()
+_MAPPED: "weakref.WeakValueDictionary[tuple, np.ndarray]" = weakref.WeakValueDictionary()   # file key -> images
+_VERIFIED: set[tuple] = set()   # (file key, fingerprint) checked in this process
+
+
+def _file_key(file: Path) -> tuple:
+    """What identifies one version of a file: its real path, device, inode, size, mtime and ctime
+    (a rewrite changes the ctime, which no tool sets back)."""
+    st = os.stat(file)
+    return (os.path.realpath(file), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _stamp_key(key: tuple) -> list:
+    return list(key[2:])   # not the path: a folder moved or renamed keeps its check
+
+
+def _verified(path: Path, key: tuple, fingerprint_: str) -> bool:
+    if (key, fingerprint_) in _VERIFIED:
+        return True
+    try:
+        stamp = json.loads((path / VERIFIED_FILE).read_text())
+        return stamp["data"] == _stamp_key(key) and stamp["fingerprint"] == fingerprint_
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _mark_verified(path: Path, fingerprint_: str, key: tuple | None = None) -> None:
+    """Remember that this data.npz holds `fingerprint_`: in this process, and in the folder's
+    .verified.json when it can be written (a read-only folder is checked once per process)."""
+    try:
+        key = key or _file_key(path / DATA_FILE)
+    except OSError:
+        return
+    _VERIFIED.add((key, fingerprint_))
+    body = json.dumps({"data": _stamp_key(key), "fingerprint": fingerprint_})
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f"{VERIFIED_FILE}.tmp-", dir=path)
+        with os.fdopen(fd, "w") as f:
+            f.write(body)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path / VERIFIED_FILE)
+    except OSError:
+        pass
+
+
+def _npy_member(handle, info: zipfile.ZipInfo) -> tuple[int, np.dtype, tuple, bool] | None:
+    """(offset of the array's bytes in the file, dtype, shape, fortran order) of an .npy member
+    stored uncompressed; None when it cannot be read in place."""
+    import struct
+
+    if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:   # compressed or encrypted
+        return None
+    handle.seek(info.header_offset)
+    header = handle.read(30)
+    if len(header) != 30 or header[:4] != b"PK\x03\x04":
+        return None
+    name_length, extra_length = struct.unpack("<HH", header[26:30])
+    handle.seek(info.header_offset + 30 + name_length + extra_length)
+    version = np.lib.format.read_magic(handle)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(handle)
+    elif version == (2, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(handle)
+    else:
+        return None
+    if dtype.hasobject:
+        return None
+    return handle.tell(), dtype, shape, fortran
+
+
+def _read_arrays(file: Path, key: tuple) -> dict[str, np.ndarray]:
+    """The arrays of a data.npz: the images mapped (copy on write; one mapping per file version in
+    this process), the rest (indices, labels, hashes: small) read. np.load's reading when the zip
+    cannot be mapped (a compressed member)."""
+    with _PROCESS_LOCK:
+        images = _MAPPED.get(key)
+    arrays: dict[str, np.ndarray] = {}
+    with open(file, "rb") as handle, zipfile.ZipFile(handle) as zf:
+        members = {info.filename.removesuffix(".npy"): info for info in zf.infolist()}
+        layout = _npy_member(handle, members["images"]) if "images" in members and images is None else None
+        if layout is not None:
+            offset, dtype, shape, fortran = layout
+            count = int(np.prod(shape))
+            if offset + count * dtype.itemsize > key[3]:
+                raise DataError(f"{file} is truncated: its images need {offset + count * dtype.itemsize} bytes, "
+                                f"the file has {key[3]}")
+            if count and not fortran:
+                mapping = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+                images = np.frombuffer(mapping, dtype=dtype, count=count, offset=offset).reshape(shape)
+                with _PROCESS_LOCK:
+                    images = _MAPPED.setdefault(key, images)
+        for name in members:
+            if name == "images" and images is not None:
+                arrays[name] = images
+                continue
+            with zf.open(members[name]) as member:
+                arrays[name] = np.lib.format.read_array(member, allow_pickle=False)
+    return arrays
+
+
 def load_prepared(path: Path, verify: bool = True) -> PreparedDataset:
-    """Load a prepared folder; with verify, recompute the fingerprint and compare to the manifest."""
+    """Load a prepared folder, its images memory-mapped (see the module doc). With verify, the
+    fingerprint and content hashes are recomputed and compared to the manifest once per version of
+    data.npz (its inode, size, mtime and ctime: .verified.json, and in this process), so a run that
+    loads its data three times hashes it once, and a rewritten file is checked again."""
     path = Path(path)
     manifest = read_manifest(path)
+    file = path / DATA_FILE
     try:
-        with np.load(path / DATA_FILE, allow_pickle=False) as npz:
-            arrays = {name: npz[name] for name in npz.files}
+        key = _file_key(file)
+        arrays = _read_arrays(file, key)
+    except DataError:
+        raise
     except Exception as exc:
-        raise DataError(f"cannot read {path / DATA_FILE}: {exc}") from exc
+        raise DataError(f"cannot read {file}: {exc}") from exc
     images = arrays.get("images")
     expected = (manifest["count"], manifest["channels"], manifest["image_size"], manifest["image_size"])
     if images is None or images.shape != expected or images.dtype != np.uint8:
@@ -382,13 +540,14 @@ def load_prepared(path: Path, verify: bool = True) -> PreparedDataset:
     if hashes is not None and (hashes.shape != (len(images), CONTENT_HASH_BYTES) or hashes.dtype != np.uint8):
         raise DataError(f"{path / DATA_FILE} no longer matches its manifest: content_hashes {hashes.shape} "
                         f"{hashes.dtype}, expected uint8 {(len(images), CONTENT_HASH_BYTES)}")
-    if verify:
+    if verify and not _verified(path, key, manifest["fingerprint"]):
         actual = fingerprint(images, labels, train, holdout)
         if actual != manifest["fingerprint"]:
             raise DataError(f"content of {path} no longer matches its manifest: fingerprint "
                             f"{actual[:16]}..., manifest says {manifest['fingerprint'][:16]}...")
         if hashes is not None and not np.array_equal(hashes, content_hashes(images)):
             raise DataError(f"content hashes of {path} no longer match its images")
+        _mark_verified(path, manifest["fingerprint"], key)
     return PreparedDataset(
         images=torch.from_numpy(images),
         labels=torch.from_numpy(labels) if labels is not None else None,
@@ -398,6 +557,17 @@ def load_prepared(path: Path, verify: bool = True) -> PreparedDataset:
         path=path,
         content_hashes=torch.from_numpy(hashes) if hashes is not None else None,
     )
+
+
+def read_file_index(path: Path) -> dict | None:
+    """The file index a folder source stored with a prepared folder (files.npz), None when it has none."""
+    try:
+        with np.load(Path(path) / FILES_FILE, allow_pickle=False) as npz:
+            return {name: npz[name] for name in npz.files}
+    except FileNotFoundError:
+        return None
+    except Exception as exc:   # damaged: the next version is prepared from nothing
+        raise DataError(f"cannot read {Path(path) / FILES_FILE}: {exc}") from exc
 
 
 def _umask() -> int:

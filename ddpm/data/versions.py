@@ -22,6 +22,11 @@ The three counts are null when the previous version's folder is no longer there 
 The history is rewritten atomically (a temporary file renamed over it) under an exclusive lock on
 versions/<lineage key>.lock (POSIX flock; without it, two writers at once can lose an entry, never
 corrupt the file). Imports neither Prefect nor MLflow.
+
+Aliases: a source state (the prepared folder's name, which hashes the source's identity) whose
+preparation gave the content of a folder the lineage has already (a folder re-stamped by a copy
+without `-p`, a `touch`) is recorded in versions/<lineage key>.aliases.json as that folder, so the
+next preparation of that state finds it without reading a file (prepare.prepared_path).
 """
 from __future__ import annotations
 
@@ -215,5 +220,95 @@ def record_version(dataset_or_path: PreparedDataset | Path | str, *, hashes: np.
     return {**entry, "number": len(entries) + 1}
 
 
-__all__ = ["VERSIONS_DIR", "dataset_version", "history_path", "lineage_history", "lineage_key",
+# ---------------------------------------------------------------------------- incremental preparation
+
+def _aliases_path(config: DataConfig | dict, out_dir: Path) -> Path:
+    return Path(out_dir) / VERSIONS_DIR / f"{lineage_key(config)}.aliases.json"
+
+
+def _read_aliases(file: Path) -> dict[str, str]:
+    try:
+        return dict(json.loads(file.read_text())["aliases"])
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}   # a cache of what a preparation would find again: unreadable, it is rebuilt
+
+
+def alias_of(config: DataConfig | dict, out_dir: Path, name: str) -> str | None:
+    """The lineage folder recorded for the prepared-folder name `name`, when it still exists."""
+    folder = _read_aliases(_aliases_path(config, out_dir)).get(name)
+    return folder if folder and (Path(out_dir) / folder / MANIFEST).is_file() else None
+
+
+def record_alias(config: DataConfig | dict, out_dir: Path, name: str, folder: str) -> None:
+    """Record that the source state named `name` prepares to the existing lineage folder `folder`."""
+    file = _aliases_path(config, out_dir)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(history_path(config, out_dir)):
+        aliases = {key: value for key, value in _read_aliases(file).items() if (Path(out_dir) / value).is_dir()}
+        aliases[name] = folder
+        body = json.dumps({"format": HISTORY_FORMAT, "aliases": aliases}, indent=2, sort_keys=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{file.name}.tmp-", dir=file.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(body)
+            os.chmod(tmp, 0o666 & ~_umask())
+            os.replace(tmp, file)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def incremental_base(config: DataConfig, out_dir: Path, tries: int = 3):
+    """The lineage's newest intact version that stored a file index, as a folder.PreviousVersion
+    (its images memory-mapped), for the next version's incremental preparation; None when there is none."""
+    from .prepare import load_prepared, read_file_index
+    from .sources.folder import FILE_INDEX_KEYS, PreviousVersion
+
+    try:
+        entries = _read_history(history_path(config, out_dir))
+    except DataError:
+        return None
+    for entry in list(reversed(entries))[:tries]:
+        folder = Path(out_dir) / entry["path"]
+        try:
+            index = read_file_index(folder)
+            if index is None or not set(FILE_INDEX_KEYS) <= set(index):
+                continue
+            dataset = load_prepared(folder)
+        except DataError:
+            continue
+        if dataset.fingerprint == entry["fingerprint"] and len(index["rows"]) and \
+                int(index["rows"].max(initial=-1)) < len(dataset.images):
+            return PreviousVersion(index, dataset.images.numpy())
+    return None
+
+
+_SAME_CONTENT_KEYS = ("fingerprint", "skipped_files", "class_names", "source_details", "config", "count", "splits")
+
+
+def same_version(config: DataConfig, out_dir: Path, manifest: dict) -> Path | None:
+    """An intact folder of the lineage whose content is `manifest`'s (fingerprint, skipped files,
+    classes, counts): what a preparation returns instead of writing a copy of it; None when none is."""
+    from .prepare import load_prepared
+
+    try:
+        entries = _read_history(history_path(config, out_dir))
+    except DataError:
+        return None
+    for entry in reversed(entries):
+        if entry["fingerprint"] != manifest["fingerprint"]:
+            continue
+        folder = Path(out_dir) / entry["path"]
+        try:
+            found = load_prepared(folder)
+        except DataError:
+            continue
+        if all(found.manifest.get(key) == manifest.get(key) for key in _SAME_CONTENT_KEYS):
+            return folder
+    return None
+
+
+__all__ = ["VERSIONS_DIR", "alias_of", "incremental_base", "record_alias", "same_version", "dataset_version", "history_path", "lineage_history", "lineage_key",
            "record_version", "version_changes"]

@@ -129,13 +129,13 @@ def train_classifier(
     epochs = max(epochs, -(-min_steps // steps_per_epoch))
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=epochs * steps_per_epoch)
-    x_all = to_unit_range(train_images)
     model.train()
     for _ in range(epochs):
         order = torch.randperm(n, generator=generator)
         for step in range(steps_per_epoch):
             idx = order[step * batch_size : (step + 1) * batch_size]
-            x = _random_shift(x_all[idx], generator)
+            # one uint8 batch scaled at a time (never a float32 copy of the whole split: 4x its bytes)
+            x = _random_shift(to_unit_range(train_images[idx]), generator)
             loss = F.cross_entropy(model(x), train_labels[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

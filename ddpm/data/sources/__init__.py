@@ -70,10 +70,17 @@ def default_location(kind: str, path: Path | None, download_dir: Path) -> Path |
     return path if path is not None or not SOURCES[kind].downloads else download_dir / kind
 
 
-def read_source(config, download_dir: Path, mirrors=None, checksums=None) -> SourceData:
-    """Read the configured source, fitted to (channels, image_size, image_size)."""
+def read_source(config, download_dir: Path, mirrors=None, checksums=None, previous=None,
+                workers: int | None = None) -> SourceData:
+    """Read the configured source, fitted to (channels, image_size, image_size). `previous` (a
+    folder.PreviousVersion) and `workers` go to a source that reads incrementally (Source.incremental:
+    a folder); the others read everything each time."""
     kind, path = parse_source(config.source)
-    return SOURCES[kind].read(default_location(kind, path, download_dir), config, mirrors, checksums)
+    source = SOURCES[kind]
+    location = default_location(kind, path, download_dir)
+    if source.incremental:
+        return source.read(location, config, mirrors, checksums, previous=previous, workers=workers)
+    return source.read(location, config, mirrors, checksums)
 
 
 def source_identity(source: str, download_dir: Path, checksums: dict | None = None) -> dict:

@@ -24,7 +24,10 @@ class SourceData:
     details: dict = field(default_factory=dict)   # what was read (files, splits), for the manifest
     official_holdout: np.ndarray | None = None   # bool (N,): in the source's own test split; None: it has none
     skipped: list[dict] = field(default_factory=list)   # files left out, [{"file", "reason"}], for the manifest
-
+    # a folder's: its files' index (sources/folder.py FILE_INDEX_KEYS), stored beside the images for the
+    # next version's incremental preparation; and (rows here, rows of the previous version) it reused
+    file_index: dict | None = None
+    reused_rows: tuple[np.ndarray, np.ndarray] | None = None
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,8 @@ class Source:
     # DataConfig.split when none is given: "content" for a source that grows (a folder: a train image
     # stays in train as images are added), "random" for a fixed set
     default_split: Literal["random", "content", "official"] = "random"
+    # read(..., previous=, workers=): reuses the lineage's previous version (a growing folder)
+    incremental: bool = False
 
 
 # ---------------------------------------------------------------------------- checksums
