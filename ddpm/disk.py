@@ -116,3 +116,44 @@ def tensor_bytes(state) -> int:
     if isinstance(state, (list, tuple)):
         return sum(tensor_bytes(value) for value in state)
     return 0
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_atomically(path: Path | str, write, what: str, size_hint: int = 0) -> Path:
+    """Write the file `path` whole or not at all: `write(tmp)` fills a temporary file beside it
+    (same folder, so the rename cannot cross a disk), which then replaces `path` in one rename.
+
+    The one writer of the caches under DDPM_HOME (classifier weights, reference features, floors):
+    readers never see half a file, and nothing half-written is left under the real name (nor the
+    temporary file). The file takes the umask's permissions like any other file (mkstemp's 0600
+    would hide a shared cache from the team). A write that fails on a full disk raises DiskFull
+    (one line: where, what, how much is free), also when the layer that met it kept no errno
+    (torch.save's "unexpected pos"): the free space, below `size_hint` bytes, tells.
+    """
+    import tempfile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        tmp.chmod(0o666 & ~_umask())
+        write(tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as error:
+        tmp.unlink(missing_ok=True)
+        if is_disk_full(error) or free_bytes(path.parent) < max(size_hint, 1):
+            raise DiskFull(f"the disk holding {path.parent} is full: {what} could not be written "
+                           f"({mib(free_bytes(path.parent))} free{', ' + mib(size_hint) + ' needed' if size_hint else ''})"
+                           ) from None
+        raise
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path

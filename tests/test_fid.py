@@ -229,7 +229,8 @@ def test_reference_statistics_are_cached_and_reused(digits_extractor, digits, tm
     try:
         first = reference_statistics(digits_extractor, reference, tmp_path, fingerprint)
         assert not first.was_cached and sum(calls) == len(reference)
-        assert (tmp_path / "fid-ref-classifier-feedfacecafebeef.pt").is_file()
+        # the features are cached (every measure reads them), the statistics derived from them
+        assert (tmp_path / f"features-ref-classifier-{digits_extractor.digest}-feedfacecafebeef.pt").is_file()
         assert isinstance(first, ReferenceStats) and first.mean.dtype == first.covariance.dtype == torch.float64
         assert first.covariance.shape == (128, 128) and first.count == len(reference)
 
@@ -264,7 +265,7 @@ def test_stale_reference_cache_is_recomputed(digits_model, digits_extractor, dig
 
 @pytest.mark.slow
 def test_unreadable_reference_cache_is_recomputed(digits_extractor, digits, tmp_path):
-    path = tmp_path / "fid-ref-classifier-0000000000000000.pt"
+    path = tmp_path / f"features-ref-classifier-{digits_extractor.digest}-0000000000000000.pt"
     path.write_bytes(b"truncated")
     stats = reference_statistics(digits_extractor, digits[2], tmp_path, "0" * 64)
     assert not stats.was_cached and stats.count == len(digits[2])

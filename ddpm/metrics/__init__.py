@@ -1,4 +1,5 @@
-"""Sample-quality metrics: FID with Inception or the dataset's own classifier features."""
+"""Sample-quality metrics over Inception or the dataset's own classifier features: FID, KID,
+precision and recall from one feature pass (ddpm.metrics.measures: the registry MEASURES)."""
 
 from .classifier import DigitClassifier, load_or_train_classifier, train_classifier
 from .fid import (
@@ -11,14 +12,34 @@ from .fid import (
     frechet_distance,
     inception_available,
     inception_extractor,
-    metric_name,
+    fid_from_features,
     plot_class_histogram,
     real_vs_real_fid,
     reference_statistics,
 )
+from .measures import (
+    MEASURES,
+    Measure,
+    ReferenceFeatures,
+    features,
+    kid,
+    metric_name,
+    parse_metric,
+    precision_recall,
+    reference_features,
+)
 
 __all__ = [
+    "MEASURES",
     "DigitClassifier",
+    "Measure",
+    "ReferenceFeatures",
+    "features",
+    "fid_from_features",
+    "kid",
+    "parse_metric",
+    "precision_recall",
+    "reference_features",
     "FIDInputError",
     "FeatureExtractor",
     "InceptionUnavailable",

@@ -7,13 +7,13 @@ Images enter as uint8 (N, C, H, W), the pipeline's format, and are scaled to [-1
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ..disk import tensor_bytes, write_atomically
 
 
 def to_unit_range(images_uint8: Tensor) -> Tensor:
@@ -150,16 +150,9 @@ def classifier_cache_path(cache_dir: Path, fingerprint: str) -> Path:
 
 
 def _save_atomically(obj: dict, path: Path) -> None:
-    """torch.save to a temp file in the same directory, then os.replace: readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """torch.save through ddpm.disk.write_atomically: readers never see a partial file, a full disk is DiskFull."""
+    write_atomically(path, lambda tmp: torch.save(obj, tmp), f"the metrics cache file {Path(path).name}",
+                     tensor_bytes(obj))
 
 
 def load_or_train_classifier(

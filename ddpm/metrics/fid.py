@@ -1,9 +1,11 @@
-"""FID on top of torchmetrics, with cached reference statistics.
+"""FID on top of torchmetrics, from features computed once (ddpm.metrics.measures).
 
-The Frechet distance itself is torchmetrics' FrechetInceptionDistance; this module adds what the
-pipeline needs around it: input checks with clear errors, reference statistics computed once per
-(dataset fingerprint, extractor) and loaded back into the metric's states, the real-vs-real floor,
-and the classifier's confidence / class histogram on samples.
+The Frechet distance itself is torchmetrics' FrechetInceptionDistance, fed features instead of
+images (an identity "network"), in the batches it always saw, so its running sums and its FIDs
+are those of feeding it the images. This module adds what the pipeline needs around it: input
+checks with clear errors, reference statistics derived from the cached reference features and
+loaded back into the metric's states, the real-vs-real floor, and the classifier's confidence /
+class histogram on samples.
 """
 
 from __future__ import annotations
@@ -12,11 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
-from ..progress import progress_bar
-from .classifier import DigitClassifier, _save_atomically, predict_logits
+from .classifier import DigitClassifier, predict_logits
 from .extractors import (  # re-exported: this is the module callers import from
     INSTALL_HINT,
     FeatureExtractor,
@@ -25,6 +26,7 @@ from .extractors import (  # re-exported: this is the module callers import from
     inception_available,
     inception_extractor,
 )
+from .measures import FEATURE_BATCH, features, metric_name, reference_features
 
 __all__ = [
     "FIDInputError",
@@ -61,11 +63,6 @@ class ReferenceStats:
     was_cached: bool = False
 
 
-def metric_name(extractor: FeatureExtractor | str) -> str:
-    """Name under which an FID is logged, e.g. "fid_classifier": never compare different extractors."""
-    return f"fid_{extractor if isinstance(extractor, str) else extractor.name}"
-
-
 def _check_images(images: Tensor, what: str, expected_shape=None, expected_source: str = "") -> None:
     """Raise FIDInputError unless `images` is uint8 (N>=2, C, H, W) with (C, H, W) == expected_shape."""
     if not isinstance(images, Tensor) or images.dtype != torch.uint8:
@@ -82,39 +79,39 @@ def _check_images(images: Tensor, what: str, expected_shape=None, expected_sourc
         )
 
 
-def _new_fid_metric(extractor: FeatureExtractor) -> FrechetInceptionDistance:
-    # num_features is read from the extractor (no dummy forward); reset_real_features=False keeps the
-    # reference half across reset() so one metric can score several sample sets.
-    metric = FrechetInceptionDistance(feature=extractor, reset_real_features=False, normalize=False)
-    return metric.to(extractor.device)  # states must live where the features are computed
+class _GivenFeatures(nn.Module):
+    """The "network" of a FID metric fed features: returns them as they are."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, feats: Tensor) -> Tensor:
+        return feats
 
 
-def _update(metric, images: Tensor, real: bool, batch_size: int) -> None:
-    """Feed images to the metric in batches, with a progress bar once it has taken 2 s (Inception
-    features cost ~0.14 s per image on 2 CPU cores: 350 images ~50 s, 10,000 reference images
-    ~25 min). Batches of at most 64 keep the bar moving; the features do not depend on the batch."""
-    batches = images.split(min(batch_size, 64))
-    what = "reference" if real else "generated"
-    with progress_bar(total=len(images), desc=f"{getattr(metric.inception, 'name', '')} features ({what})", unit="img",
-                      leave=False, delay=2) as bar:
-        for batch in batches:
-            metric.update(batch, real=real)
-            bar.update(len(batch))
+def _new_fid_metric(num_features: int) -> FrechetInceptionDistance:
+    # reset_real_features=False keeps the reference half across reset() so one metric can score
+    # several sample sets; num_features is given (no dummy forward).
+    return FrechetInceptionDistance(feature=_GivenFeatures(num_features), reset_real_features=False, normalize=False)
 
 
-def _stats_from_metric(metric: FrechetInceptionDistance, extractor, image_shape) -> ReferenceStats:
-    """Mean and covariance from torchmetrics' running sums, exactly as its compute() forms them."""
+def _update(metric: FrechetInceptionDistance, feats: Tensor, real: bool) -> None:
+    """Feed features in batches of FEATURE_BATCH: the sums torchmetrics forms feeding it the images."""
+    for batch in feats.double().split(FEATURE_BATCH):
+        metric.update(batch, real=real)
+
+
+def stats_from_features(feats: Tensor, extractor: str, digest: str, image_shape) -> ReferenceStats:
+    """Mean and covariance of features, exactly as torchmetrics forms them from its running sums."""
+    metric = _new_fid_metric(feats.shape[1])
+    _update(metric, feats, real=True)
     n = int(metric.real_features_num_samples)
     mean = metric.real_features_sum / n
     covariance = (metric.real_features_cov_sum - n * torch.outer(mean, mean)) / (n - 1)
-    return ReferenceStats(
-        mean=mean.double().cpu().clone(),
-        covariance=covariance.double().cpu().clone(),
-        count=n,
-        extractor=extractor.name,
-        extractor_digest=extractor.digest,
-        image_shape=tuple(int(s) for s in image_shape),
-    )
+    return ReferenceStats(mean=mean.double().cpu().clone(), covariance=covariance.double().cpu().clone(), count=n,
+                          extractor=extractor, extractor_digest=digest,
+                          image_shape=tuple(int(x) for x in image_shape))
 
 
 def _load_into_metric(metric: FrechetInceptionDistance, stats: ReferenceStats) -> None:
@@ -134,48 +131,35 @@ def _check_stats_match(stats: ReferenceStats, extractor: FeatureExtractor) -> No
         )
 
 
-def reference_cache_path(cache_dir: Path, extractor: FeatureExtractor, fingerprint: str) -> Path:
-    return Path(cache_dir) / f"fid-ref-{extractor.name}-{fingerprint[:16]}.pt"
-
-
-def _load_cached_stats(path: Path) -> ReferenceStats | None:
-    """Stats saved by reference_statistics, or None when the file is absent or unreadable."""
-    if not path.exists():
-        return None
-    try:
-        saved = torch.load(path, weights_only=True)
-        saved["image_shape"] = tuple(saved["image_shape"])
-        return ReferenceStats(**saved, was_cached=True)
-    except Exception:  # a truncated or older-format cache is just recomputed
-        return None
-
-
 def reference_statistics(
     extractor: FeatureExtractor, images_uint8: Tensor, cache_dir: Path, fingerprint: str, batch_size: int = 256
 ) -> ReferenceStats:
-    """Feature mean/covariance of the reference (holdout) images, cached per (fingerprint, extractor).
+    """Feature mean/covariance of the reference (holdout) images, derived from their features,
+    which are cached per (extractor digest, fingerprint) (measures.reference_features).
 
     A cache file made with other extractor weights, another image shape or image count is stale:
-    recomputed and replaced.
-    The returned stats have was_cached=True when they came from the cache.
+    recomputed and replaced. The returned stats have was_cached=True when the features came from
+    the cache.
     """
     _check_images(images_uint8, "reference", extractor.input_shape, f"the {extractor.name} extractor")
-    path = reference_cache_path(cache_dir, extractor, fingerprint)
-    cached = _load_cached_stats(path)
-    if cached is not None and (cached.extractor_digest, cached.image_shape, cached.count) == (
-        extractor.digest,
-        tuple(images_uint8.shape[1:]),
-        len(images_uint8),
-    ):
-        return cached
-
-    metric = _new_fid_metric(extractor)
-    _update(metric, images_uint8, real=True, batch_size=batch_size)
-    stats = _stats_from_metric(metric, extractor, images_uint8.shape[1:])
-    record = {k: v for k, v in vars(stats).items() if k != "was_cached"}
-    record["image_shape"] = list(stats.image_shape)
-    _save_atomically(record, path)
+    reference = reference_features(extractor, images_uint8, cache_dir, fingerprint)
+    stats = reference.stats()
+    stats.was_cached = reference.was_cached
     return stats
+
+
+def fid_from_features(reference: ReferenceStats | Tensor, generated: Tensor) -> float:
+    """FID of generated features against reference statistics (or reference features), by
+    torchmetrics. Returned as computed: for identical sets it can be a tiny negative number."""
+    if len(generated) < 2:
+        raise FIDInputError(f"FID needs at least 2 generated images, got {len(generated)}")
+    metric = _new_fid_metric(generated.shape[1])
+    if isinstance(reference, ReferenceStats):
+        _load_into_metric(metric, reference)
+    else:
+        _update(metric, reference, real=True)
+    _update(metric, generated, real=False)
+    return float(metric.compute())
 
 
 def frechet_distance(
@@ -198,13 +182,9 @@ def frechet_distance(
         reference_shape = tuple(reference.shape[1:])
     _check_images(generated_uint8, "generated", reference_shape, "the reference data")
 
-    metric = _new_fid_metric(extractor)
-    if isinstance(reference, ReferenceStats):
-        _load_into_metric(metric, reference)
-    else:
-        _update(metric, reference, real=True, batch_size=batch_size)
-    _update(metric, generated_uint8, real=False, batch_size=batch_size)
-    return float(metric.compute())
+    if not isinstance(reference, ReferenceStats):
+        reference = features(extractor, reference, "reference", batch_size)
+    return fid_from_features(reference, features(extractor, generated_uint8, "generated", batch_size))
 
 
 def real_vs_real_fid(

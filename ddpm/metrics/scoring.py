@@ -1,26 +1,30 @@
-"""Scoring samples of one dataset: every FID it can have, each beside its real-vs-real floor.
+"""Scoring samples of one dataset: every measure it can have, each beside its real-vs-real floor.
 
     names = check_evaluation("auto", dataset, num_samples)    # before any training: the extractors, the reference size
-    scorer = Scorer.build(dataset, names, cache_dir)          # extractors + reference statistics, built once
-    scorer.score(samples)                                     # {"fid_inception": .., "fid_inception_floor": .., ...}
+    scorer = Scorer.build(dataset, names, cache_dir)          # extractors + reference features, built once
+    scorer.score(samples)                                     # {"fid_inception": .., "fid_inception_floor": ..,
+                                                              #  "kid_inception": .., "kid_inception_std": ..,
+                                                              #  "precision_inception": .., "recall_inception": .., ...}
 
-The pipeline's evaluation tasks and the benchmarks call this one scorer. FID is
+The pipeline's evaluation tasks and the benchmarks call this one scorer. The samples' features
+are computed once per extractor and every measure of ddpm.metrics.measures.MEASURES is a function
+of them and of the reference's (the dataset's holdout split, its features cached): FID
 
-    FID = |mu_r - mu_g|^2 + Tr(S_r + S_g - 2 (S_r S_g)^(1/2))
+    FID = |mu_r - mu_g|^2 + Tr(S_r + S_g - 2 (S_r S_g)^(1/2)),
 
-between the feature statistics of the reference (the dataset's holdout split) and of the samples
-(ddpm.metrics.fid). Metric names carry the extractor (`fid_inception`, `fid_classifier`), so
-numbers measured with different features are never compared. The extractor kinds are
-EXTRACTOR_KINDS: "inception" (the standard, comparable with papers; the `inception` extra),
-"classifier" (the dataset's own classifier; labelled data), "auto" (every one the data allows,
-Inception first: the first is the primary metric). The floor is the FID of as many real train
-images as samples against the same reference: what a perfect model scores with that many samples.
+KID with its spread over subsets, improved precision and recall. Metric names carry the measure
+and the extractor (`fid_inception`, `kid_classifier`), so numbers measured differently are never
+compared. The extractor kinds are EXTRACTOR_KINDS: "inception" (the standard, comparable with
+papers; the `inception` extra), "classifier" (the dataset's own classifier; labelled data),
+"auto" (every one the data allows, Inception first). The primary metric, what the run ranks by,
+is the ranking measure (FID unless asked otherwise) of the first extractor. A measure biased at
+finite n has a floor: its value for as many real train images as samples against the same
+reference, what a perfect model scores with that many samples.
 """
 
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -31,9 +35,12 @@ import torch
 from ddpm.data import DataError, PreparedDataset
 from ddpm.metrics.classifier import DigitClassifier, accuracy, load_or_train_classifier
 from ddpm.metrics.extractors import INSTALL_HINT, inception_available, inception_weights
-from ddpm.metrics.fid import (FeatureExtractor, FIDInputError, ReferenceStats, classifier_extractor,
-                              classifier_summary, frechet_distance, inception_extractor, metric_name,
-                              real_vs_real_fid, reference_statistics)
+from ddpm.metrics.fid import (FeatureExtractor, FIDInputError, _check_images, classifier_extractor,
+                              classifier_summary, frechet_distance, inception_extractor)
+from ddpm.metrics.measures import (DEFAULT_MEASURE, MEASURES, Pair, ReferenceFeatures, features, kid_reference_terms,
+                                   measure_all,
+                                   metric_name, parse_metric, reference_features)
+from ddpm.disk import write_atomically
 
 # The one list of extractor kinds: the config's type, the CLI's choices and the checks read it.
 EXTRACTOR_KINDS = ("auto", "classifier", "inception")
@@ -84,36 +91,58 @@ def load_samples(npz_path: str | Path) -> tuple[torch.Tensor, torch.Tensor | Non
 @dataclass
 class Scorer:
     """What scoring samples of one dataset needs, built once: each extractor with its reference
-    statistics (the holdout split), the dataset's classifier when it has labels, and the cache
-    folder (classifier weights, reference statistics, floors; keyed by the dataset fingerprint)."""
+    features (the holdout split), the dataset's classifier when it has labels, the ranking
+    measure, and the cache folder (classifier weights, reference features, floors; keyed by the
+    dataset fingerprint)."""
 
     dataset: PreparedDataset
-    extractors: dict[str, tuple[FeatureExtractor, ReferenceStats]]   # metric name -> (extractor, reference)
+    extractors: dict[str, tuple[FeatureExtractor, ReferenceFeatures]]   # extractor name -> (extractor, reference)
     facts: dict   # classifier, classifier_accuracy, classifier_cached (with labels)
     cache_dir: Path
+    rank_by: str = DEFAULT_MEASURE   # the measure the primary metric is (ddpm.metrics.measures.MEASURES)
 
     @classmethod
     def build(cls, dataset: PreparedDataset, names: list[str], cache_dir: Path | str,
-              conditional: bool = False) -> Scorer:
+              conditional: bool = False, rank_by: str = DEFAULT_MEASURE) -> Scorer:
         """A scorer with the extractors `names` (the primary first); `conditional`: class-conditional
-        samples, which the classifier checks even when its FID was not asked for."""
+        samples, which the classifier checks even when its measures were not asked for; `rank_by`:
+        the measure of the primary metric."""
+        if rank_by not in MEASURES:
+            raise ValueError(f"unknown measure {rank_by!r} to rank by; choose one of {', '.join(MEASURES)}")
         cache_dir = Path(cache_dir)
         cache_dir.mkdir(parents=True, exist_ok=True)
         holdout, _ = dataset.split("holdout")
         extractors, facts = {}, {}
         for name in names:
             feature_extractor, extractor_facts = make_extractor(dataset, name, cache_dir)
-            reference = reference_statistics(feature_extractor, holdout, cache_dir, dataset.fingerprint)
-            extractors[metric_name(feature_extractor)] = (feature_extractor, reference)
+            _check_images(holdout, "reference", feature_extractor.input_shape, f"the {name} extractor")
+            reference = reference_features(feature_extractor, holdout, cache_dir, dataset.fingerprint)
+            extractors[feature_extractor.name] = (feature_extractor, reference)
             facts.update(extractor_facts)
         if conditional and "classifier" not in facts and dataset.labels is not None:
             facts.update(make_extractor(dataset, "classifier", cache_dir)[1])
-        return cls(dataset, extractors, facts, cache_dir)
+        return cls(dataset, extractors, facts, cache_dir, rank_by)
+
+    @classmethod
+    def for_metric(cls, dataset: PreparedDataset, metric: str, cache_dir: Path | str) -> Scorer:
+        """A scorer of one metric name (`kid_inception`): its extractor, ranked by its measure."""
+        measure, extractor = parse_metric(metric)
+        return cls.build(dataset, [extractor], cache_dir, rank_by=measure.key)
 
     @property
     def primary(self) -> str:
-        """The first metric: what a run ranks by."""
-        return next(iter(self.extractors))
+        """The first extractor's ranking measure: what a run ranks by."""
+        return metric_name(next(iter(self.extractors)), self.rank_by)
+
+    @property
+    def metrics(self) -> list[str]:
+        """Every metric name a score holds, the primary first."""
+        names = [metric_name(extractor, key) for extractor in self.extractors for key in MEASURES]
+        return [self.primary] + [name for name in names if name != self.primary]
+
+    @property
+    def fid_metrics(self) -> list[str]:
+        return [metric_name(extractor, "fid") for extractor in self.extractors]
 
     @property
     def classifier(self) -> DigitClassifier | None:
@@ -123,44 +152,102 @@ class Scorer:
     def classifier_accuracy(self) -> float | None:
         return self.facts.get("classifier_accuracy")
 
+    def features(self, samples: torch.Tensor, extractor: str) -> torch.Tensor:
+        """The samples' features by one extractor (checked against the reference's image shape)."""
+        feature_extractor, reference = self.extractors[extractor]
+        _check_images(samples, "generated", reference.image_shape, "the reference data")
+        return features(feature_extractor, samples)
+
+    def measures(self, samples: torch.Tensor) -> dict[str, float]:
+        """Every measure of `samples` (uint8 N, C, H, W), by metric name: one feature pass per extractor."""
+        result = {}
+        for name, (_, reference) in self.extractors.items():
+            self._kid_terms(name, len(samples))
+            result.update(measure_all(Pair(reference, self.features(samples, name)), name))
+        return result
+
+    def _kid_terms(self, extractor: str, n: int) -> None:
+        """KID's reference terms at n samples (measures.kid_reference_terms: ~m^2 d per subset, 20 s
+        and more for Inception at 1,000 samples), from the cache or computed and cached, into the
+        reference's derived values."""
+        feature_extractor, reference = self.extractors[extractor]
+        key = ("kid", n)
+        if key in reference.derived:
+            return
+        path = self.cache_dir / (f"kid-ref-{feature_extractor.name}-{feature_extractor.digest}-"
+                                 f"{self.dataset.fingerprint[:16]}-n{n}.json")
+        try:
+            reference.derived[key] = torch.tensor(json.loads(path.read_text())["terms"], dtype=torch.float64)
+            return
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        terms = kid_reference_terms(reference.features, n)
+        text = json.dumps({"terms": terms.tolist()})   # repr-exact floats
+        write_atomically(path, lambda tmp: tmp.write_text(text), f"the KID cache file {path.name}", len(text))
+        reference.derived[key] = terms
+
+    def value(self, samples: torch.Tensor, metric: str | None = None) -> float:
+        """One metric of `samples` (default the primary), computing only what it needs."""
+        measure, extractor = parse_metric(metric or self.primary)
+        if measure.key == "kid":
+            self._kid_terms(extractor, len(samples))
+        pair = Pair(self.extractors[extractor][1], self.features(samples, extractor))
+        return measure.compute(pair)[""]
+
     def fids(self, samples: torch.Tensor) -> dict[str, float]:
         """Every FID of `samples` (uint8 N, C, H, W), by metric name."""
-        return {name: frechet_distance(extractor, reference, samples)
-                for name, (extractor, reference) in self.extractors.items()}
+        return {name: self.value(samples, name) for name in self.fid_metrics}
 
     def fid(self, samples: torch.Tensor, metric: str | None = None) -> float:
-        """One FID of `samples`: `metric`, by default the primary one."""
-        extractor, reference = self.extractors[metric or self.primary]
-        return frechet_distance(extractor, reference, samples)
+        """One FID of `samples`: `metric`, by default the first extractor's."""
+        return self.value(samples, metric or self.fid_metrics[0])
 
     def floors(self, n: int) -> dict[str, float]:
-        """Every metric's real-vs-real floor at `n` samples."""
-        return {name: self.floor(n, name) for name in self.extractors}
+        """Every floored metric's real-vs-real floor at `n` samples, by metric name."""
+        result = {}
+        for extractor in self.extractors:
+            result.update(self._floors(n, extractor))
+        return result
 
     def floor(self, n: int, metric: str | None = None) -> float:
-        """real_vs_real_fid at n, cached per (extractor weights, dataset fingerprint, n): with
-        Inception it costs as much as scoring the samples, and it depends on nothing a run changes."""
-        extractor, reference = self.extractors[metric or self.primary]
-        path = self.cache_dir / f"fid-floor-{extractor.name}-{extractor.digest}-{self.dataset.fingerprint[:16]}-n{n}.json"
+        """One metric's floor at n (default the first extractor's FID)."""
+        metric = metric or self.fid_metrics[0]
+        return self._floors(n, parse_metric(metric)[1])[metric]
+
+    def _floors(self, n: int, extractor: str) -> dict[str, float]:
+        """The floors of one extractor's floored measures at n: n real train images (seeded, as
+        ddpm.metrics.fid.real_vs_real_fid draws them) measured against the reference. Cached per
+        (extractor weights, dataset fingerprint, n): with Inception it costs as much as scoring the
+        samples, and it depends on nothing a run changes."""
+        feature_extractor, reference = self.extractors[extractor]
+        floored = {key: m for key, m in MEASURES.items() if m.has_floor}
+        path = self.cache_dir / (f"floors-{feature_extractor.name}-{feature_extractor.digest}-"
+                                 f"{self.dataset.fingerprint[:16]}-n{n}.json")
         try:
-            return float(json.loads(path.read_text())["floor"])
-        except (OSError, ValueError, KeyError):
+            cached = json.loads(path.read_text())
+            if set(cached) >= {metric_name(extractor, key) for key in floored}:
+                return {metric_name(extractor, key): float(cached[metric_name(extractor, key)]) for key in floored}
+        except (OSError, ValueError, KeyError, TypeError):
             pass
         train, _ = self.dataset.split("train")
-        floor = real_vs_real_fid(extractor, train, reference, n)
-        tmp = path.with_suffix(f".tmp-{time.monotonic_ns()}")
-        tmp.write_text(json.dumps({"floor": floor}))
-        tmp.replace(path)   # atomic: concurrent runs never read half a file
-        return floor
+        generator = torch.Generator().manual_seed(0)
+        subset = train[torch.randperm(len(train), generator=generator)[:min(n, len(train))]]
+        floors = measure_all(Pair(reference, features(feature_extractor, subset, "floor")), extractor, floored)
+        floors = {name: value for name, value in floors.items() if not name.endswith("_std")}
+        text = json.dumps(floors)
+        write_atomically(path, lambda tmp: tmp.write_text(text), f"the floor cache file {path.name}", len(text))
+        return floors
 
     def score(self, samples: torch.Tensor, class_labels: torch.Tensor | None = None) -> dict:
-        """Every FID and its floor; with the classifier, its accuracy and the samples' mean
-        confidence and class histogram; for class-conditional samples (`class_labels`) also the
-        conditional accuracy and the per-class fid_classifier."""
+        """Every measure and, for those with one, its floor; with the classifier, its accuracy and
+        the samples' mean confidence and class histogram; for class-conditional samples
+        (`class_labels`) also the conditional accuracy and the per-class fid_classifier."""
         result = {}
-        for name, value in self.fids(samples).items():
+        floors = self.floors(len(samples))
+        for name, value in self.measures(samples).items():
             result[name] = value
-            result[f"{name}_floor"] = self.floor(len(samples), name)
+            if name in floors:
+                result[f"{name}_floor"] = floors[name]
         classifier = self.classifier
         if classifier is not None:
             summary = classifier_summary(classifier, samples)
