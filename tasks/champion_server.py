@@ -5,15 +5,16 @@
     check_version    load one registered version and check it answers like a served model should
     ServeError       what stops a server before it starts, as one line
 
-The HTTP side speaks MLflow's scoring protocol: each request goes through
-`mlflow.pyfunc.scoring_server.invocations`, the function `mlflow models serve` runs, so
+The HTTP side (tasks.serving_http) is the engine `mlflow models serve` runs, uvicorn and a FastAPI
+application, and each request goes through `mlflow.pyfunc.scoring_server.invocations`, so
 `POST /invocations` takes what that server takes (`dataframe_records`, `dataframe_split`, `inputs`,
 `instances`, CSV; `params`) and answers `{"predictions": ...}`, and a served model's
-MlflowException keeps its HTTP status (INVALID_PARAMETER_VALUE: 400) and its JSON body.
-`GET /ping` and `GET /health` answer 200; `GET /version` says which registered version is serving,
-since when, and the last check's result (MLflow's own /version is its package version). It is
-http.server's ThreadingHTTPServer, a thread per connection, at most PARALLEL_PREDICTIONS drawing
-at once (the others wait their turn).
+MlflowException keeps its HTTP status (INVALID_PARAMETER_VALUE: 400) and its JSON body (without a
+stack trace). `GET /ping` and `GET /health` answer 200; `GET /version` says which registered version
+is serving, since when, and the last check's result (MLflow's own /version is its package
+version); `GET /metrics` is Prometheus'. Requests in flight are bounded (serving_http.Limits: past
+the bound, 503 with Retry-After), drawn by long-lived threads in batches. HTTP/1.1 keep-alive.
+Beyond loopback only with a token (TOKEN_ENV or a token file).
 
 The watcher polls the alias every `poll_seconds`. When `champion` names another version, that
 version is loaded in the background and checked (a fixed-seed request for two images drawn in a
@@ -22,20 +23,28 @@ shape its signature declares); only then does the reference that requests read c
 assignment: a request reads it once, so it is answered by the old model or the new one, never by
 none). A version that fails is never served: it is tagged `serving.check=failed` with
 `serving.reason`, and the alias goes back to the version still serving (unless it moved on again
-meanwhile). A version that passes is tagged `serving.check=passed`.
+meanwhile). A version that passes is tagged `serving.check=passed`. Each check also writes
+`serving.checked_at` (epoch seconds), so that replicas (several servers on one store) agree: a
+version another replica failed after the alias moved to it is not served here either, and a
+replica serving a version that another one failed since goes back to the version it served before.
+
+Stopping (close(), SIGTERM, Ctrl-C, a cancelled flow run): no new request is admitted (503), the
+listening socket closes, the admitted requests are drawn and answered within
+`Limits.stop_seconds` (then cancelled with 503), and the drawing threads are joined.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import errno
-import json
-import sys
+import ipaddress
+import os
+import socket
 import threading
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import unquote, urlparse
@@ -48,6 +57,7 @@ from mlflow.tracking import MlflowClient
 
 from tasks import contract
 from tasks.config import one_line
+from tasks.serving_http import Drawer, Limits, Metrics, install_drawer, make_app
 from tasks.settings import ServerUnreachable, check_reachable, tracking_uri
 
 CHAMPION = contract.CHAMPION_ALIAS
@@ -58,9 +68,14 @@ DEFAULT_CHECK_SECONDS = 120.0
 # the check: two images of a fixed seed, a few DDIM steps (fewer when the model allows fewer)
 CHECK_IMAGES, CHECK_STEPS = 2, 4
 CHECK_PARAMS = {"seed": 0, "sampler": "ddim", "eta": 0.0}
-MAX_REQUEST_BYTES = 16 * 1024 * 1024
-PARALLEL_PREDICTIONS = 4   # requests drawing at once; more wait their turn (each one's torch uses every core)
 REASON_CHARS = 500   # serving.reason is one line, short enough for the registry UI
+# when a version was checked (epoch seconds, beside contract.SERVING_CHECK_TAG): replicas read it
+SERVING_CHECKED_AT_TAG = "serving.checked_at"
+TOKEN_ENV = "DDPM_SERVE_TOKEN"   # the token clients must send (Authorization: Bearer ...)
+MIN_TOKEN_CHARS = 16
+BACKLOG = 2048                   # connections the kernel holds before accept (socketserver's was 5)
+KEEP_ALIVE_SECONDS = 5           # an idle keep-alive connection is closed after this
+MAX_CONNECTIONS = 1024           # open connections (idle keep-alive ones included); past it uvicorn answers 503
 
 
 class ServeError(Exception):
@@ -219,48 +234,104 @@ def champion_version(client: MlflowClient, model_name: str) -> str:
 # --- the server ------------------------------------------------------------------------------------
 
 
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def read_token(token_file: str | Path | None = None) -> str | None:
+    """The clients' token: the file's first line, else $DDPM_SERVE_TOKEN, else None; ServeError
+    for a file that cannot be read or a token too short to resist guessing."""
+    if token_file:
+        try:
+            token = Path(token_file).read_text().strip().splitlines()[0].strip() if \
+                Path(token_file).read_text().strip() else ""
+        except OSError as error:
+            raise ServeError(f"cannot read the token file {token_file}: {error.strerror or error}") from None
+    else:
+        token = os.environ.get(TOKEN_ENV, "").strip()
+        if not token:
+            return None
+    if len(token) < MIN_TOKEN_CHARS or any(c.isspace() for c in token):
+        raise ServeError(f"the serving token must be at least {MIN_TOKEN_CHARS} characters without spaces "
+                         "(e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`)")
+    return token
+
+
 class ChampionServer:
-    """models:/<model_name>@champion on http://127.0.0.1:<port>, following the alias.
+    """models:/<model_name>@champion on http://<host>:<port>, following the alias.
 
         server = ChampionServer("ddpm", 5055)
         server.open()             # ServeError: port, store, model, alias, the champion's own check
         server.serve_forever()    # or server.start() for a background thread; then server.close()
 
     `log` gets one line per event (a switch, a failed check and its rollback, the alias unreadable).
+    `host` beyond loopback needs a `token` (clients send `Authorization: Bearer <token>`).
+    `reuse_port` lets several servers (replicas on one machine) listen on one port (SO_REUSEPORT).
     """
 
     def __init__(self, model_name: str = contract.DEFAULT_MODEL_NAME, port: int = DEFAULT_PORT,
                  poll_seconds: float = DEFAULT_POLL_SECONDS, check_seconds: float = DEFAULT_CHECK_SECONDS,
-                 host: str = HOST, log: Callable[[str], None] = print, tracking: str | None = None):
+                 host: str = HOST, log: Callable[[str], None] = print, tracking: str | None = None,
+                 limits: Limits | None = None, token: str | None = None, reuse_port: bool = False):
         if not (poll_seconds > 0 and check_seconds > 0):
             raise ServeError(f"poll_seconds and check_seconds must be > 0, got {poll_seconds} and {check_seconds}")
+        if not is_loopback(host) and not token:
+            raise ServeError(f"serving on {host} needs a token that clients must send: set {TOKEN_ENV} or "
+                             "--token-file (or keep 127.0.0.1 behind a reverse proxy that authenticates; "
+                             "docs/serving.md)")
+        try:
+            self.limits = limits or Limits()
+        except ValueError as error:
+            raise ServeError(str(error)) from None
         self.model_name, self.port, self.host = model_name, int(port), host
         self.poll_seconds, self.check_seconds = float(poll_seconds), float(check_seconds)
-        self.log, self.tracking = log, tracking
+        self.log, self.tracking, self.token, self.reuse_port = log, tracking, token, reuse_port
         self.client: MlflowClient | None = None
         self.served: Served | None = None        # read once per request: the atomic swap
+        self.previous: Served | None = None      # the version served before (a replica's way back)
         self.last_check: Check | None = None
-        self.httpd: _HTTPServer | None = None
-        self.slots = threading.BoundedSemaphore(PARALLEL_PREDICTIONS)
+        self.metrics = Metrics()
+        self.drawer: Drawer | None = None
+        self.sock: socket.socket | None = None
+        self.uvicorn = None
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
         self._http_thread: threading.Thread | None = None
         self._rejected: str | None = None        # the version that failed while the alias still names it
+        self._rollback_failed: str | None = None # the version whose rollback failed (said once)
+        self._seen: tuple[str, float] | None = None   # the alias's version and when this server first saw it
         self._last_problem: str | None = None    # the last alias-read error logged (logged once)
+        self._closed = False
 
     # --- starting and stopping ---
 
-    def open(self) -> "ChampionServer":
-        """Everything before the first request, each mistake a ServeError of one line: bind the
-        port, reach the store, find the model and its champion, load and check the champion."""
+    def _listen(self) -> socket.socket:
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
         try:
-            self.httpd = _HTTPServer((self.host, self.port), _Handler)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if self.reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((self.host, self.port))
+            sock.listen(BACKLOG)
         except OSError as error:
+            sock.close()
             if error.errno == errno.EADDRINUSE:
                 raise ServeError(f"port {self.port} on {self.host} is already in use (another server?); "
                                  "choose another with --port") from None
             raise ServeError(f"cannot listen on {self.host}:{self.port}: {error.strerror or error}") from None
-        self.httpd.champion = self
+        sock.set_inheritable(True)
+        return sock
+
+    def open(self) -> "ChampionServer":
+        """Everything before the first request, each mistake a ServeError of one line: bind the
+        port, reach the store, find the model and its champion, load and check the champion."""
+        self.sock = self._listen()
         try:
             self.client = store_client(self.tracking)
             version = champion_version(self.client, self.model_name)
@@ -272,17 +343,21 @@ class ChampionServer:
                                    time.time()))
                 raise ServeError(f"{self.model_name} version {version}, the {CHAMPION}, failed its serving check: "
                                  f"{failure}; point {CHAMPION} at a version that works") from None
-            self.served = self._served(version, model)
+            self.drawer = Drawer(self.limits, self.metrics)
+            self._serve(self._served(version, model))
             self._record(Check(version, contract.SERVING_CHECK_PASSED, self._passed(seconds), seconds, time.time()))
         except BaseException:
-            self.httpd.server_close()
+            self.sock.close()
+            if self.drawer is not None:
+                self.drawer.close(0)
             raise
-        self.port = self.httpd.server_address[1]   # port 0: the one the system chose
+        self.port = self.sock.getsockname()[1]   # port 0: the one the system chose
         return self
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
 
     def _start_watcher(self) -> None:
         # in the caller's context: a flow run's logger then reaches that run's API (a thread of
@@ -291,33 +366,67 @@ class ChampionServer:
                                          name=f"watch-{self.model_name}", daemon=True)
         self._watcher.start()
 
-    def serve_forever(self) -> None:
-        """Answer requests in this thread until interrupted (Ctrl-C, SIGTERM); the watcher runs beside."""
-        self._start_watcher()
-        self.httpd.serve_forever(poll_interval=0.5)
-
     def start(self) -> "ChampionServer":
-        """open() if not yet, then answer requests in a background thread (once: a second call,
-        `with server.start():` included, returns the running server)."""
-        if self._http_thread is not None:   # two serve_forever loops on one socket: one blocks in accept
+        """open() if not yet, then answer requests from a background thread (uvicorn in an event
+        loop of its own); once: a second call, `with server.start():` included, returns the server."""
+        import uvicorn
+
+        if self._http_thread is not None:
             return self
-        if self.httpd is None:
+        if self.sock is None:
             self.open()
-        self._start_watcher()
-        self._http_thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.2},
-                                             name=f"serve-{self.model_name}", daemon=True)
+        app = make_app(self, self.limits, self.metrics, self.drawer, self.token)
+        config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off", server_header=False,
+                                backlog=BACKLOG, timeout_keep_alive=KEEP_ALIVE_SECONDS,
+                                limit_concurrency=MAX_CONNECTIONS,
+                                # past stop_seconds the drawer cancels; this only catches a hung write
+                                timeout_graceful_shutdown=self.limits.stop_seconds + 10)
+        self.uvicorn = uvicorn.Server(config)
+        failed: list[BaseException] = []
+
+        def run():
+            try:
+                asyncio.run(self.uvicorn.serve(sockets=[self.sock]))
+            except BaseException as error:  # noqa: BLE001 (start() reports it)
+                failed.append(error)
+
+        self._http_thread = threading.Thread(target=run, name=f"serve-{self.model_name}", daemon=True)
         self._http_thread.start()
+        while not self.uvicorn.started and self._http_thread.is_alive():
+            time.sleep(0.01)
+        if not self.uvicorn.started:
+            self.close()
+            raise ServeError(f"the HTTP server did not start: {one_line(failed[0]) if failed else 'no reason given'}")
+        self._start_watcher()
         return self
 
+    def serve_forever(self) -> None:
+        """Answer requests until interrupted (Ctrl-C, SIGTERM as KeyboardInterrupt, a cancelled flow
+        run's signal): then a graceful close, and the interruption goes on up."""
+        self.start()
+        try:
+            while self._http_thread.is_alive():
+                self._http_thread.join(0.5)
+        finally:
+            self.close()
+
     def close(self) -> None:
-        """Stop the watcher (a check under way is abandoned) and the server; the port is free after."""
+        """Stop gracefully: no new request (503), the listening socket closed, the admitted ones drawn
+        and answered within limits.stop_seconds (then 503), the threads joined; the port is free after."""
+        if self._closed:
+            return
+        self._closed = True
         self._stop.set()
-        if self._http_thread is not None:   # serve_forever in another thread: ask it to end
-            self.httpd.shutdown()
-            self._http_thread.join()
+        if self.uvicorn is not None:
+            self.uvicorn.config.app.state.admission["stopping"] = True
+            self.uvicorn.should_exit = True      # stops accepting, closes idle keep-alive connections
+        if self.drawer is not None:
+            self.drawer.close(self.limits.stop_seconds)
+        if self._http_thread is not None:
+            self._http_thread.join(timeout=self.limits.stop_seconds + 15)
             self._http_thread = None
-        if self.httpd is not None:
-            self.httpd.server_close()
+        if self.sock is not None:
+            self.sock.close()
         if self._watcher is not None:
             self._watcher.join(timeout=2)
 
@@ -344,15 +453,44 @@ class ChampionServer:
                     self.log(f"{self.model_name}: the {CHAMPION} alias is readable again")
                 self._last_problem = None
 
+    def _failed_elsewhere(self, version: str, since: float) -> str | None:
+        """The reason another replica gave for failing `version` at or after `since`, else None."""
+        tags = self.client.get_model_version(self.model_name, version).tags or {}
+        if tags.get(contract.SERVING_CHECK_TAG) != contract.SERVING_CHECK_FAILED:
+            return None
+        try:
+            at = float(tags.get(SERVING_CHECKED_AT_TAG, "nan"))
+        except ValueError:
+            return None
+        mine = self.last_check is not None and self.last_check.version == version and \
+            abs(self.last_check.at - at) < 1e-3
+        if mine or not at >= since:
+            return None
+        return tags.get(contract.SERVING_REASON_TAG, "failed on another replica")
+
     def poll(self) -> None:
         """One look at the alias: switch to a new champion that passes its check, else roll back."""
         version = str(self.client.get_model_version_by_alias(self.model_name, CHAMPION).version)
         serving = self.served
+        now = time.time()
+        if self._seen is None or self._seen[0] != version:
+            self._seen = (version, now)
+        # a failure written since the alias moved to the version (it moved at most a poll before we saw it)
+        moved = self._seen[1] - self.poll_seconds
         if version == serving.version:
-            self._rejected = None
+            self._rejected = self._rollback_failed = None
+            if self.previous is not None and (reason := self._failed_elsewhere(version, serving.since)):
+                back = self.previous
+                self._serve(Served(back.version, back.model, back.input_schema, back.run_id, time.time()))
+                self.previous = None
+                self.log(f"{self.model_name} version {version} failed its serving check on another replica "
+                         f"({reason}): serving version {back.version} again")
             return
         if version == self._rejected:   # the rollback did not take: again, without a new check
             self._roll_back(version, self.last_check.reason)
+            return
+        if reason := self._failed_elsewhere(version, moved):
+            self._reject(version, f"failed on another replica: {reason}", record=False)
             return
         self.log(f"{self.model_name}: {CHAMPION} is now version {version}; checking it "
                  f"(version {serving.version} keeps serving meanwhile)")
@@ -362,21 +500,31 @@ class ChampionServer:
         except CheckFailed as failure:
             if self._stop.is_set():
                 return
-            self._rejected = version
             self._record(Check(version, contract.SERVING_CHECK_FAILED, str(failure), time.monotonic() - started,
                                time.time()))
-            self._roll_back(version, str(failure))
+            self._reject(version, str(failure), record=False)
             return
         if self._stop.is_set():
             return
-        self.served = self._served(version, model)   # the swap: the next request reads the new model
-        self._rejected = None
+        if reason := self._failed_elsewhere(version, moved):   # another replica failed it meanwhile
+            self._reject(version, f"failed on another replica: {reason}", record=False)
+            return
+        self.previous = serving
+        self._serve(self._served(version, model))   # the swap: the next request reads the new model
+        self._rejected = self._rollback_failed = None
         self._record(Check(version, contract.SERVING_CHECK_PASSED, self._passed(seconds), seconds, time.time()))
         self.log(f"{self.model_name}: now serving version {version} (checked in {seconds:.1f} s; "
                  f"was version {serving.version})")
 
+    def _reject(self, version: str, reason: str, record: bool) -> None:
+        self._rejected = version
+        if record or self.last_check is None or self.last_check.version != version:
+            self.last_check = Check(version, contract.SERVING_CHECK_FAILED, reason, 0.0, time.time())
+        self._roll_back(version, reason)
+
     def _roll_back(self, failed: str, reason: str) -> None:
-        """The alias back to the version serving, unless it moved on again meanwhile; one log line."""
+        """The alias back to the version serving, unless it moved on again meanwhile; one log line
+        (a store that refuses the write, read-only for one, is said once, then retried quietly)."""
         from tasks.tracking import store_lock
 
         keep = self.served.version
@@ -389,7 +537,15 @@ class ChampionServer:
                 else:
                     moved = f"{CHAMPION} already moved on to version {now}, left there"
         except Exception as error:  # noqa: BLE001 (retried at the next poll)
-            moved = f"{CHAMPION} could not be moved back ({one_line(error)}); retrying at the next poll"
+            if self._rollback_failed == failed:
+                return
+            self._rollback_failed = failed
+            moved = f"{CHAMPION} could not be moved back ({one_line(error)}); retrying quietly at each poll"
+        else:
+            if self._rollback_failed == failed:
+                self._rollback_failed = None
+                self.log(f"{self.model_name}: {moved}")
+                return
         self.log(f"{self.model_name} version {failed} failed its serving check ({reason}): still serving "
                  f"version {keep}; {moved}")
 
@@ -397,17 +553,23 @@ class ChampionServer:
         run_id = getattr(model.metadata, "run_id", None)
         return Served(version, model, model.metadata.get_input_schema(), run_id, time.time())
 
+    def _serve(self, served: Served) -> None:
+        install_drawer(served, self.drawer)
+        self.served = served
+        self.metrics.serving(self.model_name, served.version)
+
     def _passed(self, seconds: float) -> str:
         return f"drew {CHECK_IMAGES} images in {seconds:.1f} s (load included)"
 
     def _record(self, check: Check) -> None:
         """Keep the check for /version and write it on the version (the store may fail: logged)."""
         self.last_check = check
+        self.metrics.checks.labels(check.result).inc()
         try:
-            self.client.set_model_version_tag(self.model_name, check.version, contract.SERVING_CHECK_TAG,
-                                              check.result)
-            self.client.set_model_version_tag(self.model_name, check.version, contract.SERVING_REASON_TAG,
-                                              one_line(check.reason)[:REASON_CHARS])
+            for key, value in ((contract.SERVING_CHECK_TAG, check.result),
+                               (contract.SERVING_REASON_TAG, one_line(check.reason)[:REASON_CHARS]),
+                               (SERVING_CHECKED_AT_TAG, f"{check.at:.3f}")):
+                self.client.set_model_version_tag(self.model_name, check.version, key, value)
         except Exception as error:  # noqa: BLE001
             self.log(f"{self.model_name}: could not tag version {check.version} {contract.SERVING_CHECK_TAG}="
                      f"{check.result}: {one_line(error)}")
@@ -422,89 +584,25 @@ class ChampionServer:
                 "serving_since": utc(served.since) if served else None,
                 "last_check": self.last_check.as_json() if self.last_check else None,
                 "poll_seconds": self.poll_seconds, "check_seconds": self.check_seconds,
+                "limits": asdict(self.limits),
                 "mlflow_version": mlflow.__version__}
-
-
-class _HTTPServer(ThreadingHTTPServer):
-    """A thread per connection (not waited for at close); a failed connection is one log line, not
-    a traceback on stderr, and a client that went away is not even that."""
-
-    daemon_threads = True
-    champion: ChampionServer
-
-    def handle_error(self, request, client_address) -> None:
-        error = sys.exc_info()[1]
-        if not isinstance(error, (ConnectionError, TimeoutError)):
-            self.champion.log(f"{self.champion.model_name}: a request from {client_address[0]} failed: "
-                              f"{type(error).__name__}: {one_line(error)}")
-
-
-class _Handler(BaseHTTPRequestHandler):
-    """MLflow's scoring protocol on http.server: one request per connection (HTTP/1.0)."""
-
-    server_version = "ddpm-champion"
-    timeout = 60   # a client that stalls mid-request frees its thread
-
-    def log_message(self, format, *args) -> None:   # noqa: A002 (no line per request on stderr)
-        pass
-
-    def _answer(self, status: int, body: str | bytes, content_type: str = "application/json") -> None:
-        data = body.encode() if isinstance(body, str) else body
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def do_GET(self) -> None:  # noqa: N802
-        champion: ChampionServer = self.server.champion
-        path = urlparse(self.path).path
-        if path in ("/ping", "/health"):
-            self._answer(200 if champion.served is not None else 503, "\n")
-        elif path == "/version":
-            self._answer(200, json.dumps(champion.status()))
-        else:
-            self._answer(404, json.dumps({"error_code": "ENDPOINT_NOT_FOUND", "message": f"no {path} here"}))
-
-    def do_POST(self) -> None:  # noqa: N802
-        from mlflow.pyfunc.scoring_server import invocations
-
-        if urlparse(self.path).path != "/invocations":
-            return self._answer(404, json.dumps({"error_code": "ENDPOINT_NOT_FOUND",
-                                                 "message": f"POST /invocations, not {self.path}"}))
-        try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            length = -1
-        if not 0 <= length <= MAX_REQUEST_BYTES:
-            return self._answer(413, json.dumps({"error_code": "INVALID_PARAMETER_VALUE",
-                                                 "message": f"send a Content-Length of at most "
-                                                            f"{MAX_REQUEST_BYTES} bytes"}))
-        data = self.rfile.read(length)
-        champion = self.server.champion
-        try:
-            with champion.slots:
-                served = champion.served   # read once: this request's model, whatever swaps meanwhile
-                result = invocations(data, self.headers.get("Content-Type", ""), served.model, served.input_schema)
-        except MlflowException as error:
-            return self._answer(error.get_http_status_code(), error.serialize_as_json())
-        except Exception as error:  # noqa: BLE001
-            return self._answer(500, json.dumps({"error_code": "INTERNAL_ERROR", "message": one_line(error)}))
-        self._answer(result.status, result.response, result.mimetype)
 
 
 def serve(model_name: str = contract.DEFAULT_MODEL_NAME, port: int = DEFAULT_PORT,
           poll_seconds: float = DEFAULT_POLL_SECONDS, check_seconds: float = DEFAULT_CHECK_SECONDS,
-          log: Callable[[str], None] = print) -> dict:
-    """Serve models:/<model_name>@champion on 127.0.0.1:<port> in this thread until interrupted
-    (KeyboardInterrupt, Prefect's TerminationSignal: re-raised after the server is closed).
-    ServeError before anything starts."""
-    server = ChampionServer(model_name, port, poll_seconds, check_seconds, log=log).open()
-    log(f"serving models:/{model_name}@{CHAMPION} (version {server.served.version}) on {server.url}; "
-        f"following the alias every {server.poll_seconds:g} s")
+          log: Callable[[str], None] = print, host: str = HOST, limits: Limits | None = None,
+          token: str | None = None, reuse_port: bool = False) -> dict:
+    """Serve models:/<model_name>@champion on <host>:<port> in this thread until interrupted
+    (KeyboardInterrupt, Prefect's TerminationSignal: re-raised after the server is closed
+    gracefully). ServeError before anything starts."""
+    server = ChampionServer(model_name, port, poll_seconds, check_seconds, host=host, log=log, limits=limits,
+                            token=token, reuse_port=reuse_port).open()
+    log(f"serving models:/{model_name}@{CHAMPION} (version {server.served.version}) on {server.url}"
+        f"{' (token required)' if token else ''}; following the alias every {server.poll_seconds:g} s; "
+        f"at most {server.limits.max_queue} requests in flight, batches of up to "
+        f"{server.limits.max_batch_images} images")
     try:
         server.serve_forever()
     finally:
-        server.close()
         log(f"stopped serving {model_name} (version {server.served.version} was serving)")
     return server.status()

@@ -12,8 +12,13 @@ imported, even one where another top-level package called `tasks` wins the impor
 
 So the file is self-contained: it imports `ddpm.*`, mlflow, numpy, pandas and PIL, never this
 project's `tasks` package. A logged model keeps the copy it was logged with: the `ddpm` names
-used here (load_model, list_checkpoints, the samplers, to_uint8, MAX_GUIDANCE_SCALE) are an API
-that every registered model calls, to be kept when the package changes.
+used here (load_model, list_checkpoints, the samplers with image_generators, per_image_noise and
+reverse_process, ClassifierFreeGuidance, to_uint8, MAX_GUIDANCE_SCALE) are an API that every
+registered model calls, to be kept when the package changes.
+
+`prepare` + `draw` are what `ddpm serve` calls to draw several requests in one batch (dynamic
+batching); `predict` is the two for one request. A version registered before they existed has
+`predict` only, and is served one request at a time.
 
 The request bounds are MLflow model config, not constructor arguments: log_ddpm_model passes
 `model_config={"max_images": ..., "max_steps": ...}` (stored in MLmodel, overridable with
@@ -35,7 +40,7 @@ import math
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import mlflow
 import numpy as np
@@ -201,9 +206,11 @@ class DDPMImageModel(PythonModel):
             raise invalid(f"'guidance' must be between 0 and {MAX_GUIDANCE_SCALE:g} (or -1: the default), "
                           f"got {guidance!r}")
 
-    def predict(self, context, model_input, params: dict | None = None):
-        """Draw the images the request asks for (deterministic for a given seed). Images that are
-        not finite (NaN weights) are an error (HTTP 500 when served), never black squares."""
+    # --- drawing: one request (predict) or several compatible ones at once (the server's batches) ---
+
+    def prepare(self, model_input: Any, params: dict | None) -> "Draw":
+        """A validated request (HTTP 400 for anything out of bounds), ready to be drawn alone or
+        in a batch with others of the same batch_key."""
         num_images, params = self._request(model_input, params)
         conditioning = {}
         if params["class"] != -1:
@@ -213,18 +220,67 @@ class DDPMImageModel(PythonModel):
         sampling = SamplerConfig(sampler=params["sampler"], num_steps=int(params["steps"]) or None,
                                  eta=float(params["eta"]), num_images=num_images, seed=int(params["seed"]),
                                  batch_size=num_images, **conditioning)
-        sampler = sampling.build(self.schedule, self.diffusion_config.prediction_type)
-        drawn = generate(self.model, sampler, num_images, seed=sampling.seed, batch_size=num_images,
-                         class_labels=sampling.class_labels(self.model.config.num_classes),
-                         guidance_scale=sampling.guidance())
-        if not bool(drawn.isfinite().all()):   # NaN weights would otherwise serve black squares
-            bad = int((~drawn.isfinite()).flatten(1).any(1).sum())
-            raise MlflowException(f"the model drew non-finite images ({bad} of {num_images} hold NaN or inf "
-                                  f"values): its weights are broken (step {self.step}), nothing to serve")
-        images = to_uint8(drawn).numpy()
-        if params["format"] == "png_base64":
-            return [png_base64(image) for image in images]
-        return images
+        labels = sampling.class_labels(self.model.config.num_classes)
+        key = (sampling.sampler, sampling.steps(self.diffusion_config.num_timesteps), float(sampling.eta),
+               None if labels is None else float(sampling.guidance()))
+        return Draw(num_images, params["format"], sampling, labels, key)
+
+    def draw(self, draws: list["Draw"], progress=None) -> list:
+        """Draw several prepared requests of one batch_key in one batch: each gets exactly the
+        images it would alone (image i of a request depends only on its seed and i), up to float
+        rounding in the batched convolutions (at most one grey level). One result per request:
+        its images, or the MlflowException that request answers (non-finite images).
+        `progress` wraps the sampler's steps (ddpm.samplers.reverse_process): raising there stops
+        the draw (the server's way to stop drawing for clients that went away)."""
+        import torch
+
+        from ddpm.guidance import ClassifierFreeGuidance
+        from ddpm.samplers import image_generators, per_image_noise, reverse_process
+
+        if len({d.key for d in draws}) != 1:
+            raise ValueError("draw() takes requests of one batch_key")
+        first = draws[0].sampling
+        sampler = first.build(self.schedule, self.diffusion_config.prediction_type)
+        config = self.model.config
+        param = next(self.model.parameters())
+        generators = [g for d in draws for g in image_generators(d.sampling.seed, range(d.num_images))]
+        with torch.no_grad():
+            x_T = per_image_noise(generators, (config.in_channels, config.image_size, config.image_size),
+                                  param.device, param.dtype)
+            network = self.model if draws[0].labels is None else ClassifierFreeGuidance(
+                self.model, torch.cat([d.labels for d in draws]).to(param.device), first.guidance())
+            drawn = reverse_process(network, sampler, x_T, generators, progress=progress).float().cpu()
+        results, start = [], 0
+        for d in draws:
+            mine = drawn[start:start + d.num_images]
+            start += d.num_images
+            if not bool(mine.isfinite().all()):   # NaN weights would otherwise serve black squares
+                bad = int((~mine.isfinite()).flatten(1).any(1).sum())
+                results.append(MlflowException(
+                    f"the model drew non-finite images ({bad} of {d.num_images} hold NaN or inf values): its "
+                    f"weights are broken (step {self.step}), nothing to serve"))
+                continue
+            images = to_uint8(mine).numpy()
+            results.append([png_base64(image) for image in images] if d.format == "png_base64" else images)
+        return results
+
+    def predict(self, context, model_input, params: dict | None = None):
+        """Draw the images the request asks for (deterministic for a given seed). Images that are
+        not finite (NaN weights) are an error (HTTP 500 when served), never black squares."""
+        [result] = self.draw([self.prepare(model_input, params)])
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+
+class Draw(NamedTuple):
+    """One validated request: what draw() needs, and the key of the requests it can share a batch with."""
+
+    num_images: int
+    format: str
+    sampling: SamplerConfig
+    labels: Any          # a tensor of class labels, one per image (class-conditional models), or None
+    key: tuple
 
 
 warnings.showwarning = _showwarning

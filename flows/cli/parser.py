@@ -377,19 +377,51 @@ def port_number(text: str) -> int:
     return value
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
 def serve_options(parser: argparse.ArgumentParser) -> None:
     from tasks import champion_server, contract
+    from tasks.serving_http import Limits
 
+    limits = Limits()
     parser.add_argument("--model-name", default=contract.DEFAULT_MODEL_NAME,
                         help=f"registered model whose '{contract.CHAMPION_ALIAS}' is served "
                              f"(default: {contract.DEFAULT_MODEL_NAME})")
+    parser.add_argument("--host", default=champion_server.HOST,
+                        help=f"address to listen on (default {champion_server.HOST}, this machine only); any "
+                             f"other needs a token: ${champion_server.TOKEN_ENV} or --token-file")
     parser.add_argument("--port", type=port_number, default=champion_server.DEFAULT_PORT,
-                        help=f"port on {champion_server.HOST} (default {champion_server.DEFAULT_PORT})")
+                        help=f"port (default {champion_server.DEFAULT_PORT})")
+    parser.add_argument("--token-file", default=None,
+                        help=f"a file whose first line is the token clients must send (Authorization: Bearer "
+                             f"...); default ${champion_server.TOKEN_ENV}, if set")
+    parser.add_argument("--reuse-port", action="store_true",
+                        help="let several servers (replicas) listen on one port; the kernel spreads connections")
     parser.add_argument("--poll-seconds", type=positive_seconds, default=champion_server.DEFAULT_POLL_SECONDS,
                         help=f"how often the alias is looked at (default {champion_server.DEFAULT_POLL_SECONDS:g})")
     parser.add_argument("--check-seconds", type=positive_seconds, default=champion_server.DEFAULT_CHECK_SECONDS,
                         help="a new champion must load and answer its check request within this "
                              f"(default {champion_server.DEFAULT_CHECK_SECONDS:g})")
+    parser.add_argument("--max-queue", type=positive_int, default=limits.max_queue,
+                        help="requests admitted at once, drawing or waiting; past it 503 with Retry-After "
+                             f"(default {limits.max_queue})")
+    parser.add_argument("--max-batch-images", type=positive_int, default=limits.max_batch_images,
+                        help=f"images drawn together in one batch (default {limits.max_batch_images})")
+    parser.add_argument("--draw-threads", type=positive_int, default=limits.draw_threads,
+                        help=f"batches drawn at once (default {limits.draw_threads}; each uses every core)")
+    parser.add_argument("--request-seconds", type=positive_seconds, default=limits.request_seconds,
+                        help="from arrival to answer; waiting past it 503, drawing past it 504 "
+                             f"(default {limits.request_seconds:g})")
+    parser.add_argument("--stop-seconds", type=positive_seconds, default=limits.stop_seconds,
+                        help="at SIGTERM, requests in flight are finished within this, then cancelled "
+                             f"(default {limits.stop_seconds:g})")
+    parser.add_argument("--access-log", default="-",
+                        help="one JSON line per request: '-' stdout (default), a file, or 'off'")
 
 
 @dataclass(frozen=True)
