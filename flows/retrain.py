@@ -39,7 +39,7 @@ from prefect import flow
 from ddpm.data import DataConfig, DataError, read_manifest
 from ddpm.training import PLACEMENT_FIELDS, TrainConfig
 from flows.train_pipeline import ExperimentName, run_pipeline, start_run
-from tasks import contract, settings, tracking
+from tasks import contract, retention, settings, tracking
 from tasks.config import DEFAULTS, PipelineConfig, overlay
 from tasks.data import DATASET_CLASS_NAMES_TAG, class_names_tag, prepare_data, tagged_class_names
 from tasks.registry import ChallengeRule, champion_bundle, comparable_runs, current_champion, promote_best
@@ -247,6 +247,7 @@ def retrain(
     config = config.model_copy(update={"data": overlay(config.data, data), "train": overlay(base_train, train)})
 
     home = settings.ddpm_home()
+    disk_before = retention.usage(home)   # the night's disk: what it used, what retention freed (tasks.retention)
     dataset_path = prepare_data.with_options(result_storage=home / "task-results")(config.data,
                                                                                  out_dir=str(home / "data"))
     manifest = read_manifest(Path(dataset_path))
@@ -261,7 +262,8 @@ def retrain(
     if decision == "skipped":   # recorded where people look, with nothing trained
         run_id = start_run(experiment, "retrain-skipped", {}, tags=tags)
         tracking.client().set_terminated(run_id)
-        return {"decision": decision, "reason": reason, "run_id": run_id, "based_on": based_on, "promotion": None}
+        return {"decision": decision, "reason": reason, "run_id": run_id, "based_on": based_on, "promotion": None,
+                "disk": retention.after_night(home, disk_before, run_id)}
     if decision == "warm-start":
         champion = reference[2]
         weights = champion_bundle(promote_to, champion.version)
@@ -269,7 +271,8 @@ def retrain(
         tags[contract.RETRAIN_CHAMPION_TAG] = str(champion.version)
     summary = run_pipeline(config, experiment=experiment, run_name=None, tags=tags)
     promotion = promote_best([experiment], promote_to, rule=challenge) if promote_to else None
-    return {**summary, "decision": decision, "reason": reason, "based_on": based_on, "promotion": promotion}
+    return {**summary, "decision": decision, "reason": reason, "based_on": based_on, "promotion": promotion,
+            "disk": retention.after_night(home, disk_before, summary.get("run_id"))}
 
 
 if __name__ == "__main__":

@@ -424,6 +424,9 @@ def serve_options(parser: argparse.ArgumentParser) -> None:
                         help="one JSON line per request: '-' stdout (default), a file, or 'off'")
 
 
+from flows.cli.gc import gc_options  # noqa: E402 (argparse only)
+
+
 @dataclass(frozen=True)
 class Command:
     help: str
@@ -453,6 +456,8 @@ COMMANDS: dict[str, Command] = {
                      "flows.cli.commands:stack"),
     "deploy": Command("register the flows' Prefect deployments (scripts/deploy.sh)", deploy_options,
                       "flows.cli.commands:deploy"),
+    "gc": Command("free DDPM_HOME by the retention policy (--dry-run: say what would go)", gc_options,
+                  "flows.cli.gc:gc"),
     "serve": Command("serve the registered model's champion over HTTP, following the alias with a check "
                      "and a rollback", serve_options, "flows.cli.serve:serve"),
 }
