@@ -38,7 +38,8 @@ from typing import Callable
 import mlflow
 from mlflow.exceptions import MlflowException
 
-from ddpm.checkpoint import CheckpointError, checkpoint_path, checkpoint_step, list_checkpoints, verify_checkpoint
+from ddpm.checkpoint import (CheckpointError, checkpoint_path, checkpoint_step, list_checkpoints, quarantine_checkpoint,
+                             verify_checkpoint)
 from ddpm.data import DataError, load_prepared, read_manifest
 from ddpm.disk import DiskFull, check_free_space, is_disk_full
 from ddpm.errors import one_line
@@ -270,26 +271,40 @@ def local_folder(run) -> Path:
 
 
 def checkpoints(run, fetch: bool = True) -> list[Path]:
-    """The run's checkpoints, oldest first: those on this host; when there are none here, every one
-    its artifact store holds, fetched and verified ([] when neither has any)."""
+    """The run's checkpoints, oldest first: those on this host (a damaged one replaced by the store's
+    copy when it has one); when there are none here, every one its artifact store holds, fetched and
+    verified ([] when neither has any)."""
     folder = local_folder(run)
     if found := list_checkpoints(folder):
-        return found
+        return [_valid_or_fetched(run, path) if fetch else path for path in found]
     if not fetch:
         return []
     return [_fetch(run.info.run_id, "", step, folder) for step in stored_steps(run.info.run_id)]
 
 
 def checkpoint(run, step: int | None = None) -> Path | None:
-    """One checkpoint of the run (None: the newest), here or fetched; None when neither has it."""
+    """One checkpoint of the run (None: the newest), here and valid, else fetched from the store;
+    None when neither has it."""
     folder = local_folder(run)
     local = {checkpoint_step(p): p for p in list_checkpoints(folder)}
     if local and (step is None or step in local):
-        return local[max(local) if step is None else step]
+        return _valid_or_fetched(run, local[max(local) if step is None else step])
     stored = stored_steps(run.info.run_id)
     if not stored or (step is not None and step not in stored):
         return None
     return _fetch(run.info.run_id, "", max(stored) if step is None else step, folder)
+
+
+def _valid_or_fetched(run, path: Path) -> Path:
+    """`path` when it matches its checksum; else the store's copy of it, fetched (the damaged one kept
+    as *.corrupt); else `path` as it is, for its loader to say what is wrong with it."""
+    try:
+        verify_checkpoint(path)
+        return path
+    except CheckpointError:
+        if checkpoint_step(path) not in stored_steps(run.info.run_id):
+            return path
+    return _fetch(run.info.run_id, "", checkpoint_step(path), path.parent)
 
 
 def newest_valid_checkpoint(run, warn: Callable[[str], None] = print) -> Path | None:
@@ -340,8 +355,8 @@ def _fetch(run_id: str, relative_folder: str, step: int, folder: Path) -> Path:
         try:
             verify_checkpoint(target)
             return target
-        except CheckpointError:
-            pass   # a damaged copy here: fetched again below
+        except CheckpointError:   # a damaged copy here: kept aside for inspection, fetched again below
+            quarantine_checkpoint(target)
     remote = f"{_artifact_dir(relative_folder)}/{target.name}"
     size = _artifact_size(run_id, remote)
     folder.mkdir(parents=True, exist_ok=True)

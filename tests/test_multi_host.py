@@ -304,10 +304,11 @@ def test_an_artifact_store_that_fills_mid_run_costs_a_warning_not_the_run(tmp_pa
         filler.unlink()        # ... and frees it again
         assert process.wait(timeout=300) == 0, "".join(lines)[-3000:]
         reader.join(timeout=10)
+        client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+        [run] = client.search_runs([client.get_experiment_by_name("full-store").experiment_id])
+        listed = stored_files(client, run.info.run_id)   # while the store's disk is mounted
     warnings = [line for line in lines if "did not reach the artifact store" in line]
     assert 1 <= len(warnings) <= 2 and not any("Traceback" in line for line in lines), "".join(lines)
-    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
-    [run] = client.search_runs([client.get_experiment_by_name("full-store").experiment_id])
     assert run.info.status == "FINISHED"
     assert run.data.tags["checkpoints.stored"] == "40,50,60" and "checkpoints.store_error" not in run.data.tags
-    assert stored_files(client, run.info.run_id) == [f"step-00000{s}.pt{x}" for s in (40, 50, 60) for x in ("", ".sha256")]
+    assert listed == [f"step-00000{s}.pt{x}" for s in (40, 50, 60) for x in ("", ".sha256")]
