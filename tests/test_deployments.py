@@ -71,7 +71,11 @@ def test_the_serve_deployment_runs_the_champion_server_with_its_defaults():
     assert flow.name == "serve_champion"
     defaults = {k: p.default for k, p in inspect.signature(flow.fn).parameters.items()}
     assert defaults == {"model_name": contract.DEFAULT_MODEL_NAME, "port": 5055, "poll_seconds": 10.0,
-                        "check_seconds": 120.0}
+                        "check_seconds": 120.0, "host": "127.0.0.1", "token_file": None, "max_queue": 64,
+                        "max_batch_images": 64, "stop_seconds": 30.0}
+    local = deployments["train"]["work_pool"]   # the local pool's env, plus OpenMP's passive wait
+    assert serve["work_pool"] == {**local, "job_variables": {"env": {**local["job_variables"]["env"],
+                                                                     "OMP_WAIT_POLICY": "PASSIVE"}}}
     flow.validate_parameters(serve.get("parameters", {}))
     with pytest.raises(ParameterTypeError, match="port"):
         flow.validate_parameters({"port": 70000})

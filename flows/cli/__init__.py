@@ -30,6 +30,7 @@ value out of range prints one line on stderr and exits with 1. The package, one 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 from flows.cli.errors import expected_errors, one_line, stop_on_sigterm
@@ -39,6 +40,11 @@ from flows.cli.parser import build_parser, command_of, split_passthrough
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = command_of(argv)   # only its options are built: `ddpm --help` imports no torch
+    if command == "serve" and "torch" not in sys.modules:
+        # OpenMP reads this when torch loads it: idle pool threads sleep instead of spinning. A server
+        # drawing small batches beside other work was 20-30x slower per request with spinning threads
+        # (docs/serving.md, "Load, limits and stopping")
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parsed, passthrough = split_passthrough(argv)
     args = build_parser([command] if command else [], epilog=__doc__.split("\n\n")[1]).parse_args(parsed)
     if passthrough:
