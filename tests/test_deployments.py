@@ -128,6 +128,27 @@ def read_flow_runs(env: dict, flow_name: str) -> list:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def test_the_kubernetes_serving_replicas_run_ddpm_serve_beyond_loopback_with_a_token():
+    """deploy/serve-kubernetes.yaml: its arguments are `ddpm serve`'s, it listens beyond loopback with
+    the token from a secret, its probes ask /ping, and the pod is given longer than --stop-seconds."""
+    import yaml
+
+    from flows.cli.parser import build_parser
+
+    deployment, service = yaml.safe_load_all((REPO / "deploy" / "serve-kubernetes.yaml").read_text())
+    pod = deployment["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    assert container["command"] == ["ddpm", "serve"] and deployment["spec"]["replicas"] >= 2
+    args = build_parser(["serve"]).parse_args(["serve", *container["args"]])
+    assert args.host == "0.0.0.0" and args.port == container["ports"][0]["containerPort"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["DDPM_SERVE_TOKEN"]["valueFrom"]["secretKeyRef"]["key"] == "token"
+    assert env["OMP_WAIT_POLICY"]["value"] == "PASSIVE"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/ping"
+    assert pod["terminationGracePeriodSeconds"] > args.stop_seconds
+    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+
+
 def test_training_deployment_triggers_evaluation_into_the_same_mlflow_run(tmp_path):
     import sys
 
