@@ -135,7 +135,7 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # a file that passes the checksum but still does not load
-        raise CheckpointError(f"checkpoint {path} could not be loaded: {error}") from error
+        raise CheckpointError(f"checkpoint {path} could not be loaded ({_unloadable(error)})") from error
 
 
 def quarantine_checkpoint(path: Path) -> Path:
@@ -164,7 +164,14 @@ def check_loadable(path: Path) -> None:
     try:
         torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as error:  # noqa: BLE001
-        raise CheckpointError(f"checkpoint {path} could not be loaded: {error}") from error
+        raise CheckpointError(f"checkpoint {path} could not be loaded ({_unloadable(error)})") from error
+
+
+def _unloadable(error: Exception) -> str:
+    """Why torch.load refused a file, in words a user can act on: its own message ("pop from empty
+    list", "invalid load key") names the unpickler's state, not the file's problem."""
+    return (f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'no message'}; it is not a "
+            "torch checkpoint written by this project, or it was damaged before its checksum was recorded")
 
 
 def latest_valid_checkpoint(directory: Path, warn=print, quarantine: bool = False) -> Path | None:

@@ -466,19 +466,7 @@ class Trainer:
         """Start from `checkpoint`'s EMA weights (model and EMA both), at step 0 with a fresh
         optimizer and schedule: fine-tuning a model on data that grew. CheckpointError when the
         checkpoint is missing or of another model or diffusion."""
-        if not Path(checkpoint).is_file():
-            raise CheckpointError(f"warm start from {checkpoint}: no such checkpoint (deleted, or on another "
-                                  "machine?); train from scratch instead (retrain's init='scratch')")
-        state = load_checkpoint(Path(checkpoint), map_location=self.device)
-        for name, ours in (("model_config", self.model_config), ("diffusion_config", self.diffusion_config)):
-            try:
-                theirs = type(ours)(**state[name])   # validated: fields added since take their defaults
-            except (KeyError, ValueError) as error:
-                raise CheckpointError(f"warm start from {checkpoint}: no valid {name} in it ({error})") from None
-            if theirs != ours:
-                raise CheckpointError(f"warm start from {checkpoint}: it was trained with {name.split('_')[0]} "
-                                      f"{theirs.model_dump(mode='json')} but this run asks for "
-                                      f"{ours.model_dump(mode='json')}")
+        state = check_warm_start(checkpoint, self.model_config, self.diffusion_config, map_location=self.device)
         weights = ema_weights(state) if "ema" in state else state["model"]   # a serving bundle holds only "model"
         self.model.load_state_dict(weights)
         self.ema = AveragedModel(self.model, multi_avg_fn=ema_multi_avg_fn(self.config.ema_decay,
@@ -694,6 +682,27 @@ class Trainer:
         result.images_per_second = total_images / total_time if total_time else 0.0
         result.compile_seconds = self.compile_seconds
         return result
+
+
+def check_warm_start(checkpoint: Path | str, model_config: UNetConfig, diffusion_config: DiffusionConfig,
+                     map_location: str | torch.device = "cpu") -> dict:
+    """The state of warm-start checkpoint `checkpoint`, verified and loaded; CheckpointError in one
+    line when it is missing, damaged, or of another model or diffusion than this run's (the
+    pipeline calls it before a run exists, the Trainer again before it trains)."""
+    if not Path(checkpoint).is_file():
+        raise CheckpointError(f"warm start from {checkpoint}: no such checkpoint (deleted, or on another "
+                              "machine?); train from scratch instead (retrain's init='scratch')")
+    state = load_checkpoint(Path(checkpoint), map_location=map_location)
+    for name, ours in (("model_config", model_config), ("diffusion_config", diffusion_config)):
+        try:
+            theirs = type(ours)(**state[name])   # validated: fields added since take their defaults
+        except (KeyError, ValueError) as error:
+            raise CheckpointError(f"warm start from {checkpoint}: no valid {name} in it ({error})") from None
+        if theirs != ours:
+            raise CheckpointError(f"warm start from {checkpoint}: it was trained with {name.split('_')[0]} "
+                                  f"{theirs.model_dump(mode='json')} but this run asks for "
+                                  f"{ours.model_dump(mode='json')}")
+    return state
 
 
 def dataset_trainer(

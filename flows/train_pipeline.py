@@ -14,14 +14,14 @@ from pathlib import Path
 from typing import Annotated, Iterator
 
 from prefect import flow, runtime
-from pydantic import Field
+from pydantic import AfterValidator, Field
 
 from ddpm.data import load_prepared, validate_for_model
 from ddpm.disk import DiskFull, free_bytes, full_disk_error, mib
 from ddpm.errors import one_line
 from ddpm.metrics.scoring import ExtractorKind, check_evaluation, extractor_names
 from ddpm.torchrun import check_num_processes
-from ddpm.training import check_checkpoint_dir, check_compiler, check_device, resolve_device
+from ddpm.training import check_checkpoint_dir, check_compiler, check_device, check_warm_start, resolve_device
 from tasks import contract, run_files, settings, tracking
 from tasks.config import (
     DEFAULTS, DataParam, DiffusionParam, ModelParam, PipelineConfig, SamplingParam, TrainParam,
@@ -32,7 +32,8 @@ from tasks.sample import sample_checkpoint
 from tasks.serving import log_ddpm_model
 from tasks.train import train_model
 
-ExperimentName = Annotated[str, Field(min_length=1, description="MLflow experiment")]
+ExperimentName = Annotated[str, Field(min_length=1, description="MLflow experiment"),
+                           AfterValidator(tracking.check_experiment_name)]
 NEARLY_FULL_BYTES = 64 << 20   # below this, a full disk met in a run is said to be DDPM_HOME's
 
 
@@ -50,7 +51,7 @@ def check_config(config: PipelineConfig) -> None:
     """The checks that need no data, for callers to run before anything starts (the CLI runs them
     before Prefect): the model's input matches the images, the FID extractor asked for is here,
     classes and guidance are asked only of a class-conditional model, within its classes,
-    this machine has the device asked for, one for each training process, and a C++ compiler when
+    this machine has the device asked for, a warm start's checkpoint is there and fits the model, one for each training process, and a C++ compiler when
     compiling on the CPU."""
     data, model, train = config.data, config.model, config.train
     if (data.image_size, data.channels) != (model.image_size, model.in_channels):
@@ -62,6 +63,8 @@ def check_config(config: PipelineConfig) -> None:
         extractor_names(config.fid_extractor, has_labels=True)   # the extra missing: said now, not after training
     config.sampling.class_labels(model.num_classes)
     check_device(train.device)
+    if train.init_from:   # a warm start that cannot work fails now, not as a FAILED run per try
+        check_warm_start(train.init_from, model, config.diffusion)
     if train.world_size > 1:
         check_num_processes(train.num_processes, train.device)
     if train.compile:

@@ -32,6 +32,7 @@ FLOW_NAME_TAG = "prefect.flow_name"
 PARENT_RUN_TAG = "mlflow.parentRunId"       # nests compare_schedules' children under their parent in the UI
 HOST_TAG, PID_TAG = "ddpm.host", "ddpm.pid"  # the process working on a RUNNING run (vanished runs are failed)
 ERROR_TAG = "error"                         # why a run FAILED
+PREVIOUS_ERROR_TAG = "error.previous"       # why an attempt failed, on a run that a resume then finished
 RESUMED_TAG = "resumed"                     # how many times it was resumed
 RESUME_FORCED_TAG = "resume.forced"         # a resume that declared the RUNNING owner dead (--force), and whom
 CHECKPOINT_DIR_TAG = "checkpoint_dir"       # the folder it trained in, on the host it trained on

@@ -94,6 +94,20 @@ def ui_url(base: str, experiment_id: str, run_id: str | None = None) -> str:
     return f"{page}/runs/{run_id}?{contract.UI_TRAINING_VIEW}" if run_id else f"{page}?{contract.UI_TRAINING_VIEW}"
 
 
+def check_experiment_name(name: str) -> str:
+    """`name`, or a ValueError in one line when it could not be an experiment's name here: on a
+    local store the name is a folder under $DDPM_HOME/mlartifacts, so a '/', '\\', '.', '..' or a
+    control character would put a run's files elsewhere (`../../x` outside DDPM_HOME)."""
+    bad = [c for c in name if c in "/\\" or ord(c) < 32 or ord(c) == 127]
+    if not name.strip() or name.strip() in (".", "..") or bad or name != name.strip():
+        shown = repr(name)
+        why = (f"it contains {', '.join(sorted(set(map(repr, bad))))}" if bad else
+               "it is empty, '.' or '..', or starts or ends with a space")
+        raise ValueError(f"experiment name {shown} is refused: {why}; use letters, digits, spaces and "
+                         "'-_.:' (e.g. 'team-digits')")
+    return name
+
+
 def experiment_id(name: str) -> str:
     """The id of experiment `name`, created if it is new, and marked as a model-training experiment
     for the MLflow UI. A new experiment's artifacts go where the store says: on a tracking server,
@@ -102,6 +116,8 @@ def experiment_id(name: str) -> str:
     whatever folder the process started in)."""
     mlflow_client = client()
     experiment = mlflow_client.get_experiment_by_name(name)
+    if experiment is None:
+        check_experiment_name(name)   # before anything is written under that name
     if experiment is not None:
         if contract.EXPERIMENT_KIND_TAG not in experiment.tags:   # made by an older version, or by hand
             mlflow_client.set_experiment_tag(experiment.experiment_id, contract.EXPERIMENT_KIND_TAG,
@@ -312,6 +328,12 @@ def reopen_run(run_id: str, force: bool = False) -> mlflow.entities.Run:
         tags = run.data.tags
         owner = f"process {tags.get(contract.PID_TAG)} on {tags.get(contract.HOST_TAG)}"
         alive = run.info.status == "RUNNING" and not vanished(run) and tags.get(contract.PID_TAG) != str(os.getpid())
+        if alive and tags.get(contract.HOST_TAG) == socket.gethostname():
+            # --force declares dead an owner that cannot be seen; this one can, and lives: two trainers
+            # would share the run and its checkpoint folder
+            raise ValueError(f"MLflow run {run_id} is still RUNNING in {owner}, alive on this host: stop it "
+                             f"first (kill {tags.get(contract.PID_TAG)}); --force only declares dead an owner on "
+                             "another host that cannot be asked")
         if alive and not force:
             raise ValueError(f"MLflow run {run_id} is still RUNNING in {owner}; stop it first, or, if that process "
                              "is gone (a preempted node, a reboot), declare it dead: `ddpm train --resume "
@@ -343,4 +365,9 @@ def run_lifecycle(run_id: str) -> Iterator[str]:
         except Exception:  # noqa: BLE001 (the store itself failing must not hide the first error)
             pass
         raise
+    # a resumed run that finishes is no longer failed: an earlier attempt's error moves to a history tag
+    error = mlflow_client.get_run(run_id).data.tags.get(contract.ERROR_TAG)
+    if error is not None:
+        mlflow_client.set_tag(run_id, contract.PREVIOUS_ERROR_TAG, error)
+        mlflow_client.delete_tag(run_id, contract.ERROR_TAG)
     mlflow_client.set_terminated(run_id)

@@ -98,6 +98,42 @@ def test_force_declares_a_running_owner_dead_and_says_so_on_the_run(store):
     assert "was RUNNING in process 4242 on preempted-node" in run.data.tags[contract.RESUME_FORCED_TAG]
 
 
+def test_force_never_overrides_an_owner_alive_on_this_host(store):
+    """--force declared dead an owner it could see alive: two trainers on one run and one folder."""
+    busy = tracking.create_run("lifecycle", None, {})
+    owner = os.getppid()   # a live process that is not this one, on this host
+    store.set_tag(busy, contract.PID_TAG, str(owner))
+    with pytest.raises(ValueError, match=f"alive on this host: stop it first \\(kill {owner}\\)"):
+        tracking.reopen_run(busy, force=True)
+    assert store.get_run(busy).data.tags[contract.PID_TAG] == str(owner)   # still its owner's
+    assert contract.RESUME_FORCED_TAG not in store.get_run(busy).data.tags
+
+
+def test_a_resumed_run_that_finishes_keeps_the_failed_attempts_error_only_as_history(store):
+    run_id = tracking.create_run("lifecycle", None, {})
+    with pytest.raises(ValueError), tracking.run_lifecycle(run_id):
+        raise ValueError("the first attempt")
+    tracking.reopen_run(run_id)
+    with tracking.run_lifecycle(run_id):
+        pass
+    run = store.get_run(run_id)
+    assert run.info.status == "FINISHED" and contract.ERROR_TAG not in run.data.tags
+    assert "ValueError: the first attempt" in run.data.tags[contract.PREVIOUS_ERROR_TAG]
+
+
+@pytest.mark.parametrize("name", ["../../../x", "a/b", "..", "tab\there", "back\\slash", " padded"])
+def test_an_experiment_name_never_becomes_a_path_outside_the_store(store, name, tmp_path):
+    from flows.train_pipeline import train_pipeline
+    from prefect.exceptions import ParameterTypeError
+
+    with pytest.raises(ValueError, match="is refused") as raised:
+        tracking.create_run(name, None, {})
+    assert "\n" not in str(raised.value)
+    assert store.get_experiment_by_name(name) is None
+    with pytest.raises(ParameterTypeError, match="is refused"):   # a deployment's parameter: before a run
+        train_pipeline.validate_parameters({"experiment": name})
+
+
 @pytest.mark.slow
 def test_of_two_resumes_of_one_run_at_the_same_instant_only_one_proceeds(store, tmp_path):
     run_id = tracking.create_run("lifecycle", None, {})

@@ -546,3 +546,20 @@ def test_a_warm_start_begins_from_the_checkpoints_ema_weights_and_resumes_exactl
     other = TINY_DIFFUSION.model_copy(update={"num_timesteps": 50})
     with pytest.raises(CheckpointError, match="warm start from .*diffusion"):
         Trainer(TINY_MODEL, other, config, batches, tmp_path / "other").train(progress=False)
+
+
+@pytest.mark.parametrize("content", [b"\x80\x02}q\x00.", b"PK\x03\x04 not a zip at all", b"garbage" * 50])
+def test_a_forged_checkpoint_with_a_valid_checksum_is_refused_saying_what_it_is(tmp_path, content):
+    """A file that matches its checksum but is no checkpoint: the reason was torch's unpickler state
+    ("pop from empty list"); now it says the file is not one this project wrote."""
+    import hashlib
+
+    from ddpm.checkpoint import load_checkpoint
+
+    forged = tmp_path / "step-0000001.pt"
+    forged.write_bytes(content)
+    (tmp_path / "step-0000001.pt.sha256").write_text(f"{hashlib.sha256(content).hexdigest()}  {forged.name}\n")
+    with pytest.raises(CheckpointError) as raised:
+        load_checkpoint(forged)
+    message = str(raised.value)
+    assert "\n" not in message and "not a torch checkpoint written by this project" in message

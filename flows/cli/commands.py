@@ -68,7 +68,8 @@ def validated(flow, kwargs: dict) -> dict:
     try:
         return flow.validate_parameters(kwargs)
     except ParameterTypeError as error:
-        raise CLIError(one_line(error).removeprefix("Flow run received invalid parameters: - ")) from None
+        raise CLIError(one_line(error).removeprefix("Flow run received invalid parameters: - ")
+                       .replace("Value error, ", "")) from None
     finally:
         prefect_logger.setLevel(level)
 
