@@ -266,9 +266,16 @@ def retrain(
                 "disk": retention.after_night(home, disk_before, run_id)}
     if decision == "warm-start":
         champion = reference[2]
-        weights = champion_bundle(promote_to, champion.version)
-        config = config.model_copy(update={"train": config.train.model_copy(update={"init_from": str(weights)})})
-        tags[contract.RETRAIN_CHAMPION_TAG] = str(champion.version)
+        try:
+            weights = champion_bundle(promote_to, champion.version)
+        except LookupError as error:   # its files gone from the store, or damaged there: a night still trains
+            weights = None
+            decision, reason = "scratch", f"{reason}; but the champion's weights cannot be read ({error}): from scratch"
+            print(f"retrain: {decision}: {reason}")
+            tags.update({contract.RETRAIN_DECISION_TAG: decision, contract.RETRAIN_REASON_TAG: reason})
+        if weights is not None:
+            config = config.model_copy(update={"train": config.train.model_copy(update={"init_from": str(weights)})})
+            tags[contract.RETRAIN_CHAMPION_TAG] = str(champion.version)
     summary = run_pipeline(config, experiment=experiment, run_name=None, tags=tags)
     promotion = promote_best([experiment], promote_to, rule=challenge) if promote_to else None
     return {**summary, "decision": decision, "reason": reason, "based_on": based_on, "promotion": promotion,
