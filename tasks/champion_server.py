@@ -566,9 +566,10 @@ class ChampionServer:
         self.last_check = check
         self.metrics.checks.labels(check.result).inc()
         try:
-            for key, value in ((contract.SERVING_CHECK_TAG, check.result),
+            # the result last: a replica that reads it finds its time and reason already there
+            for key, value in ((SERVING_CHECKED_AT_TAG, f"{check.at:.3f}"),
                                (contract.SERVING_REASON_TAG, one_line(check.reason)[:REASON_CHARS]),
-                               (SERVING_CHECKED_AT_TAG, f"{check.at:.3f}")):
+                               (contract.SERVING_CHECK_TAG, check.result)):
                 self.client.set_model_version_tag(self.model_name, check.version, key, value)
         except Exception as error:  # noqa: BLE001
             self.log(f"{self.model_name}: could not tag version {check.version} {contract.SERVING_CHECK_TAG}="
