@@ -21,6 +21,7 @@ from pydantic import AfterValidator, Field
 
 from ddpm.data import read_manifest, validate_for_model
 from ddpm.diffusion import DiffusionConfig
+from ddpm.metrics.measures import measure_of, parse_metric
 from ddpm.metrics.scoring import ExtractorKind, check_evaluation
 from ddpm.schedules import BETA_SCHEDULES
 from flows.runners import DaskCluster, fan_out_runner
@@ -31,7 +32,10 @@ from tasks.data import prepare_data
 from tasks.evaluate import warm_scoring_cache
 from tasks.registry import promote_best
 
-TABLE_COLUMNS = ["schedule", "metric", "num_samples", "fid", "fid_floor", "final_loss", "images_per_second", "steps", "run_id"]
+# "fid" and "fid_floor" hold the primary metric and its floor (FID unless the runs rank by another
+# measure); kid, precision and recall are those of the primary's features, when measured
+TABLE_COLUMNS = ["schedule", "metric", "num_samples", "fid", "fid_floor", "kid", "kid_std", "precision", "recall",
+                 "final_loss", "images_per_second", "steps", "run_id"]
 
 
 def _known_distinct_schedules(names: list[str]) -> list[str]:
@@ -65,16 +69,25 @@ def train_schedule(config: PipelineConfig, experiment: str, parent_run_id: str) 
 
 
 def comparison_table(results: dict[str, dict]) -> pd.DataFrame:
-    """One row per schedule, best FID first."""
+    """One row per schedule, best first by the primary metric's direction (measures.MEASURES)."""
     rows = []
     for schedule, summary in results.items():
         evaluation = summary["evaluation"]
         metric = evaluation["metric"]
+        features = parse_metric(metric)[1]
         rows.append({"schedule": schedule, "metric": metric, "num_samples": evaluation["num_samples"],
-                     "fid": evaluation[metric], "fid_floor": evaluation[f"{metric}_floor"],
+                     "fid": evaluation[metric], "fid_floor": evaluation.get(f"{metric}_floor"),
+                     **{key: evaluation.get(f"{name}_{features}{suffix}")
+                        for key, name, suffix in (("kid", "kid", ""), ("kid_std", "kid", "_std"),
+                                                  ("precision", "precision", ""), ("recall", "recall", ""))},
                      "final_loss": summary["final_loss"], "images_per_second": summary["images_per_second"],
                      "steps": summary["steps"], "run_id": summary["run_id"]})
-    return pd.DataFrame(rows, columns=TABLE_COLUMNS).sort_values("fid", kind="stable").reset_index(drop=True)
+    metrics = {row["metric"] for row in rows}
+    if len(metrics) > 1:   # the schedules share one configuration: one protocol
+        raise ValueError(f"the schedules were measured with different metrics {sorted(metrics)}: not comparable")
+    table = pd.DataFrame(rows, columns=TABLE_COLUMNS)
+    ranked = measure_of(rows[0]["metric"]).ranked(range(len(rows)), lambda i: rows[i]["fid"]) if rows else []
+    return table.iloc[ranked].reset_index(drop=True)
 
 
 @flow(name="train_schedules", log_prints=True)
@@ -102,10 +115,12 @@ def compare_schedules(
 ) -> pd.DataFrame:
     """Train, sample and score one model per noise schedule with everything else (seed included) equal.
 
-    Logs to a parent MLflow run: comparison.csv / comparison.md (schedule, FID, floor, final loss,
-    images/s, steps, child run id) and plots/schedules.png (alphas_cumprod of each schedule, FID
-    in the legend); the same table is a Prefect table artifact `schedule-comparison`.
-    Returns the table, best FID first. Then the best run is offered to the registered model
+    Logs to a parent MLflow run: comparison.csv / comparison.md (schedule, FID, floor, KID and its
+    spread, precision, recall, final loss, images/s, steps, child run id), plots/schedules.png
+    (alphas_cumprod of each schedule, FID in the legend) and plots/precision_recall.png (each
+    schedule's precision against its recall: fidelity against diversity, which FID alone does not
+    tell apart); the same table is a Prefect table artifact `schedule-comparison`.
+    Returns the table, best first. Then the best run is offered to the registered model
     `promote_to` (None: no promotion), which moves its `champion` alias only if it is better.
     `dask_cluster` runs the pipelines on Dask (see DaskCluster).
     """
@@ -154,12 +169,15 @@ def log_comparison(parent_run_id: str, table: pd.DataFrame, diffusions: dict[str
     plots.log_figure(parent_run_id,
                      lambda: plots.schedule_plot({name: c.make_schedule() for name, c in diffusions.items()}, fids),
                      "plots/schedules.png")
+    if table["precision"].notna().any():
+        plots.log_figure(parent_run_id, lambda: plots.precision_recall_plot(table.to_dict(orient="records")),
+                         "plots/precision_recall.png")
     best = table.iloc[0]
     tracking.client().set_tag(parent_run_id, "comparison.best_schedule", best.schedule)
     tracking.client().set_tag(parent_run_id, "comparison.metric", best.metric)
     tracking.client().log_metric(parent_run_id, "best_fid", float(best.fid))
     create_table_artifact(key="schedule-comparison", table=table.to_dict(orient="records"),
-                          description=f"noise schedules compared in MLflow run {parent_run_id}, best FID first")
+                          description=f"noise schedules compared in MLflow run {parent_run_id}, best first")
     create_markdown_artifact(key="schedule-comparison-summary",
                              markdown=f"Best schedule: **{best.schedule}** ({best.metric} {best.fid:.2f} at "
                                       f"{best.num_samples} samples); "

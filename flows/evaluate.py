@@ -25,7 +25,9 @@ import mlflow
 from prefect import flow, runtime
 from pydantic import Field
 
+from ddpm.checkpoint import checkpoint_step
 from ddpm.data import read_manifest
+from ddpm.metrics.measures import DEFAULT_MEASURE, measure_of
 from ddpm.metrics.scoring import ExtractorKind, check_evaluation
 from ddpm.posthoc_ema import PosthocEMAError, list_snapshots, sigma_rel_to_gamma, snapshot_steps
 from ddpm.samplers import SamplerConfig
@@ -56,10 +58,12 @@ SigmaRels = Annotated[list[float], Field(min_length=1, description="post-hoc EMA
 
 @flow(name="posthoc_ema_sweep", log_prints=True)
 def posthoc_ema_sweep(checkpoint_dir: str, sigma_rels: list[float], steps: list[int | None],
-                      sampling: SamplerConfig, dataset_path: str, extractor: str, out_dir: str) -> list[dict]:
+                      sampling: SamplerConfig, dataset_path: str, extractor: str, out_dir: str,
+                      rank_by: str = DEFAULT_MEASURE) -> list[dict]:
     """Score every (width, step), all submitted at once to this subflow's task runner (set by the
     caller: threads, or Dask workers)."""
-    futures = [score_posthoc_width.submit(checkpoint_dir, sigma_rel, step, sampling, dataset_path, extractor, out_dir)
+    futures = [score_posthoc_width.submit(checkpoint_dir, sigma_rel, step, sampling, dataset_path, extractor, out_dir,
+                                          rank_by)
                for step in steps for sigma_rel in sigma_rels]
     rows = [future.result() for future in futures]
     for row in rows:
@@ -121,8 +125,12 @@ def evaluate(
     if posthoc_ema and not own:
         raise ValueError("the post-hoc EMA sweep chooses the model the run ships, so it measures with the run's own "
                          "sampling and FID extractor: drop `sampling` / `fid_extractor` (or sweep in another call)")
+    # the run ranks by its own metric's measure (tag fid.metric: FID unless it chose another)
+    own_metric = run.data.tags.get(contract.FID_METRIC_TAG)
+    rank_by = measure_of(own_metric).key if own and own_metric else DEFAULT_MEASURE
     if posthoc_ema:
-        posthoc_steps = check_posthoc(checkpoints[-1].parent, posthoc_sigma_rels, posthoc_steps, run_id)
+        posthoc_steps = check_posthoc(checkpoints[-1].parent, posthoc_sigma_rels, posthoc_steps, run_id,
+                                      [checkpoint_step(c) for c in checkpoints])
         runner = fan_out_runner(dask_cluster, max_parallel)
     print(f"evaluating {len(checkpoints)} checkpoints of MLflow run {run_id} with {sampling.describe()}")
 
@@ -137,12 +145,12 @@ def evaluate(
     for checkpoint in checkpoints:
         samples = sample_checkpoint(str(checkpoint), sampling, str(out_dir), run_id)
         result = evaluate_samples(samples["npz"], dataset_path, run_id, samples["step"], extractor,
-                                  sampler=sampling.describe(), metric_prefix=prefix)
+                                  sampler=sampling.describe(), metric_prefix=prefix, rank_by=rank_by)
         metric = result["metric"]
         fids[samples["step"]] = result[metric]
         print(f"step {samples['step']}: {metric} = {result[metric]:.3f}")
 
-    best_step = min(fids, key=fids.get)
+    best_step = measure_of(metric).best(fids, fids.get)   # in the metric's direction
     mlflow_client = tracking.client()
     mlflow_client.log_batch(run_id, metrics=[tracking.Metric(prefix + metric + contract.BEST_SUFFIX, fids[best_step],
                                                              int(time.time() * 1000), best_step)])
@@ -156,13 +164,12 @@ def evaluate(
               f"like the checkpoints")
         rows = posthoc_ema_sweep.with_options(task_runner=runner)(
             str(checkpoints[-1].parent), sigma_rels, posthoc_steps, sampling, dataset_path, extractor,
-            str(settings.run_dir(run_id)))
-        last = max(fids)
-        choice = log_posthoc_sweep(run_id, rows, {"step": last, metric: fids[last]}, config.train.ema_decay,
-                                   config.train.ema_warmup)
+            str(settings.run_dir(run_id)), rank_by)
+        # each reconstruction meets the run's own EMA at its own step (its checkpoint, scored above)
+        choice = log_posthoc_sweep(run_id, rows, fids, config.train.ema_decay, config.train.ema_warmup)
         best = choice["best"]
         print(f"post-hoc EMA: best sigma_rel {best['sigma_rel']:g} at step {best['step']}: {metric} "
-              f"{best[metric]:.3f} against the run's own EMA's {fids[last]:.3f} at step {last}: "
+              f"{best[metric]:.3f} against the run's own EMA's {choice['fixed']:.3f} at the same step: "
               + ("logged as a model of the run; promotion registers it" if choice["chosen"] == "reconstruction"
                  else "the run's own EMA stays its model"))
         summary["posthoc_ema"] = choice
@@ -170,9 +177,11 @@ def evaluate(
 
 
 def check_posthoc(checkpoint_dir: Path, sigma_rels: list[float] | None, steps: list[int] | None,
-                  run_id: str) -> list[int | None]:
+                  run_id: str, checkpoint_steps: list[int] | None = None) -> list[int | None]:
     """The snapshot steps to sweep; PosthocEMAError (one line) before any work when the run kept no
-    snapshots, a width is out of range or a step has no snapshot."""
+    snapshots, a width is out of range, a step has no snapshot, or (`checkpoint_steps`: the steps
+    of the run's checkpoints) no checkpoint of the run's own EMA to compare the reconstructions
+    with at the same step (the default, the last snapshot, included)."""
     if not list_snapshots(checkpoint_dir):
         raise PosthocEMAError(f"MLflow run {run_id} kept no post-hoc EMA snapshots (in {checkpoint_dir}/posthoc-ema); "
                               "train with --set train.posthoc_ema=true to keep them")
@@ -183,7 +192,16 @@ def check_posthoc(checkpoint_dir: Path, sigma_rels: list[float] | None, steps: l
     if missing:
         raise PosthocEMAError(f"no post-hoc EMA snapshot at step(s) {missing} of MLflow run {run_id}; its snapshots: "
                               f"{saved}")
-    return list(steps) if steps else [saved[-1]]
+    steps = list(steps) if steps else [saved[-1]]
+    unmatched = [step for step in steps if checkpoint_steps is not None and step not in checkpoint_steps]
+    if unmatched:
+        both = sorted(set(saved) & set(checkpoint_steps))
+        raise PosthocEMAError(
+            f"no checkpoint of MLflow run {run_id}'s own EMA at post-hoc step(s) {unmatched} to compare the "
+            f"reconstructions with (checkpoints at {sorted(checkpoint_steps)}): "
+            + (f"sweep a step that has both (--posthoc-steps {both[-1]})" if both else
+               "no step has both a snapshot and a checkpoint, so no reconstruction can be compared"))
+    return steps
 
 
 def protocol_prefix(sampling: SamplerConfig, extractor: str) -> str:

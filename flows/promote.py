@@ -1,4 +1,5 @@
-"""promote: register the best run by FID and make it the `champion` when it beats the current one.
+"""promote: register the best run by its metric (FID unless --metric names another) and make it the
+`champion` when it beats the current one.
 
     python -m flows.promote                       # experiment "ddpm", registered model "ddpm"
 
@@ -25,7 +26,9 @@ class PromoteConfig(ChallengeRule):
     experiments: list[str] = Field([contract.DEFAULT_EXPERIMENT], min_length=1, description="MLflow experiments whose runs compete")
     model_name: str = Field(contract.DEFAULT_MODEL_NAME, min_length=1, description="registered model name")
     fingerprint: str | None = Field(None, description="dataset fingerprint; default: that of the newest run with an FID")
-    metric: str | None = Field(None, description="fid_classifier or fid_inception; default: that of the newest run")
+    metric: str | None = Field(None, description="the metric runs are ranked by, in its direction: fid_inception, "
+                                                  "kid_inception, precision_inception, ... (<measure>_<features>); "
+                                                  "default: that of the newest run")
     max_images: int = Field(64, ge=1, le=1024, description="largest num_images one serving request may ask for")
     conditional: bool | None = Field(None, description="promote class-conditional models (True) or unconditional "
                                                         "ones (False); default: the kind of the newest run")

@@ -52,20 +52,21 @@ NOT_THE_CONFIGURATION = (*PLACEMENT_FIELDS, "init_from")
 def best_run_config(experiment: str, metric: str | None = None) -> tuple[str, str, PipelineConfig] | None:
     """(run id, metric, configuration) of the best FINISHED train_pipeline run of `experiment`.
 
-    Ranked by `metric` (default: the newest run's primary FID) among runs comparable with each
-    other (tasks.registry.comparable_runs: same data and sample count). None when the experiment
+    Ranked by `metric` (default: the newest run's primary metric) in its direction among runs
+    measured with one protocol (tasks.registry.comparable_runs: same metric, data, sample count,
+    kind of model and sampler). None when the experiment
     has no such run. Runs without a config.json (comparison parents, older runs) are skipped.
     """
     try:
-        runs, criteria = comparable_runs([experiment], metric)
+        runs, protocol = comparable_runs([experiment], metric)
     except LookupError:
         return None
-    for run in runs:
+    for run in runs:   # best first, by the metric's direction
         try:
             stored = tracking.run_config(run)
         except FileNotFoundError:  # not a pipeline run
             continue
-        return run.info.run_id, criteria["metric"], PipelineConfig.from_stored(stored)
+        return run.info.run_id, protocol.metric, PipelineConfig.from_stored(stored)
     return None
 
 
@@ -277,7 +278,7 @@ def retrain(
             config = config.model_copy(update={"train": config.train.model_copy(update={"init_from": str(weights)})})
             tags[contract.RETRAIN_CHAMPION_TAG] = str(champion.version)
     summary = run_pipeline(config, experiment=experiment, run_name=None, tags=tags)
-    promotion = promote_best([experiment], promote_to, rule=challenge) if promote_to else None
+    promotion = promote_best([experiment], promote_to, metric=metric, rule=challenge) if promote_to else None
     return {**summary, "decision": decision, "reason": reason, "based_on": based_on, "promotion": promotion,
             "disk": retention.after_night(home, disk_before, summary.get("run_id"))}
 

@@ -72,18 +72,21 @@ DATASET_ADDED_TAG = "dataset.added"                                # images, by 
 DATASET_REMOVED_TAG = "dataset.removed"                            # the previous folder was gone)
 DATASET_MOVED_TO_HOLDOUT_TAG = "dataset.moved_to_holdout"          # earlier train images now in the FID reference
 
-# how its primary FID was measured: the metric (features), the sample count and the sampler
+# how its primary metric was measured: the metric (measure and features: fid_inception, kid_inception),
+# the sample count and the sampler (the names say "fid": runs have always been written so)
 FID_METRIC_TAG = "fid.metric"
 FID_NUM_SAMPLES_TAG = "fid.num_samples"
 FID_SAMPLER_TAG = "fid.sampler"             # SamplerConfig.describe(): sampler, steps, eta, classes, guidance
 
-# Two FIDs are comparable only when these agree (tag, what it means); promotion and retrain rank
-# runs, and the champion keeps its alias, by them. A run from before CONDITIONAL_TAG existed is
-# unconditional.
+# Two scores are comparable only when these agree (tag, what it means): Protocol below is them as
+# one value; promotion and retrain rank runs, and the champion keeps its alias, by it. A run from
+# before CONDITIONAL_TAG existed is unconditional.
 COMPARABILITY_TAGS = ((FID_METRIC_TAG, "FID extractor"), (DATASET_FINGERPRINT_TAG, "dataset"),
                       (FID_NUM_SAMPLES_TAG, "sample count"), (CONDITIONAL_TAG, "kind of model"),
                       (FID_SAMPLER_TAG, "sampler"))
 TAG_DEFAULTS = {CONDITIONAL_TAG: "false"}
+# the part of the protocol an evaluation writes (the data and the kind of model are training's tags)
+MEASUREMENT_TAGS = (FID_METRIC_TAG, FID_NUM_SAMPLES_TAG, FID_SAMPLER_TAG)
 
 # --- params and metrics -------------------------------------------------------------------------
 PARAMETERS_PARAM = "model.parameters"       # besides the flattened configuration (tracking.flatten_params)
@@ -127,3 +130,91 @@ HEAD_TO_HEAD_PREFIX = "promotion.head_to_head."
 # (a failed version is never served; the alias goes back to the version serving), and why
 SERVING_CHECK_TAG, SERVING_REASON_TAG = "serving.check", "serving.reason"
 SERVING_CHECK_PASSED, SERVING_CHECK_FAILED = "passed", "failed"
+
+
+# --- the protocol: what makes two scores comparable ------------------------------------------
+
+class Protocol:
+    """How a run's ranking score was measured, as one value: the metric (measure and features,
+    ddpm.metrics.measures), the data (its fingerprint: the reference), the sample count, the kind of
+    model and the sampler. Two scores are comparable only when their protocols are equal.
+
+    Built from a run's (or a registered version's) tags and written back with the same tag names
+    (COMPARABILITY_TAGS), so every stored run and version reads unchanged. A missing tag is None
+    (a run from before it existed), the kind of model "false" (TAG_DEFAULTS). Its measure gives the
+    direction every reader ranks by (`rank`, `better`, `best`)."""
+
+    __slots__ = ("metric", "fingerprint", "num_samples", "conditional", "sampler")
+    FIELDS = ((FID_METRIC_TAG, "metric", "metric"), (DATASET_FINGERPRINT_TAG, "fingerprint", "dataset"),
+              (FID_NUM_SAMPLES_TAG, "num_samples", "sample count"), (CONDITIONAL_TAG, "conditional", "kind of model"),
+              (FID_SAMPLER_TAG, "sampler", "sampler"))
+
+    def __init__(self, metric: str | None, fingerprint: str | None = None, num_samples=None,
+                 conditional: str | bool | None = None, sampler: str | None = None):
+        self.metric = metric
+        self.fingerprint = fingerprint
+        self.num_samples = None if num_samples is None else str(num_samples)
+        if isinstance(conditional, bool):
+            conditional = str(conditional).lower()
+        self.conditional = conditional if conditional is not None else TAG_DEFAULTS[CONDITIONAL_TAG]
+        self.sampler = sampler
+
+    @classmethod
+    def from_tags(cls, tags: dict, **overrides) -> "Protocol":
+        """The protocol a run's or version's tags record; `overrides` replace fields (a metric asked for)."""
+        values = {field: tags.get(tag, TAG_DEFAULTS.get(tag)) for tag, field, _ in cls.FIELDS}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    @classmethod
+    def of_run(cls, run, **overrides) -> "Protocol":
+        return cls.from_tags(run.data.tags, **overrides)
+
+    def tags(self) -> dict[str, str]:
+        """The tags that record it (today's names; an unknown sampler is left out, as before)."""
+        return {tag: str(getattr(self, field)) for tag, field, _ in self.FIELDS if getattr(self, field) is not None}
+
+    def _values(self) -> tuple:
+        return tuple(getattr(self, field) for _, field, _ in self.FIELDS)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Protocol) and self._values() == other._values()
+
+    def __hash__(self) -> int:
+        return hash(self._values())
+
+    def __repr__(self) -> str:
+        return "Protocol(" + ", ".join(f"{field}={getattr(self, field)!r}" for _, field, _ in self.FIELDS) + ")"
+
+    def difference(self, other: "Protocol") -> str | None:
+        """The first thing `other` was measured with otherwise, in words ("another sample count
+        (fid.num_samples '500' vs '300')"), None when they are comparable."""
+        for tag, field, what in self.FIELDS:
+            if getattr(self, field) != getattr(other, field):
+                return f"another {what} ({tag} {getattr(other, field)!r} vs {getattr(self, field)!r})"
+        return None
+
+    def matches(self, tags: dict) -> bool:
+        return self.difference(Protocol.from_tags(tags)) is None
+
+    @property
+    def measure(self):
+        """The metric's measure (ddpm.metrics.measures.Measure): its direction and floor."""
+        from ddpm.metrics.measures import measure_of
+
+        return measure_of(self.metric)
+
+    def rank(self, items, value=lambda x: x) -> list:
+        """`items` best first by the measure's direction."""
+        return self.measure.ranked(items, value)
+
+    def best(self, items, value=lambda x: x):
+        return self.measure.best(items, value)
+
+    def better(self, a: float, b: float) -> bool:
+        return self.measure.better(a, b)
+
+    def describe(self) -> str:
+        what = "class-conditional" if self.conditional == "true" else "unconditional"
+        return (f"{self.metric} at {self.num_samples} samples on dataset {self.fingerprint} of {what} models"
+                + (f" with sampler {self.sampler}" if self.sampler else ""))

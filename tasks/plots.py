@@ -1,4 +1,4 @@
-"""Figures logged to MLflow: loss curves, noise schedules, the guidance sweep.
+"""Figures logged to MLflow: loss curves, noise schedules, the guidance sweep, precision against recall.
 
 Figures are plain `matplotlib.figure.Figure` objects (no pyplot global state, nothing to
 close). Matplotlib's text layout is not thread-safe and runs of a schedule comparison plot in
@@ -91,6 +91,26 @@ def posthoc_ema_plot(rows: list[dict], metric: str, fixed: float | None, fixed_l
     axis.set_ylabel(metric)
     axis.set_title("post-hoc EMA: the EMA length chosen after training")
     axis.legend(fontsize=8)
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    return figure
+
+
+def precision_recall_plot(rows: list[dict], label: str = "schedule") -> Figure:
+    """Each row's precision (fidelity: samples inside the data's manifold) against its recall
+    (diversity: data inside the samples' manifold), labelled by `label`, its primary metric beside it."""
+    figure, axis = _new_figure()
+    for row in rows:
+        if row.get("precision") is None or row.get("recall") is None:
+            continue
+        axis.scatter(row["recall"], row["precision"], s=40)
+        axis.annotate(f"{row[label]} ({row['metric']} {row['fid']:.3g})", (row["recall"], row["precision"]),
+                      textcoords="offset points", xytext=(5, 5), fontsize=8)
+    axis.set_xlim(0, 1.05)
+    axis.set_ylim(0, 1.05)
+    axis.set_xlabel("recall (diversity: data covered by the samples)")
+    axis.set_ylabel("precision (fidelity: samples inside the data)")
+    axis.set_title("improved precision and recall (k = 3)")
     axis.grid(alpha=0.3)
     figure.tight_layout()
     return figure

@@ -20,6 +20,7 @@ from pathlib import Path
 from prefect import task
 
 from ddpm.data import load_prepared
+from ddpm.metrics.measures import DEFAULT_MEASURE, measure_of
 from ddpm.metrics.scoring import ExtractorKind, Scorer, check_evaluation
 from ddpm.posthoc_ema import PosthocEMAError, fixed_ema_sigma_rel, posthoc_checkpoint
 from ddpm.samplers import SamplerConfig
@@ -38,11 +39,12 @@ def reconstructions_dir(run_dir: Path | str, sigma_rel: float) -> Path:
 
 @task(task_run_name="posthoc-ema-{sigma_rel}-step-{step}")
 def score_posthoc_width(checkpoint_dir: str, sigma_rel: float, step: int | None, sampling: SamplerConfig,
-                        dataset_path: str, extractor: ExtractorKind, out_dir: str) -> dict:
+                        dataset_path: str, extractor: ExtractorKind, out_dir: str,
+                        rank_by: str = DEFAULT_MEASURE) -> dict:
     """Reconstruct the EMA of width `sigma_rel` at snapshot `step` (None: the last) as a checkpoint
     under `out_dir`, sample it with `sampling` and score it: {sigma_rel, step, checkpoint,
-    profile_error, <metric>: FID for each extractor}; {..., "skipped": why} when the snapshots
-    cannot reconstruct that width."""
+    profile_error, metric: the primary (measure `rank_by`), <metric>: value for every measure and
+    extractor}; {..., "skipped": why} when the snapshots cannot reconstruct that width."""
     try:
         checkpoint, info = posthoc_checkpoint(checkpoint_dir, sigma_rel, reconstructions_dir(out_dir, sigma_rel), step)
     except PosthocEMAError as error:
@@ -50,41 +52,52 @@ def score_posthoc_width(checkpoint_dir: str, sigma_rel: float, step: int | None,
     images, step, class_labels = checkpoint_images(checkpoint, sampling, device="auto")
     dataset = load_prepared(Path(dataset_path))
     scorer = Scorer.build(dataset, check_evaluation(extractor, dataset, len(images)), metrics_cache_dir(),
-                          conditional=class_labels is not None)
+                          conditional=class_labels is not None, rank_by=rank_by)
     scores = scorer.score(images, class_labels)
     return {"sigma_rel": sigma_rel, "step": step, "checkpoint": str(checkpoint),
             "profile_error": info["profile_error"], "metric": scorer.primary,
-            **{name: scores[name] for name in scorer.extractors}}
+            **{name: scores[name] for name in scorer.metrics if name in scores}}
 
 
 @task
-def log_posthoc_sweep(run_id: str, rows: list[dict], fixed: dict, ema_decay: float, ema_warmup: bool = True) -> dict:
+def log_posthoc_sweep(run_id: str, rows: list[dict], fixed: dict[int, float], ema_decay: float,
+                      ema_warmup: bool = True) -> dict:
     """Log the sweep on MLflow run `run_id` and choose: the table evaluation/posthoc_ema.json, the
-    plot plots/posthoc_ema.png, `posthoc_ema.<metric>_best`, `posthoc_ema.fixed_<metric>`; when
-    the best reconstruction beats the run's own EMA (`fixed`: {"step", <metric>: FID}), it is
-    logged as a model of the run (tagged with its width) and the run's posthoc_ema.* tags point
-    at it. Returns {"chosen": "reconstruction" | "fixed", "best": row, "rows": rows}."""
+    plot plots/posthoc_ema.png, `posthoc_ema.<metric>_best` for every metric of the best width (the
+    score of the model the run ships, when it is chosen: promotion ranks by it),
+    `posthoc_ema.fixed_<metric>`. The best reconstruction (by the primary metric's direction) is
+    compared with the run's own EMA at the same step (`fixed`: {step: its primary metric}, the
+    run's checkpoints as evaluate scored them); when it is better it is logged as a model of the
+    run (tagged with its width) and the run's posthoc_ema.* tags point at it. A best step with no
+    checkpoint of the run's own EMA is refused (PosthocEMAError, one line): a reconstruction at
+    step 50 against the EMA at step 60 compares two trainings' lengths, not two EMAs.
+    Returns {"chosen": "reconstruction" | "fixed", "best": row, "rows": rows, "metric", "fixed"}."""
     scored = [r for r in rows if "skipped" not in r]
     if not scored:
         raise PosthocEMAError("no width of the sweep could be reconstructed: " + "; ".join(r["skipped"] for r in rows))
     metric = scored[0]["metric"]
-    best = min(scored, key=lambda r: r[metric])
-    fixed_fid = fixed.get(metric)
-    fixed_width = fixed_ema_sigma_rel(ema_decay, fixed["step"], ema_warmup)
+    measure = measure_of(metric)
+    best = measure.best(scored, lambda r: r[metric])
+    if best["step"] not in fixed:
+        raise PosthocEMAError(f"the best post-hoc EMA (sigma_rel {best['sigma_rel']:g}) is at step {best['step']}, where "
+                              f"the run has no checkpoint of its own EMA to compare it with (checkpoints at steps "
+                              f"{sorted(fixed)}): sweep a step that has both")
+    fixed_score = fixed[best["step"]]
+    fixed_width = fixed_ema_sigma_rel(ema_decay, best["step"], ema_warmup)
     mlflow_client = tracking.client()
     columns = ["sigma_rel", "step", metric, "profile_error"]
+    columns += [name for name in best if name not in (*columns, "metric", "checkpoint") and isinstance(best[name], float)]
     # MLflow's table format, written whole: log_table would append to an earlier sweep's rows
-    tracking.log_dict(run_id, {"columns": columns, "data": [[r[key] for key in columns] for r in scored]},
+    tracking.log_dict(run_id, {"columns": columns, "data": [[r.get(key) for key in columns] for r in scored]},
                       contract.POSTHOC_TABLE)
-    label = f"the run's EMA (decay {ema_decay:g}, sigma_rel ~{fixed_width:.2f})"
-    plots.log_figure(run_id, lambda: plots.posthoc_ema_plot(scored, metric, fixed_fid, label), contract.POSTHOC_PLOT)
+    label = f"the run's EMA at step {best['step']} (decay {ema_decay:g}, sigma_rel ~{fixed_width:.2f})"
+    plots.log_figure(run_id, lambda: plots.posthoc_ema_plot(scored, metric, fixed_score, label), contract.POSTHOC_PLOT)
     now = int(time.time() * 1000)
-    metrics = [tracking.Metric(contract.POSTHOC_METRIC_PREFIX + metric + contract.BEST_SUFFIX, best[metric], now,
-                               best["step"])]
-    if fixed_fid is not None:
-        metrics.append(tracking.Metric(f"{contract.POSTHOC_METRIC_PREFIX}fixed_{metric}", fixed_fid, now, fixed["step"]))
+    metrics = [tracking.Metric(contract.POSTHOC_METRIC_PREFIX + name + contract.BEST_SUFFIX, best[name], now,
+                               best["step"]) for name in columns[4:] + [metric] if name in best]
+    metrics.append(tracking.Metric(f"{contract.POSTHOC_METRIC_PREFIX}fixed_{metric}", fixed_score, now, best["step"]))
     mlflow_client.log_batch(run_id, metrics=metrics)
-    chosen = "reconstruction" if fixed_fid is None or best[metric] < fixed_fid else "fixed"
+    chosen = "reconstruction" if measure.better(best[metric], fixed_score) else "fixed"
     tags = {contract.POSTHOC_CHOSEN_TAG: chosen}
     if chosen == "reconstruction":
         from tasks.serving import log_ddpm_model
@@ -96,4 +109,5 @@ def log_posthoc_sweep(run_id: str, rows: list[dict], fixed: dict, ema_decay: flo
                  contract.POSTHOC_CHECKPOINT_TAG: best["checkpoint"]}
     for key, value in tags.items():
         mlflow_client.set_tag(run_id, key, value)
-    return {"chosen": chosen, "best": best, "rows": rows, "metric": metric, "fixed": fixed_fid}
+    return {"chosen": chosen, "best": best, "rows": rows, "metric": metric, "fixed": fixed_score,
+            "fixed_step": best["step"]}

@@ -30,7 +30,7 @@ from pathlib import Path
 import mlflow
 from mlflow.entities import LoggedModelStatus
 from mlflow.exceptions import MlflowException
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ddpm.checkpoint import CheckpointError, checkpoint_step, list_checkpoints, verify_checkpoint
 from ddpm.data import DataError
@@ -69,15 +69,22 @@ def is_conditional(run) -> str:
 
 
 def comparable_runs(experiments: list[str] | str, metric: str | None = None, fingerprint: str | None = None,
-                    num_samples: int | str | None = None, conditional: bool | None = None) -> tuple[list, dict]:
-    """The FINISHED runs of `experiments` whose FIDs can be ranked against each other, best first,
-    and what they share: one metric (features), one dataset fingerprint, one sample count, one
-    kind of model (class-conditional or not: guided class-balanced samples and unconditional
-    ones are different products). FID depends on all of these, so runs that differ in any are
-    never compared. Each defaults to that of the newest run with an FID (with `metric`, when
-    given). LookupError when none qualifies.
+                    num_samples: int | str | None = None,
+                    conditional: bool | None = None) -> tuple[list, contract.Protocol]:
+    """The FINISHED runs of `experiments` whose scores can be ranked against each other, best first
+    by the metric's direction (ddpm.metrics.measures: FID and KID lower, precision and recall
+    higher), each by the score of the model it ships (`shipped_score`), and the protocol they
+    share (contract.Protocol): one metric (measure and features), one dataset fingerprint, one
+    sample count, one kind of model (class-conditional or not: guided class-balanced samples and
+    unconditional ones are different products), one sampler. Scores depend on all of these, so
+    runs that differ in any are never compared. Each defaults to that of the newest run with an
+    FID (with `metric`, when given: `kid_inception` ranks by KID). LookupError when none qualifies.
     """
     experiments = [experiments] if isinstance(experiments, str) else list(experiments)
+    if metric is not None:
+        from ddpm.metrics.measures import parse_metric
+
+        parse_metric(metric)   # ValueError naming the metrics there are
     runs = runs_with_fid(experiments)
     if not runs:
         raise LookupError(f"no finished run with an FID in experiment(s) {experiments}; train one first")
@@ -88,19 +95,24 @@ def comparable_runs(experiments: list[str] | str, metric: str | None = None, fin
     fingerprint = fingerprint or runs[0].data.tags.get(contract.DATASET_FINGERPRINT_TAG)
     # the other criteria: those of the newest run on that data (its sample count, kind, sampler)
     newest = next((r for r in runs if r.data.tags.get(contract.DATASET_FINGERPRINT_TAG) == fingerprint), runs[0])
-    num_samples = str(num_samples or newest.data.tags.get(contract.FID_NUM_SAMPLES_TAG))
-    kind = is_conditional(newest) if conditional is None else str(bool(conditional)).lower()
-    sampler = newest.data.tags.get(contract.FID_SAMPLER_TAG)   # None: a run from before the tag
-    criteria = {"metric": metric, "fingerprint": fingerprint, "num_samples": num_samples, "conditional": kind,
-                "sampler": sampler}
-    same = [r for r in runs if r.data.tags.get(contract.DATASET_FINGERPRINT_TAG) == fingerprint
-            and r.data.tags.get(contract.FID_NUM_SAMPLES_TAG) == num_samples and is_conditional(r) == kind
-            and r.data.tags.get(contract.FID_SAMPLER_TAG) == sampler]
+    protocol = contract.Protocol.of_run(newest, metric=metric, fingerprint=fingerprint,
+                                        num_samples=None if num_samples is None else str(num_samples),
+                                        conditional=None if conditional is None else str(bool(conditional)).lower())
+    same = [r for r in runs if protocol.difference(contract.Protocol.of_run(r, metric=metric)) is None]
     if not same:
-        what = "class-conditional" if kind == "true" else "unconditional"
-        raise LookupError(f"no finished run of a {what} model in {experiments} has {metric} at {num_samples} "
-                          f"samples on dataset {fingerprint}" + (f" with sampler {sampler}" if sampler else ""))
-    return sorted(same, key=lambda r: r.data.metrics[metric]), criteria
+        raise LookupError(f"no finished run in {experiments} has {protocol.describe()}")
+    return protocol.rank(same, lambda r: shipped_score(r, metric)), protocol
+
+
+def shipped_score(run, metric: str) -> float:
+    """The run's `metric` for the model it ships: the post-hoc EMA reconstruction evaluate chose
+    (its `posthoc_ema.<metric>_best`, measured with the run's own protocol), else the run's own
+    EMA's (`<metric>`)."""
+    if run.data.tags.get(contract.POSTHOC_CHOSEN_TAG) == "reconstruction":
+        chosen = run.data.metrics.get(contract.POSTHOC_METRIC_PREFIX + metric + contract.BEST_SUFFIX)
+        if chosen is not None:
+            return float(chosen)
+    return float(run.data.metrics[metric])
 
 
 def posthoc_choice(run) -> tuple[int, Path | None, dict] | None:
@@ -163,24 +175,25 @@ def current_champion(model_name: str):
 
 
 def champion_decision(candidate_tags: dict, champion_tags: dict | None) -> tuple[bool, str]:
-    """The decision by logged FIDs, for runs that cannot be re-scored (`challenge` uses it when the
+    """The decision by logged scores, for runs that cannot be re-scored (`challenge` uses it when the
     challenger or the champion has no stored configuration or data here).
 
-    Only FIDs measured on the same data (dataset fingerprint) with the same features (metric
-    name), sample count and sampler are comparable (contract.COMPARABILITY_TAGS); a champion
-    measured otherwise is kept. A lower FID wins; no spread is known, so this is the strict rule.
+    Only scores measured with the same protocol (contract.Protocol: metric, data, sample count,
+    kind of model, sampler) are comparable; a champion measured otherwise is kept. The better
+    score by the metric's direction wins; no spread is known, so this is the strict rule.
     """
     if champion_tags is None:
         return True, "no champion yet"
-    for key, what in contract.COMPARABILITY_TAGS:
-        if champion_tags.get(key, contract.TAG_DEFAULTS.get(key)) != candidate_tags.get(key):
-            return False, (f"champion was measured with another {what} ({key} {champion_tags.get(key)!r} "
-                           f"vs {candidate_tags.get(key)!r}); FIDs are not comparable, champion kept")
+    protocol = contract.Protocol.from_tags(candidate_tags)
+    difference = protocol.difference(contract.Protocol.from_tags(champion_tags))
+    if difference is not None:
+        return False, f"champion was measured with {difference}; scores are not comparable, champion kept"
+    metric = protocol.metric
     new, old = float(candidate_tags[contract.VERSION_FID_TAG]), float(champion_tags[contract.VERSION_FID_TAG])
-    if math.isnan(old) or new < old:
-        return True, f"{candidate_tags[contract.FID_METRIC_TAG]} {new:.4g} beats the champion's {old:.4g}"
+    if math.isnan(old) or protocol.better(new, old):
+        return True, f"{metric} {new:.4g} beats the champion's {old:.4g}"
     word = "ties" if new == old else "is worse than"
-    return False, f"{candidate_tags[contract.FID_METRIC_TAG]} {new:.4g} {word} the champion's {old:.4g}; champion kept"
+    return False, f"{metric} {new:.4g} {word} the champion's {old:.4g}; champion kept"
 
 
 def champion_tags(champion) -> dict:
@@ -209,7 +222,17 @@ class ChallengeRule(BaseModel):
     confidence: float = Field(0.95, ge=0.5, lt=1, allow_inf_nan=False,
                               description="of the paired t-test the challenger must pass: two models of equal "
                                           "quality swap the alias with probability 1 - confidence")
-    min_margin: float = Field(0.0, ge=0, allow_inf_nan=False, description="... and by at least this much FID")
+    min_margin: float = Field(0.0, ge=0, allow_inf_nan=False,
+                              description="... and by at least this much of the metric (needed with one seed)")
+
+    @model_validator(mode="after")
+    def _a_spread_or_a_margin(self):
+        # one seed measures no spread: the t-test's margin would be 0 and any difference, noise
+        # included, would move the alias
+        if self.seeds < 2 and self.min_margin == 0:
+            raise ValueError(f"{self.seeds} seed measures no noise, so any difference would move the champion: "
+                             "use seeds >= 2 (default 3), or give min_margin, the difference that counts")
+        return self
 
 
 # The head-to-head's sampling seeds: seed + stride, seed + 2 stride, ... (image i of one is never image
@@ -270,9 +293,9 @@ def _stored_data(config: dict):
 
 
 def head_to_head(challenger_run, metric: str, model_name: str, versions: dict[str, str], seeds: int) -> dict:
-    """{name: [FID per seed]} of the registered `versions` ({"challenger": "3", "champion": "1"}),
+    """{name: [`metric` per seed]} of the registered `versions` ({"challenger": "3", "champion": "1"}),
     each sampled with the challenger run's sampling settings on the same `seeds` seeds and scored
-    with `metric`'s features against the challenger's reference (its data's holdout)."""
+    by `metric` (its measure and features) against the challenger's reference (its data's holdout)."""
     from ddpm.data import load_prepared
     from ddpm.metrics.scoring import Scorer
     from ddpm.sampling import draw_images, load_sampler
@@ -282,7 +305,7 @@ def head_to_head(challenger_run, metric: str, model_name: str, versions: dict[st
     config = PipelineConfig.from_stored(tracking.run_config(challenger_run))
     sampling = config.sampling
     dataset = load_prepared(Path(run_files.run_dataset(challenger_run, config.data)))
-    scorer = Scorer.build(dataset, [metric.removeprefix("fid_")], settings.metrics_cache_dir())
+    scorer = Scorer.for_metric(dataset, metric, settings.metrics_cache_dir())
     device = resolve_device("auto")
     fids: dict[str, list[float]] = {}
     for name, version in versions.items():
@@ -291,38 +314,50 @@ def head_to_head(challenger_run, metric: str, model_name: str, versions: dict[st
         if shape != tuple(dataset.images.shape[1:]):
             raise ValueError(f"{model_name} version {version} draws {shape} images, the reference holds "
                              f"{tuple(dataset.images.shape[1:])}: not comparable")
-        fids[name] = [scorer.fid(draw_images(model, sampler, sampling.model_copy(
+        fids[name] = [scorer.value(draw_images(model, sampler, sampling.model_copy(
             update={"seed": sampling.seed + (k + 1) * SEED_STRIDE}), device)[0], metric) for k in range(seeds)]
     return {**fids, "protocol": f"{metric}, {sampling.num_images} samples, {sampling.describe()}, {seeds} seeds, "
                                 f"reference {dataset.fingerprint[:12]}"}
 
 
 def noise_aware_decision(challenger: list[float], champion: list[float], confidence: float = 0.95,
-                         min_margin: float = 0.0) -> tuple[bool, str, dict]:
-    """(moved, why, the numbers) for FIDs measured on the same seeds, pairwise.
+                         min_margin: float = 0.0, lower_is_better: bool = True) -> tuple[bool, str, dict]:
+    """(moved, why, the numbers) for scores measured on the same seeds, pairwise.
 
-    d_k = challenger_k - champion_k. The challenger wins when mean(d) < -margin, margin =
-    max(min_margin, t * sd(d) / sqrt(K)) with t Student's quantile at `confidence` for K - 1
-    degrees of freedom: a one-sided paired t-test, so two models of equal quality swap the alias
-    with probability 1 - confidence (5% by default), whatever K. With one seed the spread is
-    unknown and the margin is min_margin alone."""
+    d_k = challenger_k - champion_k, read in the metric's direction (`lower_is_better`; for a
+    higher-is-better metric the sign is turned). The challenger wins when it is better by more
+    than margin = max(min_margin, t * sd(d) / sqrt(K)), t Student's quantile at `confidence` for
+    K - 1 degrees of freedom: a one-sided paired t-test, so two models of equal quality swap the
+    alias with probability 1 - confidence (5% by default), whatever K. One seed measures no
+    spread: the margin is min_margin alone (ChallengeRule requires one then), and the reason says
+    so rather than calling it a noise margin. (The numbers' keys keep their names, challenger_fid
+    etc., whatever the metric: the version's and run's tags are read by those names.)"""
     from scipy.stats import t as student_t
 
+    sign = 1 if lower_is_better else -1
     differences = [a - b for a, b in zip(challenger, champion)]
     k = len(differences)
     mean_difference = statistics.fmean(differences)
     spread = statistics.stdev(differences) if k > 1 else float("nan")
-    margin = max(min_margin, float(student_t.ppf(confidence, k - 1)) * spread / math.sqrt(k)) if k > 1 else min_margin
+    noise = float(student_t.ppf(confidence, k - 1)) * spread / math.sqrt(k) if k > 1 else float("nan")
+    margin = max(min_margin, noise) if k > 1 else min_margin
+    if k < 2:
+        what, which = f"the minimum margin {margin:.3g} (one seed: no noise measured)", "minimum margin"
+    elif margin > noise:
+        what, which = f"the minimum margin {margin:.3g} (the noise margin is {noise:.3g})", "minimum margin"
+    else:
+        what, which = f"the noise margin {margin:.3g}", "noise margin"
     numbers = {"challenger_fid": statistics.fmean(challenger), "champion_fid": statistics.fmean(champion),
                "challenger_fid_std": statistics.stdev(challenger) if k > 1 else float("nan"),
                "champion_fid_std": statistics.stdev(champion) if k > 1 else float("nan"),
                "difference": mean_difference, "difference_std": spread, "margin": margin, "seeds": k}
     said = (f"{numbers['challenger_fid']:.4g} ± {numbers['challenger_fid_std']:.2g} against the champion's "
-            f"{numbers['champion_fid']:.4g} ± {numbers['champion_fid_std']:.2g} on the same {k} seeds")
-    if mean_difference < -margin:
-        return True, f"{said}: better by {-mean_difference:.3g}, beyond the noise margin {margin:.3g}", numbers
-    verdict = "worse" if mean_difference > margin else "a tie within the noise margin"
-    return False, f"{said}: {verdict} ({mean_difference:+.3g}, margin {margin:.3g}); champion kept", numbers
+            f"{numbers['champion_fid']:.4g} ± {numbers['champion_fid_std']:.2g} on the same {k} seed(s)")
+    gain = -sign * mean_difference   # > 0: the challenger is better
+    if gain > margin:
+        return True, f"{said}: better by {gain:.3g}, beyond {what}", numbers
+    verdict = "worse" if -gain > margin else f"a tie within the {which}"
+    return False, f"{said}: {verdict} ({mean_difference:+.3g}, {which} {margin:.3g}); champion kept", numbers
 
 
 def promote_best(experiments: list[str] | str = contract.DEFAULT_EXPERIMENT, model_name: str = DEFAULT_MODEL_NAME,
@@ -344,11 +379,11 @@ def promote_best(experiments: list[str] | str = contract.DEFAULT_EXPERIMENT, mod
 
 
 def _promote_best(experiments, model_name, fingerprint, metric, max_images, log, conditional, rule) -> dict:
-    candidates, criteria = comparable_runs(experiments, metric, fingerprint, conditional=conditional)
-    metric, fingerprint = criteria["metric"], criteria["fingerprint"]
+    candidates, protocol = comparable_runs(experiments, metric, fingerprint, conditional=conditional)
+    metric, fingerprint = protocol.metric, protocol.fingerprint
 
-    def fid_of(run) -> float:
-        return float(run.data.metrics[metric])
+    def fid_of(run) -> float:   # the score of what the version holds: a reconstruction's own, when chosen
+        return shipped_score(run, metric)
 
     mlflow_client = tracking.client()
     skipped = []
@@ -364,6 +399,8 @@ def _promote_best(experiments, model_name, fingerprint, metric, max_images, log,
             break
         # ... else the checkpoint itself, here or fetched from the run's artifact store, logged now
         checkpoint = checkpoint or checkpoint_for_fid(run, metric)
+        if checkpoint is not None:
+            step = checkpoint_step(checkpoint)
         if checkpoint is None:
             skipped.append(run.info.run_id)
             log(f"run {run.info.run_id} ({metric} {fid_of(run):.4g}) has no logged model or checkpoint under "
@@ -376,12 +413,12 @@ def _promote_best(experiments, model_name, fingerprint, metric, max_images, log,
         raise LookupError(f"none of the {len(candidates)} candidate runs has a logged model or a checkpoint, on this "
                           "machine or in the artifact store")
 
-    tags = {contract.VERSION_FID_TAG: repr(fid_of(run)), contract.FID_METRIC_TAG: metric,
-            contract.FID_NUM_SAMPLES_TAG: criteria["num_samples"], contract.DATASET_FINGERPRINT_TAG: fingerprint,
+    # the version says what it holds: its score, the step and (a post-hoc reconstruction) the width
+    tags = {contract.VERSION_FID_TAG: repr(fid_of(run)), **protocol.tags(),
             contract.SCHEDULE_TAG: run.data.tags.get(contract.SCHEDULE_TAG, ""),
-            contract.SOURCE_RUN_TAG: run.info.run_id, contract.CONDITIONAL_TAG: criteria["conditional"]}
-    if criteria["sampler"] is not None:
-        tags[contract.FID_SAMPLER_TAG] = criteria["sampler"]
+            contract.SOURCE_RUN_TAG: run.info.run_id}
+    if step is not None:
+        tags[contract.LOGGED_STEP_TAG] = str(step)
     tags |= model_tags   # a post-hoc EMA reconstruction: its width
     for key, value in tags.items():
         mlflow_client.set_model_version_tag(model_name, version.version, key, value)
@@ -402,8 +439,8 @@ def _promote_best(experiments, model_name, fingerprint, metric, max_images, log,
     log(f"{model_name} version {version.version} (run {run.info.run_id}, {metric} {fid_of(run):.4g}): "
         f"{'now' if moved else 'not'} {CHAMPION}: {reason}")
     return {"model_name": model_name, "version": str(version.version), "run_id": run.info.run_id,
-            "fid": fid_of(run), "metric": metric, "num_samples": criteria["num_samples"],
-            "fingerprint": fingerprint, "conditional": criteria["conditional"] == "true", "moved": moved,
+            "fid": fid_of(run), "metric": metric, "num_samples": protocol.num_samples, "step": step,
+            "fingerprint": fingerprint, "conditional": protocol.conditional == "true", "moved": moved,
             "reason": reason, "champion_version": str(champion_version) if champion_version else None,
             "skipped_runs": skipped, "head_to_head": numbers}
 
@@ -431,7 +468,7 @@ def challenge(run, version, champion, tags: dict, model_name: str, metric: str, 
         log(f"no head-to-head: {one_line(error)}; champion kept")
         return False, f"no head-to-head ({one_line(error)}); champion kept", None
     moved, reason, numbers = noise_aware_decision(fids["challenger"], fids["champion"], rule.confidence,
-                                                  rule.min_margin)
+                                                  rule.min_margin, contract.Protocol.from_tags(tags).measure.lower_is_better)
     numbers = {**numbers, "protocol": fids["protocol"], "challenger_fids": fids["challenger"],
                "champion_fids": fids["champion"], "champion_version": str(champion.version)}
     mlflow_client = tracking.client()

@@ -172,8 +172,9 @@ def test_evaluate_posthoc_ema_logs_the_width_curve_and_promotion_registers_the_c
     fixed = run.data.metrics[f"posthoc_ema.fixed_{metric}"]
     assert run.data.tags["posthoc_ema.chosen"] == ("reconstruction" if best[metric] < fixed else "fixed")
 
-    # without the run's own EMA's number the best reconstruction is chosen: promotion registers it
-    choice = log_posthoc_sweep.fn(run_id, rows, {"step": 10}, 0.99)
+    # against a run's own EMA that scores worse at the same step the best reconstruction is chosen:
+    # promotion registers it
+    choice = log_posthoc_sweep.fn(run_id, rows, {10: float("inf")}, 0.99)
     assert choice["chosen"] == "reconstruction"
     promoted = promote_best("flows-test", model_name="posthoc-test", log=lambda _: None)
     assert promoted["run_id"] == run_id
@@ -225,7 +226,13 @@ def test_compare_schedules_trains_child_runs_on_a_local_dask_cluster_and_logs_a_
     assert parent.data.tags["comparison.best_schedule"] == table.schedule[0]
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"comparison.csv", "comparison.md", "plots"} <= artifacts
-    assert [a.path for a in client.list_artifacts(parent.info.run_id, "plots")] == ["plots/schedules.png"]
+    # beside the FID table, each schedule's precision against its recall (fidelity against diversity)
+    assert [a.path for a in client.list_artifacts(parent.info.run_id, "plots")] == ["plots/precision_recall.png",
+                                                                                     "plots/schedules.png"]
+    assert table.precision.between(0, 1).all() and table.recall.between(0, 1).all() and table.kid_std.gt(0).all()
+    for child in children:   # each run logs every measure it can, KID with its spread
+        assert {"kid_classifier", "kid_classifier_std", "precision_classifier", "recall_classifier",
+                "precision_classifier_floor"} <= set(child.data.metrics)
     # the comparison ends by promoting its best schedule's run: the first champion of a new model
     champion = client.get_model_version_by_alias("compare-test-model", "champion")
     assert champion.run_id == table.run_id[0] and champion.tags["schedule"] == table.schedule[0]
@@ -307,6 +314,9 @@ def test_retrain_uses_the_best_runs_configuration(trained, store):
         [MlflowClient(store).get_experiment_by_name("flows-test").experiment_id],
         f"attributes.status = 'FINISHED' and tags.`fid.metric` = '{metric}'")]
     assert result["run_id"] in {r.info.run_id for r in scored}
-    best = min(scored, key=lambda r: r.data.metrics[metric]).info.run_id
+    # ranked by the model each run ships: a post-hoc reconstruction evaluate chose scores its own number
+    shipped = lambda r: r.data.metrics[f"posthoc_ema.{metric}_best"] \
+        if r.data.tags.get("posthoc_ema.chosen") == "reconstruction" else r.data.metrics[metric]  # noqa: E731
+    best = min(scored, key=shipped).info.run_id
     assert promotion["run_id"] == best and promotion["moved"] is True
     assert MlflowClient(store).get_model_version_by_alias("retrain-test-model", "champion").run_id == best
