@@ -280,8 +280,22 @@ def test_download_checksum_mismatch_leaves_nothing(tmp_path, http_dir):
 def test_local_checksum_mismatch(tmp_path):
     folder = tmp_path / "mnist"
     fake_mnist(folder, splits=("t10k",), n=(6,))
-    (folder / "MD5SUMS").write_text("0" * 32 + "  t10k-images-idx3-ubyte.gz\n")
     with pytest.raises(DataError, match=r"checksum mismatch for .*t10k-images-idx3-ubyte\.gz: md5 [0-9a-f]{32}, expected 0{32}"):
+        prepare_dataset(DataConfig(source=f"mnist:{folder}"), tmp_path / "out",
+                        checksums={"t10k-images-idx3-ubyte.gz": "0" * 32, "t10k-labels-idx1-ubyte.gz": "0" * 32})
+    assert no_output(tmp_path / "out")
+
+
+def test_a_folders_md5sums_never_overrides_a_published_checksum(tmp_path):
+    """A replaced file with an MD5SUMS beside it that vouches for it was accepted: the published
+    sum wins, and an MD5SUMS covers only files that have none."""
+    from ddpm.data.sources.mnist import MNIST_MD5
+
+    folder = tmp_path / "mnist"
+    fake_mnist(folder, splits=("t10k",), n=(6,))
+    (folder / "MD5SUMS").write_text("".join(f"{md5(p)}  {p.name}\n" for p in sorted(folder.iterdir())))
+    name = "t10k-images-idx3-ubyte.gz"
+    with pytest.raises(DataError, match=rf"checksum mismatch for .*{name}: md5 [0-9a-f]{{32}}, expected {MNIST_MD5[name]}"):
         prepare_dataset(DataConfig(source=f"mnist:{folder}"), tmp_path / "out")
     assert no_output(tmp_path / "out")
 

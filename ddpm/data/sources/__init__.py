@@ -21,8 +21,9 @@ Source strings (DataConfig.source):
 Default split (Source.default_split, DataConfig.split when not given): "content" for a folder,
 which grows (its train images stay in train as images are added), "random" for the fixed sets.
 
-Checksums: a file's expected md5 comes from, in order, the `checksums` argument, an MD5SUMS
-file in its folder (`md5  name` lines), then the published sums. A file with an expected sum
+Checksums: a file's expected md5 comes from, in order, the `checksums` argument, the published
+sums, then an MD5SUMS file in its folder (`md5  name` lines: for files no one publishes a sum of;
+it never overrides a published one). A file with an expected sum
 is always verified (extracted CIFAR batches against the sums torchvision publishes); raw
 (un-gzipped) IDX files have no published sum and are checked structurally (magic numbers,
 sizes). CIFAR batches are pickles: they are read by an unpickler that loads arrays and never code.

@@ -80,8 +80,10 @@ def read_md5sums(folder: Path) -> dict[str, str]:
 
 
 def expected_md5(name: str, folder: Path, checksums: dict | None, published: dict) -> str | None:
-    """The md5 a file must have: injected, else folder MD5SUMS, else published, else None."""
-    for table in (checksums or {}, read_md5sums(folder), published):
+    """The md5 a file must have: injected (the caller's own), else published, else the folder's
+    MD5SUMS, else None. A folder's MD5SUMS never overrides a published sum: it lives beside the
+    files it would vouch for, so whoever changed a file could change it too."""
+    for table in (checksums or {}, published, read_md5sums(folder)):
         if name in table:
             return table[name]
     return None
