@@ -136,18 +136,23 @@ def run_pipeline(
     tags: dict[str, str] | None = None,
     resume_run_id: str | None = None,
     force_resume: bool = False,
+    fingerprint: str | None = None,
 ) -> dict:
     """The body of train_pipeline, callable from any flow or task (compare_schedules, retrain).
 
     One MLflow run, tagged with the Prefect flow-run id of the caller; with `parent_run_id`, it
     is an MLflow child run of that run (the tag `mlflow.parentRunId` nests it in the UI). With
     `resume_run_id`, that unfinished run continues from its newest valid checkpoint (the caller
-    passes the run's own configuration: `resumed_config`).
+    passes the run's own configuration: `resumed_config`). With `fingerprint`, the caller prepared
+    the data (and published it, on a tracking server): this host takes that version, by
+    fingerprint, even where the source cannot be reached (tasks.run_files.dataset).
     """
     model, sampling, fid_extractor = config.model, config.sampling, config.fid_extractor
     home = settings.ddpm_home()
     if resume_run_id:   # the data it trained on, wherever this host is: here, in the store, or prepared
         dataset_path = run_files.run_dataset(tracking.find_run(resume_run_id), config.data)
+    elif fingerprint:   # prepared by the caller on another host (a Dask worker's run): by fingerprint
+        dataset_path = run_files.dataset(fingerprint, config.data)
     else:
         dataset_path = prepare_data.with_options(result_storage=home / "task-results")(config.data,
                                                                                      out_dir=str(home / "data"))

@@ -430,17 +430,23 @@ def publish_dataset(dataset_path: Path | str) -> str | None:
 
 
 def run_dataset(run, data_config=None) -> str:
-    """The prepared data run `run` trained on (its fingerprint), as a local folder: the folder its
-    tag names when that holds it here; a copy fetched earlier; the store's copy (fetched, its
-    fingerprint verified); else prepared from `data_config` when that gives the same fingerprint.
-    StoreFileError in one line when none of them has it."""
+    """The prepared data run `run` trained on (its fingerprint), as a local folder (`dataset`, the
+    folder its tag names tried first). A run from before fingerprints: its folder, else `data_config`
+    prepared here."""
     tags = run.data.tags
-    fingerprint = tags.get(contract.DATASET_FINGERPRINT_TAG)
-    tagged = tags.get(contract.DATASET_PATH_TAG)
-    if fingerprint is None:   # a run from before fingerprints: its data as prepared here
+    fingerprint, tagged = tags.get(contract.DATASET_FINGERPRINT_TAG), tags.get(contract.DATASET_PATH_TAG)
+    if fingerprint is None:
         if tagged and Path(tagged).is_dir():
             return tagged
         return _prepare(data_config)
+    return dataset(fingerprint, data_config, tagged, what=f"the data of MLflow run {run.info.run_id}")
+
+
+def dataset(fingerprint: str, data_config=None, tagged: str | None = None, what: str | None = None) -> str:
+    """The prepared data of `fingerprint` as a local folder, wherever this host is: `tagged` when it
+    holds it here; a copy fetched earlier; the store's copy (fetched, its fingerprint verified); else
+    `data_config` prepared here when that gives the same fingerprint. StoreFileError in one line
+    when none of them has it. A torchrun node's or Dask worker's way to the data without a shared disk."""
     candidates = [Path(tagged)] if tagged else []
     cache = settings.ddpm_home(create=True) / "cache" / "datasets" / fingerprint[:32]
     candidates.append(cache)
@@ -462,8 +468,7 @@ def run_dataset(run, data_config=None) -> str:
             return prepared
         if prepared:
             problem += f"; its source prepared here is another version ({read_manifest(Path(prepared))['fingerprint'][:12]})"
-    raise StoreFileError(f"the data of MLflow run {run.info.run_id} (fingerprint {fingerprint[:12]}) is not on this "
-                         f"host: {problem}")
+    raise StoreFileError(f"{what or 'the prepared data'} (fingerprint {fingerprint[:12]}) is not on this host: {problem}")
 
 
 def _holds(folder: Path, fingerprint: str) -> bool:

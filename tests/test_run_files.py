@@ -123,3 +123,35 @@ def test_a_damaged_cached_registry_bundle_heals_and_files_gone_from_the_store_ar
     with pytest.raises(LookupError) as raised:
         champion_bundle("healing", 1)
     assert "\n" not in str(raised.value) and "healing version 1" in str(raised.value)
+
+
+@pytest.mark.slow
+def test_a_champion_whose_files_are_gone_from_the_store_makes_the_night_train_from_scratch(
+        prefect_harness, mlflow_store, tmp_path):
+    import shutil
+
+    from flows.retrain import retrain
+    from flows.train_pipeline import train_pipeline
+    from tasks import settings, tracking
+    from tasks.registry import promote_best
+    from test_retrain import write_digits
+    from trained_runs import TINY_MODEL
+
+    folder = tmp_path / "incoming"
+    write_digits(folder, range(0, 300))
+    params = dict(data={"source": f"folder:{folder}"}, model=TINY_MODEL, diffusion={"num_timesteps": 100},
+                  train={"steps": 10, "batch_size": 32, "warmup_steps": 2, "checkpoint_every": 10, "progress_images": 0,
+                         "device": "cpu"},
+                  sampling={"num_images": 32, "batch_size": 32, "num_steps": 4}, fid_extractor="classifier")
+    train_pipeline(**params, experiment="gone")
+    assert promote_best("gone", "gone-model")["moved"]
+    source = MlflowClient(mlflow_store).get_model_version("gone-model", "1").source
+    store = tracking.client().get_logged_model(source.removeprefix("models:/")).artifact_location
+    shutil.rmtree(Path(store.removeprefix("file://")))          # the champion's files are deleted from the store
+    shutil.rmtree(settings.ddpm_home() / "registry", ignore_errors=True)
+    write_digits(folder, range(300, 340))                       # the night's new images: a warm start, normally
+    result = retrain(experiment="gone", promote_to="gone-model")
+    assert result["decision"] == "scratch" and "champion's weights cannot be read" in result["reason"]
+    run = MlflowClient(mlflow_store).get_run(result["run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["retrain.decision"] == "scratch"
+    assert "retrain.champion_version" not in run.data.tags
