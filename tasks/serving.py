@@ -34,6 +34,7 @@ re-export the class, so those versions still unpickle (with the project's `tasks
 from __future__ import annotations
 
 import tempfile
+import warnings
 from pathlib import Path
 
 import mlflow
@@ -103,7 +104,10 @@ def log_ddpm_model(run_id: str, checkpoint: Path | str, registered_model_name: s
         experiment_id=mlflow_client.get_run(run_id).info.experiment_id,
         tags={contract.LOGGED_STEP_TAG: str(int(state["step"])), contract.LOGGED_MAX_IMAGES_TAG: str(max_images),
               **(tags or {})})
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        # MLflow hints that an integer column cannot hold missing values, at every logging: this
+        # input is declared Any (model_signature) and checked by the model itself
+        warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer column")
         bundle = Path(tmp) / "checkpoint"
         write_ema_checkpoint(checkpoint, bundle)
         info = mlflow.models.Model.log(
