@@ -174,8 +174,8 @@ def run_pipeline(
             run_tags[contract.PARENT_RUN_TAG] = parent_run_id
         run_id = start_run(experiment, run_name, config.to_stored(), tags=run_tags)
         uri = settings.tracking_uri()
-        print(f"MLflow run {run_id} in experiment '{experiment}' at {uri}"
-              + (f": {tracking.ui_url(uri, tracking.experiment_id(experiment), run_id)}"
+        print(f"MLflow run {run_id} in experiment '{experiment}' at {settings.redact(uri)}"
+              + (f": {tracking.ui_url(settings.redact(uri), tracking.experiment_id(experiment), run_id)}"
                  if uri.startswith(("http://", "https://")) else ""))
     with disk_full_resumable(run_id), tracking.run_lifecycle(run_id):
         out = settings.run_dir(run_id)

@@ -58,7 +58,7 @@ from mlflow.tracking import MlflowClient
 from tasks import contract
 from tasks.config import one_line
 from tasks.serving_http import Drawer, Limits, Metrics, install_drawer, make_app
-from tasks.settings import ServerUnreachable, check_reachable, tracking_uri
+from tasks.settings import ServerUnreachable, check_reachable, redact, tracking_uri
 
 CHAMPION = contract.CHAMPION_ALIAS
 HOST = "127.0.0.1"
@@ -195,7 +195,7 @@ def store_client(uri: str | None = None) -> MlflowClient:
     path = unquote(parsed.path[1:]) if parsed.scheme == "sqlite" else unquote(parsed.path) \
         if parsed.scheme in ("", "file") else None
     if path and path != ":memory:" and not Path(path).exists():
-        raise ServeError(f"no MLflow store at {Path(path).resolve()} (MLFLOW_TRACKING_URI={uri}): point "
+        raise ServeError(f"no MLflow store at {Path(path).resolve()} (MLFLOW_TRACKING_URI={redact(uri)}): point "
                          "MLFLOW_TRACKING_URI at the store your models are registered in")
     try:
         check_reachable(uri, "the MLflow tracking server (MLFLOW_TRACKING_URI)")
@@ -204,7 +204,7 @@ def store_client(uri: str | None = None) -> MlflowClient:
     try:
         client = MlflowClient(uri)
     except Exception as error:  # noqa: BLE001 (a store MLflow refuses: an old file store, an unknown scheme)
-        raise ServeError(f"cannot open the MLflow store {uri}: {one_line(error)}") from None
+        raise ServeError(f"cannot open the MLflow store {redact(uri)}: {one_line(error)}") from None
     # mlflow.pyfunc.load_model("models:/...") resolves through the process-wide tracking URI (the
     # registry follows it), not this client's. Never set_registry_uri: it also exports
     # MLFLOW_REGISTRY_URI, which then outlives the store for this process and its children.

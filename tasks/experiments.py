@@ -18,7 +18,7 @@ from ddpm.images import save_grid, to_float
 from ddpm.samplers import SamplerConfig, denoise, interpolate
 from ddpm.sampling import checkpoint_images, grid_scale, load_sampler
 from tasks import tracking
-from tasks.settings import ddpm_home
+from tasks.settings import ddpm_home, redact
 
 
 def is_model_uri(source: str) -> bool:
@@ -36,7 +36,7 @@ def sample_images(source: str, sampling: SamplerConfig) -> np.ndarray:
         try:
             model = mlflow.pyfunc.load_model(source)
         except MlflowException as error:  # unknown name, alias or version
-            raise LookupError(f"{source}: {error.message} (tracking URI {tracking.tracking_uri()})") from None
+            raise LookupError(f"{source}: {error.message} (tracking URI {redact(tracking.tracking_uri())})") from None
         return np.asarray(model.predict({"num_images": sampling.num_images}, params={
             "seed": sampling.seed, "sampler": sampling.sampler, "steps": sampling.num_steps or 0,   # 0: the sampler's default
             "eta": sampling.eta, "format": "uint8",

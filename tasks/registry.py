@@ -249,7 +249,8 @@ def champion_bundle(model_name: str, version: str | int) -> Path:
     try:
         source = tracking.client().get_model_version(model_name, str(version)).source
     except MlflowException as error:
-        raise LookupError(f"no {model_name} version {version} in {settings.tracking_uri()}: {one_line(error)}") from None
+        raise LookupError(f"no {model_name} version {version} in {settings.redact(settings.tracking_uri())}: "
+                          f"{one_line(error)}") from None
     # keyed by the store and the version's source: another store's "ddpm/1" is another model
     key = hashlib.sha256(f"{settings.tracking_uri()}\n{source}".encode()).hexdigest()[:12]
     folder = settings.ddpm_home(create=True) / "registry" / model_name / f"{version}-{key}"

@@ -42,6 +42,21 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{ddpm_home(create=True) / 'mlflow.db'}"
 
 
+def redact(uri: str) -> str:
+    """`uri` as it may be printed, logged or tagged: a password in it (postgresql://user:secret@db,
+    https://user:token@mlflow) shown as ***; credentials never reach a log line."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(uri)
+    except ValueError:
+        return uri
+    if parts.password is None:
+        return uri
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+
+
 def is_tracking_server(uri: str) -> bool:
     """An MLflow tracking server (every host reaches it, and its artifact store) rather than a store
     this process opens itself (sqlite, a database URL, files)."""
@@ -84,5 +99,5 @@ def check_reachable(url: str, what: str, timeout: float = 5.0) -> None:
         socket.create_connection((parsed.hostname, port), timeout=timeout).close()
     except OSError as error:
         reason = error.strerror or type(error).__name__
-        raise ServerUnreachable(f"{what} at {url} is unreachable ({reason}): start it (scripts/stack.sh start) or "
+        raise ServerUnreachable(f"{what} at {redact(url)} is unreachable ({reason}): start it (scripts/stack.sh start) or "
                                 "point the variable at one that runs") from None

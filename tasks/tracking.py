@@ -23,7 +23,7 @@ from mlflow.tracking import MlflowClient
 from prefect.exceptions import TerminationSignal
 
 from tasks import contract
-from tasks.settings import artifact_root, ddpm_home, is_tracking_server, tracking_uri
+from tasks.settings import artifact_root, ddpm_home, is_tracking_server, redact, tracking_uri
 
 
 _INITIALISED_STORES: set[str] = set()
@@ -232,7 +232,7 @@ def find_run(mlflow_run_id: str | None = None, prefect_flow_run_id: str | None =
         try:
             return mlflow_client.get_run(mlflow_run_id)
         except mlflow.exceptions.MlflowException as error:
-            raise RunNotFoundError(f"no MLflow run with id '{mlflow_run_id}' in {tracking_uri()}") from error
+            raise RunNotFoundError(f"no MLflow run with id '{mlflow_run_id}' in {redact(tracking_uri())}") from error
     if not prefect_flow_run_id:
         raise ValueError("give an MLflow run id or a Prefect flow-run id")
     flow_run_id = parse_flow_run_id(prefect_flow_run_id)
@@ -240,7 +240,7 @@ def find_run(mlflow_run_id: str | None = None, prefect_flow_run_id: str | None =
     runs = mlflow_client.search_runs(experiments, filter_string=f"tags.`{contract.FLOW_RUN_TAG}` = '{flow_run_id}'",
                                      order_by=["attributes.start_time DESC"]) if experiments else []
     if not runs:
-        raise RunNotFoundError(f"no MLflow run is tagged with Prefect flow run '{flow_run_id}' in {tracking_uri()}")
+        raise RunNotFoundError(f"no MLflow run is tagged with Prefect flow run '{flow_run_id}' in {redact(tracking_uri())}")
     return runs[0]
 
 

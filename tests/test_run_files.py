@@ -155,3 +155,20 @@ def test_a_champion_whose_files_are_gone_from_the_store_makes_the_night_train_fr
     run = MlflowClient(mlflow_store).get_run(result["run_id"])
     assert run.info.status == "FINISHED" and run.data.tags["retrain.decision"] == "scratch"
     assert "retrain.champion_version" not in run.data.tags
+
+
+def test_credentials_in_a_tracking_uri_never_reach_a_message():
+    import socket
+
+    from tasks.settings import ServerUnreachable, check_reachable, redact
+
+    assert redact("postgresql://ddpm:s3cret@db:5432/mlflow") == "postgresql://ddpm:***@db:5432/mlflow"
+    assert redact("https://user:token@mlflow.example/path") == "https://user:***@mlflow.example/path"
+    for plain in ("http://127.0.0.1:5000", "sqlite:////srv/mlflow.db", "https://only-user@mlflow.example"):
+        assert redact(plain) == plain
+    with socket.socket() as probe:   # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(ServerUnreachable) as raised:
+        check_reachable(f"http://alice:s3cret@127.0.0.1:{port}", "the MLflow tracking server")
+    assert "s3cret" not in str(raised.value) and "alice:***@127.0.0.1" in str(raised.value)
