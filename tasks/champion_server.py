@@ -70,7 +70,7 @@ CHECK_IMAGES, CHECK_STEPS = 2, 4
 CHECK_PARAMS = {"seed": 0, "sampler": "ddim", "eta": 0.0}
 REASON_CHARS = 500   # serving.reason is one line, short enough for the registry UI
 # when a version was checked (epoch seconds, beside contract.SERVING_CHECK_TAG): replicas read it
-SERVING_CHECKED_AT_TAG = "serving.checked_at"
+SERVING_CHECKED_AT_TAG = contract.SERVING_CHECKED_AT_TAG
 TOKEN_ENV = "DDPM_SERVE_TOKEN"   # the token clients must send (Authorization: Bearer ...)
 MIN_TOKEN_CHARS = 16
 BACKLOG = 2048                   # connections the kernel holds before accept (socketserver's was 5)

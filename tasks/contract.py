@@ -71,6 +71,8 @@ DATASET_PREVIOUS_FINGERPRINT_TAG = "dataset.previous_fingerprint"  # "none" for 
 DATASET_ADDED_TAG = "dataset.added"                                # images, by content hash ("unknown" when
 DATASET_REMOVED_TAG = "dataset.removed"                            # the previous folder was gone)
 DATASET_MOVED_TO_HOLDOUT_TAG = "dataset.moved_to_holdout"          # earlier train images now in the FID reference
+DATASET_CLASS_NAMES_TAG = "dataset.class_names"      # the class names in label order, as JSON (tasks.data)
+DATASET_SKIPPED_FILES_TAG = "dataset.skipped_files"  # source files preparation skipped (the manifest says why)
 
 # how its primary metric was measured: the metric (measure and features: fid_inception, kid_inception),
 # the sample count and the sampler (the names say "fid": runs have always been written so)
@@ -95,6 +97,8 @@ PARAMETERS_PARAM = "model.parameters"       # besides the flattened configuratio
 MAX_IMAGES_PARAM, MAX_STEPS_PARAM, MAX_SECONDS_PARAM = "max_images", "max_steps", "max_seconds"
 LOSS_METRIC = "loss"                        # per log window; a resume skips the steps already logged
 PUBLISHED_MIB_METRIC = "checkpoints.published_mib"   # what this attempt uploaded to the artifact store
+# a nightly retrain's disk (tasks.retention): what the night used, what retention freed, what DDPM_HOME holds
+DISK_USED_METRIC, DISK_FREED_METRIC, DISK_HOME_METRIC = "disk.used_mib", "disk.freed_mib", "disk.home_mib"
 TRAIN_METRIC_PREFIX = "train."              # the training summary (images/s, MFU, ...) at the last step
 BEST_SUFFIX = "_best"                       # evaluate: fid_<extractor>_best at the best checkpoint's step
 
@@ -130,6 +134,7 @@ HEAD_TO_HEAD_PREFIX = "promotion.head_to_head."
 # (a failed version is never served; the alias goes back to the version serving), and why
 SERVING_CHECK_TAG, SERVING_REASON_TAG = "serving.check", "serving.reason"
 SERVING_CHECK_PASSED, SERVING_CHECK_FAILED = "passed", "failed"
+SERVING_CHECKED_AT_TAG = "serving.checked_at"   # when (epoch seconds): replicas agree on a failed version
 
 
 # --- the protocol: what makes two scores comparable ------------------------------------------

@@ -25,15 +25,12 @@ from prefect.context import TaskRunContext
 from ddpm.data import (DataConfig, DataError, PreparedDataset, dataset_version, prepare_dataset, prepared_path,
                        read_manifest, source_identity)
 from ddpm.data.prepare import DATA_FILE, default_download_dir
+from tasks.contract import DATASET_CLASS_NAMES_TAG, DATASET_SKIPPED_FILES_TAG
 from tasks.settings import ddpm_home
 
 RESULTS_DIR = ddpm_home() / "task-results"
 _LOG_INPUT_LOCK = threading.Lock()
 
-# Run tags of the dataset's classes and skipped files. They belong in tasks/contract.py beside the
-# other dataset.* tags; defined here until it takes them.
-DATASET_CLASS_NAMES_TAG = "dataset.class_names"       # class_names_tag: the names in label order, as JSON
-DATASET_SKIPPED_FILES_TAG = "dataset.skipped_files"   # source files preparation skipped (the manifest says why)
 # what every MLflow tag store holds (8000 since MLflow 2.x; 5000 before, and on older servers)
 MAX_TAG_CHARS = 5000
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,7 +40,9 @@ RETENTION_ENV = "DDPM_RETENTION"     # "off": no retention after a nightly retra
 KEEP_RUNS_ENV = "DDPM_KEEP_RUNS"     # the newest runs of each experiment that keep their checkpoints
 KEEP_RUNS = 3
 RESUMABLE = ("RUNNING", "FAILED", "KILLED")
-METRICS_CACHE_PREFIXES = ("classifier-", "fid-ref-", "fid-floor-")   # named by a fingerprint's first 16 hex digits
+# named by a fingerprint's first 16 hex digits: today's caches (ddpm.metrics.measures, scoring) and
+# the FID-only ones written before the measures shared one feature pass (no longer read)
+METRICS_CACHE_PREFIXES = ("classifier-", "features-ref-", "kid-ref-", "floors-", "fid-ref-", "fid-floor-")
 _FP16 = re.compile(r"(?<![0-9a-f])[0-9a-f]{16}(?![0-9a-f])")
 
 
@@ -276,15 +279,12 @@ def after_night(home: Path, before: int, run_id: str | None, log=print) -> dict:
         f"DDPM_HOME holds {after / 2**20:.1f} MiB{note}")
     if run_id:
         try:
-            tracking.client().log_batch(run_id, metrics=[
-                tracking.Metric(name, value / 2**20, int(__import__("time").time() * 1000), 0)
-                for name, value in ((DISK_USED_METRIC, used), (DISK_FREED_METRIC, freed), (DISK_HOME_METRIC, after))])
+            disk = ((contract.DISK_USED_METRIC, used), (contract.DISK_FREED_METRIC, freed),
+                    (contract.DISK_HOME_METRIC, after))
+            now = int(time.time() * 1000)
+            tracking.client().log_batch(run_id, metrics=[tracking.Metric(name, value / 2**20, now, 0)
+                                                         for name, value in disk])
         except Exception:   # noqa: BLE001
             pass
     return {"used_bytes": used, "freed_bytes": freed, "home_bytes": after}
 
-
-# Run metrics of a night's disk. They belong in tasks/contract.py; defined here until it takes them.
-DISK_USED_METRIC = "disk.used_mib"
-DISK_FREED_METRIC = "disk.freed_mib"
-DISK_HOME_METRIC = "disk.home_mib"

@@ -189,7 +189,7 @@ def test_retrain_help_lists_its_options_generated_from_the_flow_and_its_configs(
     (["retrain", "--set", "model.dropout=0"], 1, "retrain takes data, train, challenge settings, not 'model.dropout'"),
     (["retrain", "--set", "train.lr=1"], 1, "train.lr"),
     (["retrain", "--confidence", "2"], 1, "confidence: Input should be less than 1"),
-    (["retrain", "--seeds", "0"], 2, "--seeds: must be >= 1"),
+    (["retrain", "--seeds", "0"], 2, "--seeds: must be an integer >= 1"),
     (["retrain", "--init", "warm"], 2, "invalid choice: 'warm'"),
     (["retrain", "--source", "imagenet"], 1, "unknown source 'imagenet'"),
 ], ids=["missing-folder", "model-section", "unknown-train-setting", "confidence", "seeds", "init", "source-kind"])
