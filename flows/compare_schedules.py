@@ -26,8 +26,8 @@ from ddpm.metrics.scoring import ExtractorKind, check_evaluation
 from ddpm.schedules import BETA_SCHEDULES
 from flows.runners import DaskCluster, fan_out_runner
 from flows.train_pipeline import ExperimentName, check_config, run_pipeline, start_run
-from tasks import contract, plots, settings, tracking
-from tasks.config import DEFAULTS, DataParam, ModelParam, PipelineConfig, SamplingParam, TrainParam
+from tasks import contract, plots, run_files, settings, tracking
+from tasks.config import DEFAULTS, DataParam, MeasureName, ModelParam, PipelineConfig, SamplingParam, TrainParam
 from tasks.data import prepare_data
 from tasks.evaluate import warm_scoring_cache
 from tasks.registry import promote_best
@@ -62,10 +62,13 @@ def schedule_configs(schedules: list[str], num_timesteps: int, base: PipelineCon
 
 
 @task(name="train_schedule", task_run_name="train-{config.diffusion.schedule}")
-def train_schedule(config: PipelineConfig, experiment: str, parent_run_id: str) -> dict:
-    """The whole pipeline for one schedule, as an MLflow child run of the comparison."""
+def train_schedule(config: PipelineConfig, experiment: str, parent_run_id: str, fingerprint: str | None = None) -> dict:
+    """The whole pipeline for one schedule, as an MLflow child run of the comparison, on the data
+    version `fingerprint` the flow prepared (a Dask worker on another host fetches it from the
+    tracking store by that fingerprint: tasks.run_files.dataset)."""
     return run_pipeline(config, experiment, run_name=f"schedule-{config.diffusion.schedule}",
-                        parent_run_id=parent_run_id, tags={"comparison.parent": parent_run_id})
+                        parent_run_id=parent_run_id, tags={"comparison.parent": parent_run_id},
+                        fingerprint=fingerprint)
 
 
 def comparison_table(results: dict[str, dict]) -> pd.DataFrame:
@@ -91,10 +94,12 @@ def comparison_table(results: dict[str, dict]) -> pd.DataFrame:
 
 
 @flow(name="train_schedules", log_prints=True)
-def train_schedules(configs: dict[str, PipelineConfig], experiment: str, parent_run_id: str) -> dict[str, dict]:
+def train_schedules(configs: dict[str, PipelineConfig], experiment: str, parent_run_id: str,
+                    fingerprint: str | None = None) -> dict[str, dict]:
     """One pipeline per schedule, all submitted at once to this subflow's task runner (set by the
     caller with `.with_options(task_runner=...)`), whose capacity bounds how many run together."""
-    futures = {name: train_schedule.submit(config, experiment, parent_run_id) for name, config in configs.items()}
+    futures = {name: train_schedule.submit(config, experiment, parent_run_id, fingerprint)
+               for name, config in configs.items()}
     return {name: future.result() for name, future in futures.items()}
 
 
@@ -107,6 +112,7 @@ def compare_schedules(
     train: TrainParam = DEFAULTS.train,
     sampling: SamplingParam = DEFAULTS.sampling,
     fid_extractor: ExtractorKind = DEFAULTS.fid_extractor,
+    rank_by: MeasureName = DEFAULTS.rank_by,
     experiment: ExperimentName = "ddpm-schedules",
     max_parallel: Annotated[int, Field(ge=1, le=64, description="pipelines training at once (threads, or "
                                                                 "local Dask worker processes)")] = 1,
@@ -124,7 +130,8 @@ def compare_schedules(
     `promote_to` (None: no promotion), which moves its `champion` alias only if it is better.
     `dask_cluster` runs the pipelines on Dask (see DaskCluster).
     """
-    base = PipelineConfig(data=data, model=model, train=train, sampling=sampling, fid_extractor=fid_extractor)
+    base = PipelineConfig(data=data, model=model, train=train, sampling=sampling, fid_extractor=fid_extractor,
+                          rank_by=rank_by)
     configs = schedule_configs(schedules, num_timesteps, base)
     runner = fan_out_runner(dask_cluster, max_parallel)
     check_config(base)   # the schedule changes nothing it checks
@@ -136,6 +143,7 @@ def compare_schedules(
     check_evaluation(fid_extractor, manifest, sampling.num_images)
     validate_for_model(manifest, model.image_size, model.in_channels, model.num_classes)
     warm_scoring_cache(dataset_path, fid_extractor, sampling.num_images)   # built once, not once per pipeline
+    run_files.publish_dataset(dataset_path)   # on a tracking server: workers on other hosts fetch it by fingerprint
     parent_run_id = start_run(experiment, None, {"schedules": schedules, "num_timesteps": num_timesteps,
                                                  "data": data.model_dump(mode="json"),
                                                  "model": model.model_dump(mode="json"),
@@ -144,7 +152,8 @@ def compare_schedules(
                               tags={"comparison": "noise_schedule"})
     print(f"comparison: MLflow parent run {parent_run_id} in experiment '{experiment}'")
     with tracking.run_lifecycle(parent_run_id):
-        results = train_schedules.with_options(task_runner=runner)(configs, experiment, parent_run_id)
+        results = train_schedules.with_options(task_runner=runner)(configs, experiment, parent_run_id,
+                                                                   manifest["fingerprint"])
         table = comparison_table(results)
         log_comparison(parent_run_id, table, {name: config.diffusion for name, config in configs.items()})
     print(table.to_string(index=False))
