@@ -24,7 +24,7 @@ from ddpm.torchrun import check_num_processes
 from ddpm.training import check_checkpoint_dir, check_compiler, check_device, check_warm_start, resolve_device
 from tasks import contract, run_files, settings, tracking
 from tasks.config import (
-    DEFAULTS, DataParam, DiffusionParam, ModelParam, PipelineConfig, SamplingParam, TrainParam,
+    DEFAULTS, DataParam, DiffusionParam, MeasureName, ModelParam, PipelineConfig, SamplingParam, TrainParam,
 )
 from tasks.data import log_dataset_input, prepare_data
 from tasks.evaluate import evaluate_samples, guidance_sweep
@@ -198,7 +198,7 @@ def run_pipeline(
         model_id = log_ddpm_model(run_id, final).model_id
         samples = sample_checkpoint(final, sampling, str(out / "samples"), run_id)
         evaluation = evaluate_samples(samples["npz"], dataset_path, run_id, samples["step"], fid_extractor,
-                                      model_id=model_id, sampler=sampling.describe())
+                                      model_id=model_id, sampler=sampling.describe(), rank_by=config.rank_by)
         if model.num_classes is not None:   # FID and conditional accuracy against the guidance scale
             evaluation["guidance_sweep"] = guidance_sweep(final, sampling, dataset_path, run_id,
                                                           extractor=fid_extractor)
@@ -219,6 +219,7 @@ def train_pipeline(
     train: TrainParam = DEFAULTS.train,
     sampling: SamplingParam = DEFAULTS.sampling,
     fid_extractor: ExtractorKind = DEFAULTS.fid_extractor,
+    rank_by: MeasureName = DEFAULTS.rank_by,
     experiment: ExperimentName = contract.DEFAULT_EXPERIMENT,
     run_name: str | None = None,
     resume: str | None = None,
@@ -226,7 +227,7 @@ def train_pipeline(
 ) -> dict:
     """Prepare the data (cached), train a UNet, sample, measure FID; track it all in one MLflow run.
 
-    The first six parameters are the sections of tasks.config.PipelineConfig, with its defaults;
+    The first seven parameters are the settings of tasks.config.PipelineConfig, with its defaults;
     a JSON object for a section changes only the fields it names.
 
     `resume`: the MLflow run id of an unfinished (crashed, killed) run to continue in that same
@@ -242,7 +243,7 @@ def train_pipeline(
     as the tag `checkpoint_dir`.
     """
     config = PipelineConfig(data=data, model=model, diffusion=diffusion, train=train, sampling=sampling,
-                            fid_extractor=fid_extractor)
+                            fid_extractor=fid_extractor, rank_by=rank_by)
     if resume:
         config = resumed_config(resume, config)
     elif force_resume:

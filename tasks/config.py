@@ -24,15 +24,19 @@ class's defaults (the paper's):
 from __future__ import annotations
 
 import difflib
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from ddpm.data import DataConfig
 from ddpm.errors import one_line  # noqa: F401 (the tasks' import of it)
 from ddpm.data.prepare import default_split
 from ddpm.diffusion import DiffusionConfig
+from ddpm.metrics.measures import MEASURES
 from ddpm.metrics.scoring import ExtractorKind   # "auto": every FID the data allows
+
+# the measure a run ranks by: its primary metric (tag fid.metric), e.g. kid -> kid_inception
+MeasureName = Literal[tuple(MEASURES)]
 from ddpm.samplers import SamplerConfig
 from ddpm.training import TrainConfig
 from ddpm.unet import UNetConfig, preset
@@ -82,7 +86,8 @@ SamplingParam = Annotated[SamplerConfig, partial_over(_SAMPLING, "sampling")]
 
 
 class PipelineConfig(BaseModel):
-    """Data, model, diffusion, training, sampling and the FID extractor of one pipeline run."""
+    """Data, model, diffusion, training, sampling, the FID extractor and the ranking measure of one
+    pipeline run."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -92,6 +97,9 @@ class PipelineConfig(BaseModel):
     train: TrainParam = _TRAIN
     sampling: SamplingParam = _SAMPLING
     fid_extractor: ExtractorKind = "auto"
+    rank_by: MeasureName = Field("fid", description="the measure the run ranks by (its primary metric, tag "
+                                                    "fid.metric: what promotion, retrain and compare compare): fid, "
+                                                    "or kid (unbiased at few samples), precision, recall")
 
     @classmethod
     def sections(cls) -> dict[str, type[BaseModel]]:

@@ -320,3 +320,21 @@ def test_retrain_uses_the_best_runs_configuration(trained, store):
     best = min(scored, key=shipped).info.run_id
     assert promotion["run_id"] == best and promotion["moved"] is True
     assert MlflowClient(store).get_model_version_by_alias("retrain-test-model", "champion").run_id == best
+
+
+@pytest.mark.slow
+def test_a_run_ranking_by_kid_says_so_and_evaluate_keeps_its_measure(prefect_harness, store):
+    """rank_by: the run's primary metric (fid.metric) is KID, ranked lower-is-better; evaluate's
+    best step follows it, and promote compares such runs only with runs ranked the same way."""
+    from flows.evaluate import evaluate
+    from flows.train_pipeline import train_pipeline
+
+    summary = train_pipeline(**{**TINY, "fid_extractor": "classifier"}, rank_by="kid", experiment="rank-by-kid")
+    client = MlflowClient(store)
+    run = client.get_run(summary["run_id"])
+    assert run.data.tags["fid.metric"] == "kid_classifier" == summary["evaluation"]["metric"]
+    assert {"fid_classifier", "kid_classifier", "kid_classifier_std"} <= set(run.data.metrics)
+    result = evaluate(mlflow_run_id=summary["run_id"], posthoc_ema=False)
+    assert result["metric"] == "kid_classifier"
+    assert result["best_step"] == min(result["fids"], key=result["fids"].get)
+    assert client.get_run(summary["run_id"]).data.tags["fid.metric"] == "kid_classifier"

@@ -76,7 +76,7 @@ def test_settings_by_dotted_key_and_unknown_ones_named():
 
 
 def test_a_stored_config_of_an_older_run_loads_as_it_ran():
-    """config.json of a run started before min_snr_gamma, p_uncond or fid_extractor existed: a
+    """config.json of a run started before min_snr_gamma, p_uncond, fid_extractor or rank_by existed: a
     missing field takes the class's default (the behaviour that run had: no Min-SNR weighting),
     not the pipeline's current default (Min-SNR-5)."""
     import pytest
@@ -84,11 +84,11 @@ def test_a_stored_config_of_an_older_run_loads_as_it_ran():
     from tasks.config import PipelineConfig
 
     current = DEFAULTS.to_stored()
-    old = {section: dict(values) for section, values in current.items() if section != "fid_extractor"}
+    old = {section: dict(values) for section, values in current.items() if section not in ("fid_extractor", "rank_by")}
     del old["diffusion"]["min_snr_gamma"], old["train"]["p_uncond"], old["train"]["progress_images"]
     loaded = PipelineConfig.from_stored(old)
     assert loaded.diffusion.min_snr_gamma is None and DEFAULTS.diffusion.min_snr_gamma == 5.0
-    assert loaded.train == DEFAULT_TRAIN and loaded.fid_extractor == "auto"
+    assert loaded.train == DEFAULT_TRAIN and loaded.fid_extractor == "auto" and loaded.rank_by == "fid"
     assert PipelineConfig.from_stored(current) == DEFAULTS   # a round trip
     with pytest.raises(ValueError, match="cannot read .*train.optimizer: Extra inputs are not permitted"):
         PipelineConfig.from_stored({**current, "train": {**current["train"], "optimizer": "lamb"}})

@@ -125,7 +125,9 @@ PIPELINE_OPTIONS = {
                                            "several nodes: --set train.nnodes=N --set train.rdzv_endpoint=HOST:PORT"),
     "sampling.num_images": ("--num-samples", "images sampled for the FID"),
     "sampling.num_steps": ("--sample-steps", "sampler steps for the FID samples"),
-    "fid_extractor": ("--fid-extractor", None),
+    "fid_extractor": ("--fid-extractor", "FID features"),
+    "rank_by": ("--rank-by", "the measure the run ranks by (its primary metric: what promotion, retrain and "
+                             "compare compare)"),
 }
 
 
@@ -150,10 +152,10 @@ def pipeline_options(parser: argparse.ArgumentParser, schedule_option: bool) -> 
         if section:
             field_options(group, sections[section], section, {name: flag}, getattr(DEFAULTS, section),
                           {name: help_text}, name_setting=True)
-        else:   # a top-level setting (fid_extractor)
+        else:   # a top-level setting (fid_extractor, rank_by)
             field = PipelineConfig.model_fields[name]
             group.add_argument(flag, dest=f".{name}", default=None, **_argument_kind(field),
-                               help=f"FID features (sets {name}; default: {getattr(DEFAULTS, name)})")
+                               help=f"{help_text} (sets {name}; default: {getattr(DEFAULTS, name)})")
     group.add_argument("--set", action="append", type=parse_setting, metavar="SECTION.FIELD=VALUE",
                        help="any other setting, e.g. --set train.ema_decay=0.995 --set model.dropout=0 "
                             f"(sections: {', '.join(sections)}); repeatable")
