@@ -148,9 +148,14 @@ class DDPMImageModel(PythonModel):
         estimate = num_images * per_image * self.seconds_per_evaluation
         if estimate > self.max_seconds:
             fits = max(0, int(self.max_seconds / (per_image * self.seconds_per_evaluation)))
+            # advice that can work: fewer images, else fewer steps, else no request fits at all
+            steps_fit = int(self.max_seconds / (per_image / steps * self.seconds_per_evaluation))
+            advice = (f"ask for at most {fits} images at these steps, or fewer steps" if fits else
+                      f"one image at {steps} steps does not fit either: ask for at most {steps_fit} steps"
+                      if steps_fit else "not even one step of one image fits: this model's max_seconds is too "
+                                        "small for this machine")
             raise invalid(f"{num_images} images x {steps} {params['sampler']} steps would take about {estimate:.0f} s "
-                          f"here, over this model's limit of {self.max_seconds:g} s: ask for at most {fits} images "
-                          "at these steps, or fewer steps")
+                          f"here, over this model's limit of {self.max_seconds:g} s: {advice}")
 
     def _request(self, model_input: Any, params: dict | None) -> tuple[int, dict]:
         """Validate the request: the image count and the sampling params, with a clear message."""

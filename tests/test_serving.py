@@ -282,7 +282,12 @@ def test_a_request_that_would_outlast_the_time_limit_is_refused_before_any_work(
     tight = mlflow.pyfunc.load_model("models:/ddpm-now/1", model_config={"max_seconds": 1e-6})
     assert tight.unwrap_python_model().seconds_per_evaluation > 0
     with pytest.raises(MlflowException, match=r"2 images x 5 ddim steps would take about \d+ s here, over this "
-                                              r"model's limit of 1e-06 s: ask for at most 0 images"):
+                                              r"model's limit of 1e-06 s: not even one step of one image fits") as raised:
+        tight.predict({"num_images": 2}, params={"sampler": "ddim", "steps": 5})
+    assert "at most 0" not in str(raised.value)   # it advised "at most 0 image(s)"
+    inner = tight.unwrap_python_model()
+    inner.max_seconds = 3.5 * inner.seconds_per_evaluation   # room for 3 network evaluations
+    with pytest.raises(MlflowException, match=r"one image at 5 steps does not fit either: ask for at most 3 steps"):
         tight.predict({"num_images": 2}, params={"sampler": "ddim", "steps": 5})
     default = mlflow.pyfunc.load_model("models:/ddpm-now/1")   # 50 s: a small request is drawn
     assert default.predict({"num_images": 2}, params={"sampler": "ddim", "steps": 5}).shape == (2, 1, 16, 16)
