@@ -421,7 +421,8 @@ class ChampionServer:
             self.uvicorn.config.app.state.admission["stopping"] = True
             self.uvicorn.should_exit = True      # stops accepting, closes idle keep-alive connections
         if self.drawer is not None:
-            self.drawer.close(self.limits.stop_seconds)
+            admission = self.uvicorn.config.app.state.admission if self.uvicorn is not None else {}
+            self.drawer.close(self.limits.stop_seconds, admitted=lambda: admission.get("in_flight", 0))
         if self._http_thread is not None:
             self._http_thread.join(timeout=self.limits.stop_seconds + 15)
             self._http_thread = None

@@ -258,13 +258,15 @@ class Drawer:
             else:
                 job.finish(result=result)
 
-    def close(self, stop_seconds: float) -> None:
-        """Finish what is admitted within stop_seconds, cancel the rest (503), join the threads."""
+    def close(self, stop_seconds: float, admitted=lambda: 0) -> None:
+        """Finish what is admitted within stop_seconds, cancel the rest (503), join the threads.
+        `admitted()`: requests the server admitted and has not answered yet; one still parsing its
+        body when the stop came reaches the queue after it, and is drawn too (it was accepted)."""
         deadline = time.monotonic() + stop_seconds
         with self.cond:
-            self.closed = True
-            while (self.pending or self.drawing) and time.monotonic() < deadline:
+            while (self.pending or self.drawing or admitted() > 0) and time.monotonic() < deadline:
                 self.cond.wait(0.1)
+            self.closed = True
             for job in self.pending:
                 job.cancel(503, "the server stopped before drawing it")
             self.cond.notify_all()

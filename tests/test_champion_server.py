@@ -152,7 +152,8 @@ def test_the_server_follows_the_champion_switches_without_a_gap_and_refuses_a_br
         status, version = call(f"{base}/version")
         assert status == 200 and version["version"] == "1" and version["model_name"] == NAME, version
         assert version["last_check"]["version"] == "1" and version["last_check"]["result"] == "passed"
-        assert client.get_model_version(NAME, "1").tags[contract.SERVING_CHECK_TAG] == "passed"
+        wait_for(lambda: client.get_model_version(NAME, "1").tags.get(contract.SERVING_CHECK_TAG) == "passed",
+                 "version 1 tagged passed", 30, server, log)
         status, answer = call(f"{base}/invocations", REQUEST)
         assert status == 200 and close_to(answer["predictions"], expected["1"])
         split = {"dataframe_split": {"columns": ["num_images"], "data": [[2]]}, "params": REQUEST["params"]}
@@ -177,7 +178,9 @@ def test_the_server_follows_the_champion_switches_without_a_gap_and_refuses_a_br
         assert status == 200 and close_to(answer["predictions"], expected["2"])
         version = call(f"{base}/version")[1]
         assert version["last_check"] == {**version["last_check"], "version": "2", "result": "passed"}
-        assert client.get_model_version(NAME, "2").tags[contract.SERVING_CHECK_TAG] == "passed"
+        # the verdict is tagged on the version once it serves (the time first, the result last)
+        wait_for(lambda: client.get_model_version(NAME, "2").tags.get(contract.SERVING_CHECK_TAG) == "passed",
+                 "version 2 tagged passed", 30, server, log)
 
         # v3 draws NaN: never served, tagged failed with the reason, the alias back on v2
         assert register(client, run_id, nan_checkpoint(second, tmp_path / "v3")) == "3"
