@@ -205,7 +205,6 @@ class CheckpointPublisher:
             if step in self.stored or not path.is_file():
                 self.failed.pop(step)
                 continue
-            self._queue = queue.Queue()
             try:
                 self._upload_pair(self._stage(path), _artifact_dir(""))
                 self.failed.pop(step)
