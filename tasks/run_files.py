@@ -357,32 +357,48 @@ def _fetch(run_id: str, relative_folder: str, step: int, folder: Path) -> Path:
         except CheckpointError:   # a damaged copy here: kept aside for inspection, fetched again below
             quarantine_checkpoint(target)
     remote = f"{_artifact_dir(relative_folder)}/{target.name}"
-    size = _artifact_size(run_id, remote)
+
+    def download(tmp: str) -> Path:
+        for suffix in (".sha256", ""):   # the checksum, then the file beside it
+            fetched = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=remote + suffix,
+                                                               dst_path=tmp, tracking_uri=settings.tracking_uri()))
+        return fetched
+
+    def install(fetched: Path) -> Path:
+        os.replace(fetched.with_name(fetched.name + ".sha256"), target.with_name(target.name + ".sha256"))
+        os.replace(fetched, target)
+        return target
+
+    return _fetch_verified(f"{remote} of MLflow run {run_id}", folder, _artifact_size(run_id, remote), download,
+                           verify_checkpoint, install)
+
+
+def _fetch_verified(what: str, folder: Path, size: int | None, download: Callable[[str], Path],
+                    verify: Callable[[Path], object], install: Callable[[Path], Path]) -> Path:
+    """The one way a reader fetches: `download(tmp)` into a temporary folder on `folder`'s disk (its
+    space checked first when `size` is known), `verify` the copy (CheckpointError or DataError when
+    it is damaged: fetched once more), `install` it. A full disk is one DiskFull line; a store
+    that lacks the file or cannot be reached is not asked again; StoreFileError names `what`."""
+    hint = "; free space or set DDPM_HOME to a larger disk"
     folder.mkdir(parents=True, exist_ok=True)
     if size is not None:
-        check_free_space(folder, size + (1 << 20), f"{remote} of run {run_id}",
-                         "; free space or set DDPM_HOME to a larger disk")
+        check_free_space(folder, size + (1 << 20), what, hint)
     problem = ""
     for _ in range(DOWNLOAD_TRIES):
         with tempfile.TemporaryDirectory(dir=folder, prefix=".fetch-") as tmp:
             try:
-                sidecar, fetched = (Path(mlflow.artifacts.download_artifacts(
-                    run_id=run_id, artifact_path=f"{_artifact_dir(relative_folder)}/{name}", dst_path=tmp,
-                    tracking_uri=settings.tracking_uri())) for name in (target.name + ".sha256", target.name))
-                verify_checkpoint(fetched)
-            except CheckpointError as error:
+                fetched = download(tmp)
+                verify(fetched)
+            except (CheckpointError, DataError) as error:
                 problem = one_line(error)
                 continue
             except (MlflowException, OSError) as error:
                 if is_disk_full(error):
-                    raise DiskFull(f"the disk holding {folder} filled while fetching {remote} of run {run_id}; "
-                                   "free space or set DDPM_HOME to a larger disk") from None
+                    raise DiskFull(f"the disk holding {folder} filled while fetching {what}{hint}") from None
                 problem = one_line(error)
                 break   # not there, or the store unreachable: fetching again will not help
-            os.replace(sidecar, target.with_name(target.name + ".sha256"))
-            os.replace(fetched, target)
-            return target
-    raise StoreFileError(f"{remote} of MLflow run {run_id} could not be fetched from the artifact store: {problem}")
+            return install(fetched)
+    raise StoreFileError(f"{what} could not be fetched from the artifact store: {problem}")
 
 
 def _artifact_size(run_id: str, remote: str) -> int | None:
@@ -485,32 +501,23 @@ def _prepare(data_config) -> str:
 
 
 def _fetch_dataset(dataset_run_id: str, folder: Path, fingerprint: str) -> Path:
-    size = _artifact_size(dataset_run_id, f"{contract.DATASET_ARTIFACT_DIR}/data.npz")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    if size is not None:
-        check_free_space(folder.parent, size + (1 << 20), f"the prepared data {fingerprint[:12]}",
-                         "; free space or set DDPM_HOME to a larger disk")
-    problem = ""
-    for _ in range(DOWNLOAD_TRIES):
-        with tempfile.TemporaryDirectory(dir=folder.parent, prefix=".fetch-") as tmp:
-            try:
-                mlflow.artifacts.download_artifacts(run_id=dataset_run_id, artifact_path=contract.DATASET_ARTIFACT_DIR,
-                                                    dst_path=tmp, tracking_uri=settings.tracking_uri())
-                fetched = Path(tmp) / contract.DATASET_ARTIFACT_DIR
-                dataset = load_prepared(fetched)   # recomputes the fingerprint: the data's checksum
-                if dataset.fingerprint != fingerprint:
-                    raise DataError(f"the store's copy holds fingerprint {dataset.fingerprint[:12]}")
-            except DataError as error:
-                problem = one_line(error)
-                continue
-            except (MlflowException, OSError) as error:
-                if is_disk_full(error):
-                    raise DiskFull(f"the disk holding {folder} filled while fetching the prepared data "
-                                   f"{fingerprint[:12]}; free space or set DDPM_HOME to a larger disk") from None
-                problem = one_line(error)
-                break
-            shutil.rmtree(folder, ignore_errors=True)
-            os.replace(fetched, folder)
-            return folder
-    raise StoreFileError(f"the prepared data {fingerprint[:12]} could not be fetched from the artifact store: {problem}")
+    def download(tmp: str) -> Path:
+        mlflow.artifacts.download_artifacts(run_id=dataset_run_id, artifact_path=contract.DATASET_ARTIFACT_DIR,
+                                            dst_path=tmp, tracking_uri=settings.tracking_uri())
+        return Path(tmp) / contract.DATASET_ARTIFACT_DIR
+
+    def verify(fetched: Path) -> None:
+        dataset = load_prepared(fetched)   # recomputes the fingerprint: the data's checksum
+        if dataset.fingerprint != fingerprint:
+            raise DataError(f"the store's copy holds fingerprint {dataset.fingerprint[:12]}")
+
+    def install(fetched: Path) -> Path:
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(fetched, folder)
+        return folder
+
+    # fetched beside `folder` (it replaces that folder whole)
+    return _fetch_verified(f"the prepared data {fingerprint[:12]}", folder.parent,
+                           _artifact_size(dataset_run_id, f"{contract.DATASET_ARTIFACT_DIR}/data.npz"),
+                           download, verify, install)
 
