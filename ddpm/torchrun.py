@@ -253,21 +253,46 @@ def stop(process: subprocess.Popen, grace_seconds: float = 30.0) -> None:
 
 
 _ROOT_CAUSE = re.compile(r"Root Cause \(first observed failure\):(.*?)(?:={10,}|$)", re.S)
+_FAILURE = re.compile(r"rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)", re.S)
+# Errors a rank raises because a peer vanished: consequences, never the root cause
+_PEER_LOST = re.compile(r"Connection reset by peer|Connection closed by peer|Broken pipe|DistNetworkError|"
+                        r"DistBackendError|NCCL communicator was aborted|remote process exited", re.I)
+
+
+def root_cause(tail: list[str], errors: dict[int, dict]) -> tuple[int | None, int | None]:
+    """The failed rank to blame and its exit code. torchrun names the first failure it observed,
+    but when one rank dies (SIGKILL from the OOM killer, a lost spot host) its peers fail on the
+    broken connection within the same second and torchrun may name one of them; a rank whose own
+    error is a lost peer is blamed only when no other rank failed."""
+    text = "\n".join(tail)
+    block = _ROOT_CAUSE.search(text)
+    listed = text[text.rfind("Failures:"):] if "Failures:" in text else ""
+    failures = {int(rank): int(code) for rank, code in _FAILURE.findall(listed)}
+    first = None
+    if block and (found := re.search(r"rank\s*:\s*(\d+)", block.group(1))):
+        first = int(found.group(1))
+        if code := re.search(r"exitcode\s*:\s*(-?\d+)", block.group(1)):
+            failures[first] = int(code.group(1))
+    elif errors:
+        first = min(errors)
+    if first is None:
+        return None, None
+
+    def peer_lost(rank: int) -> bool:
+        error = errors.get(rank)
+        return error is not None and bool(_PEER_LOST.search(f"{error['type']}: {error['message']}"))
+
+    for rank in [first] + sorted(set(failures) - {first}):
+        if not peer_lost(rank):
+            return rank, failures.get(rank)
+    return first, failures.get(first)
 
 
 def failure(returncode: int, errors: dict[int, dict], tail: list[str], world: int, log_path: Path,
             rendezvous: str | None = None) -> TrainingProcessError:
-    """The error for a torchrun that failed: the rank torchrun reports as the root cause, with the
-    error that rank printed (or the signal that killed it); else torchrun's own last error line."""
-    block = _ROOT_CAUSE.search("\n".join(tail))
-    rank = exitcode = None
-    if block:
-        found_rank = re.search(r"rank\s*:\s*(\d+)", block.group(1))
-        found_code = re.search(r"exitcode\s*:\s*(-?\d+)", block.group(1))
-        rank = int(found_rank.group(1)) if found_rank else None
-        exitcode = int(found_code.group(1)) if found_code else None
-    if rank is None and errors:
-        rank = min(errors)
+    """The error for a torchrun that failed: the rank to blame (see `root_cause`), with the error
+    that rank printed (or the signal that killed it); else torchrun's own last error line."""
+    rank, exitcode = root_cause(tail, errors)
     where = f" (full output: {log_path})"
     if rank is not None and rank in errors:
         error = errors[rank]

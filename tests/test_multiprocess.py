@@ -263,3 +263,38 @@ def test_more_processes_than_devices_is_refused_before_any_run(prefect_harness, 
         train_pipeline(data=DATA, model=MODEL, train={"num_processes": 64, "batch_size": 64, "device": "cpu"},
                        experiment="too-many")
     assert MlflowClient(mlflow_store).get_experiment_by_name("too-many") is None
+
+
+def torchrun_summary(failures: dict[int, tuple[int, int]]) -> list[str]:
+    """The failure block torchrun prints, made by torch's own ChildFailedError: {rank: (exitcode, pid)}."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    failed = {rank: ProcessFailure(local_rank=rank, pid=pid, exitcode=code, error_file="<N/A>")
+              for rank, (code, pid) in failures.items()}
+    return ("torch.distributed.elastic.multiprocessing.errors.ChildFailedError:\n"
+            + ChildFailedError("train_worker", failed).format_msg()).splitlines()
+
+
+CONNECTION_RESET = {"type": "RuntimeError", "retryable": True,
+                    "message": "[gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:43674: Connection reset by peer"}
+
+
+@pytest.mark.parametrize("order", [(0, 1), (1, 0)])
+def test_a_killed_rank_is_blamed_over_the_peer_that_lost_its_connection(order):
+    """Rank 1 is SIGKILLed and rank 0 fails on the broken connection within the same second; which
+    one torchrun names as first observed depends on timing, the error names rank 1 and the signal."""
+    from ddpm.torchrun import failure
+
+    failures = {0: (1, 100), 1: (-9, 101)}
+    tail = torchrun_summary({rank: failures[rank] for rank in order})
+    error = failure(1, {0: {"rank": 0, **CONNECTION_RESET}}, tail, 2, Path("train-processes.log"))
+    assert str(error).startswith("training process rank 1 of 2 was killed by SIGKILL"), error
+
+
+def test_a_lost_connection_is_named_when_no_other_rank_failed():
+    from ddpm.torchrun import failure
+
+    tail = torchrun_summary({0: (1, 100)})
+    error = failure(1, {0: {"rank": 0, **CONNECTION_RESET}}, tail, 2, Path("train-processes.log"))
+    assert str(error).startswith("training process rank 0 of 2 failed: RuntimeError: [gloo"), error
+    assert error.retryable
