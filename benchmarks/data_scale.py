@@ -12,7 +12,10 @@
    file-backed RSS (the mapped data) apart: training (dataset_trainer; `data_*` after one epoch of
    batches, so every image was read; `peak_*` after 5 steps of tiny-16 at batch 32 as well), the
    same with the loading before this change (`train-copy`: arrays read, the split copied), and
-   evaluation (the scorer: the dataset's classifier trained for 1 epoch, reference statistics, floor).
+   evaluation (the scorer: the dataset's classifier trained for 1 epoch, reference statistics, floor,
+   the score of 1,000 images; `stage_*`: each stage's peak and end). The children run with
+   MALLOC_MMAP_THRESHOLD_=65536, so that a freed tensor leaves RSS (glibc's dynamic threshold
+   otherwise keeps freed blocks in its heap: the RSS then counts memory no longer in use).
 3. Disk under DDPM_HOME after 10 simulated nights, 5 with new images (+1% each), retention on and
    off: each night prepares the folder for real, records an MLflow run on its data (a real sqlite
    store) with 9 MB of checkpoints (what a training night wrote here), a 1.5 MB downloaded registry
@@ -159,14 +162,32 @@ def memory_child(kind: str, path: str) -> None:
     else:
         # the classifier trained 1 epoch instead of 4: memory is per batch, the epochs change the time only
         scoring.load_or_train_classifier = functools.partial(scoring.load_or_train_classifier, epochs=1, min_steps=1)
+        # each stage's peak anonymous RSS over the start: where evaluation's memory goes
+        def stage(name):
+            now = _rss()
+            result[f"stage_{name}_peak_anon"] = peak["RssAnon"] - base["RssAnon"]
+            result[f"stage_{name}_anon"] = now["RssAnon"] - base["RssAnon"]
+            time.sleep(0.05)   # the sampler sees the stage's end before the next one starts
+            peak["RssAnon"] = now["RssAnon"]
+
         dataset = load_prepared(Path(path))
+        stage("load")
         with tempfile.TemporaryDirectory() as cache:
-            scorer = scoring.Scorer.build(dataset, ["classifier"], cache)
+            extractor, facts = scoring.make_extractor(dataset, "classifier", cache)
+            stage("classifier")
+            scorer = scoring.Scorer.build(dataset, ["classifier"], cache)   # the classifier from its cache
+            stage("reference")
             scorer.floors(1000)
+            stage("floors")
+            samples = dataset.images[:1000].clone()
+            scorer.score(samples)
+            stage("score")
     stop.set()
     thread.join()
     end = _rss()
-    result.update(peak_rss=end["VmHWM"] - base["VmRSS"], peak_anon=peak["RssAnon"] - base["RssAnon"],
+    stage_peaks = [v for k, v in result.items() if k.endswith("_peak_anon")]
+    result.update(peak_rss=end["VmHWM"] - base["VmRSS"],
+                  peak_anon=max([peak["RssAnon"] - base["RssAnon"], *stage_peaks]),
                   peak_file=peak["RssFile"] - base["RssFile"])
     print(json.dumps(result))
 
@@ -181,7 +202,7 @@ def memory(path: Path) -> dict:
         before = load()
         (result, seconds) = timed(lambda: subprocess.run(
             [sys.executable, __file__, "--memory-child", kind, str(path)], capture_output=True, text=True,
-            check=True, env={**os.environ, "OMP_NUM_THREADS": "2"}))
+            check=True, env={**os.environ, "OMP_NUM_THREADS": "2", "MALLOC_MMAP_THRESHOLD_": "65536"}))
         figures = json.loads(result.stdout.strip().splitlines()[-1])
         figures.update({f"{k}_x_dataset": round(v / data_bytes, 2) for k, v in list(figures.items())},
                        seconds=seconds, load_before=before, load_after=load())

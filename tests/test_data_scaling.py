@@ -283,6 +283,24 @@ def test_the_classifier_trains_from_uint8_batches_to_the_same_weights():
         assert torch.equal(value, model.state_dict()[key]), key
 
 
+def test_the_classifier_reads_the_train_split_in_place_to_the_same_weights():
+    """train_rows over all images: the weights a copy of those rows gives, to the bit (evaluation
+    trains the dataset's classifier on the mapped images, never on a copy of the split)."""
+    from ddpm.metrics.classifier import train_classifier
+
+    images, labels = digits_uint8()
+    x = torch.from_numpy(images[:500, None].copy())
+    y = torch.from_numpy(labels[:500]).long()
+    rows = torch.arange(3, 500, 3)   # every third image, as a split's sorted rows are
+    in_place, accuracy = train_classifier(x, y, x[:50], y[:50], 10, seed=5, epochs=1, min_steps=8, batch_size=32,
+                                          train_rows=rows)
+    copied, copied_accuracy = train_classifier(x[rows], y[rows], x[:50], y[:50], 10, seed=5, epochs=1, min_steps=8,
+                                               batch_size=32)
+    assert accuracy == copied_accuracy
+    for key, value in copied.state_dict().items():
+        assert torch.equal(value, in_place.state_dict()[key]), key
+
+
 # ---------------------------------------------------------------------------- searches without a cap
 
 def test_runs_with_fid_reads_every_page(mlflow_store):

@@ -229,9 +229,9 @@ class Scorer:
                 return {metric_name(extractor, key): float(cached[metric_name(extractor, key)]) for key in floored}
         except (OSError, ValueError, KeyError, TypeError):
             pass
-        train, _ = self.dataset.split("train")
+        rows = self.dataset.split_indices("train")   # the n rows gathered, never a copy of the split
         generator = torch.Generator().manual_seed(0)
-        subset = train[torch.randperm(len(train), generator=generator)[:min(n, len(train))]]
+        subset = self.dataset.images[rows[torch.randperm(len(rows), generator=generator)[:min(n, len(rows))]]]
         floors = measure_all(Pair(reference, features(feature_extractor, subset, "floor")), extractor, floored)
         floors = {name: value for name, value in floors.items() if not name.endswith("_std")}
         text = json.dumps(floors)
@@ -282,11 +282,10 @@ def make_extractor(dataset: PreparedDataset, name: Literal["classifier", "incept
     """
     if name == "inception":
         return inception_extractor(), {}
-    train_images, train_labels = dataset.split("train")
     holdout_images, holdout_labels = dataset.split("holdout")
     num_classes = len(dataset.manifest.get("class_names") or []) or int(dataset.labels.max()) + 1
-    classifier, holdout_accuracy, was_cached = load_or_train_classifier(
-        cache_dir, dataset.fingerprint, train_images, train_labels, holdout_images, holdout_labels, num_classes
-    )
+    classifier, holdout_accuracy, was_cached = load_or_train_classifier(   # the train split read in place
+        cache_dir, dataset.fingerprint, dataset.images, dataset.labels, holdout_images, holdout_labels, num_classes,
+        train_rows=dataset.split_indices("train"))
     return classifier_extractor(classifier), {"classifier": classifier, "classifier_accuracy": holdout_accuracy,
                                               "classifier_cached": was_cached}
