@@ -167,6 +167,34 @@ def test_parallel_decoding_equals_one_process(tmp_path, monkeypatch):
     assert np.array_equal(np.stack(one_by_one), serial.images)
 
 
+def test_a_folder_is_fitted_a_run_at_a_time_to_the_same_bytes(tmp_path, monkeypatch):
+    """Decoded images are fitted as they arrive, at most FIT_RUN_BYTES of them at once (a folder of
+    large photos never holds every decode in memory), with a mix of shapes, a broken file and
+    reused rows: the bytes of fitting all at once."""
+    root = tmp_path / "imgs"
+    write_class_pngs(root, range(0, 40), size=20)
+    write_class_pngs(root, range(40, 60), size=24)   # a second shape: a run ends where the shape changes
+    (root / "class-1" / "broken.png").write_bytes(b"not an image")
+    config = DataConfig(source=f"folder:{root}", image_size=8)
+    with pytest.warns(UserWarning):
+        whole = folder_module.read_folder(root, config, workers=1)
+    runs: list[int] = []
+    real = folder_module._fit_into
+
+    def recording(out, decoded, config):
+        runs.append(len(decoded))
+        return real(out, decoded, config)
+
+    monkeypatch.setattr(folder_module, "_fit_into", recording)
+    monkeypatch.setattr(folder_module, "FIT_RUN_BYTES", 3 * 20 * 20)   # three 20x20 gray decodes
+    with pytest.warns(UserWarning):
+        streamed = folder_module.read_folder(root, config, workers=1)
+    assert max(runs) == 3 and sum(runs) == len(whole.images) == 60
+    assert np.array_equal(whole.images, streamed.images) and np.array_equal(whole.labels, streamed.labels)
+    for key in folder_module.FILE_INDEX_KEYS:
+        assert np.array_equal(whole.file_index[key], streamed.file_index[key])
+
+
 def test_a_bad_worker_count_is_one_line(monkeypatch):
     monkeypatch.setenv("DDPM_PREPARE_WORKERS", "many")
     with pytest.raises(DataError, match=r"^DDPM_PREPARE_WORKERS='many' is not a whole number of processes$"):

@@ -46,6 +46,7 @@ VERIFY_CONTENT_ENV = "DDPM_VERIFY_CONTENT"   # "1": a folder's identity hashes i
 WORKERS_ENV = "DDPM_PREPARE_WORKERS"         # processes that decode a folder's images (default: the usable cores)
 PARALLEL_MIN_FILES = 2000                    # fewer files to decode: one process (starting workers costs more)
 CHUNK_FILES = 256                            # files a worker decodes per task
+FIT_RUN_BYTES = 64 << 20                     # decoded images fitted at once (one shape): bounds the decodes held
 
 
 class BadImageFile(DataError):
@@ -212,17 +213,20 @@ def decode_workers(requested: int | None = None) -> int:
     return max(1, int(requested))
 
 
-def _read_files(paths: list[Path], channels: int, known: set, workers: int) -> list[tuple]:
-    """_read_one of each path, in order: in `workers` forked processes when there are enough."""
+def _read_files(paths: list[Path], channels: int, known: set, workers: int):
+    """_read_one of each path, in order, as they come: in `workers` forked processes when there are
+    enough (the caller fits each run of images as it arrives: never every decoded image at once)."""
     import multiprocessing
 
     if workers < 2 or len(paths) < PARALLEL_MIN_FILES or "fork" not in multiprocessing.get_all_start_methods():
-        return [_read_one(path, channels, known) for path in paths]
+        yield from (_read_one(path, channels, known) for path in paths)
+        return
     chunks = [paths[i:i + CHUNK_FILES] for i in range(0, len(paths), CHUNK_FILES)]
     # fork: the workers need nothing but PIL and numpy (no torch, no threads of the parent's)
     with multiprocessing.get_context("fork").Pool(min(workers, len(chunks)), _init_worker,
                                                   (channels, frozenset(known))) as pool:
-        return [result for chunk in pool.imap(_read_chunk, chunks) for result in chunk]
+        for chunk in pool.imap(_read_chunk, chunks):
+            yield from chunk
 
 
 def _previous_lookup(previous: PreviousVersion | None) -> tuple[dict, dict]:
@@ -267,24 +271,42 @@ def read_folder(folder: Path, config, mirrors=None, checksums=None, previous: Pr
             to_read.append(i)
     results = _read_files([files[i] for i in to_read], config.channels, set(by_sha), decode_workers(workers))
 
+    # One pass in file order: a file's row is the count of usable files before it, so each decoded
+    # image is fitted into its row as it arrives, a run of one shape at a time (the decoded,
+    # unfitted images are never all in memory: a folder of large photos fitted to 64x64 holds
+    # the fitted array and one run). Rows past the usable count are never written (never paged in).
+    images = np.empty((len(files), config.channels, size, size), dtype=np.uint8)
+    rows = np.full(len(files), -1, dtype=np.int64)
     skipped: dict[int, str] = {}
-    decoded: dict[int, np.ndarray] = {}
     sizes: dict[tuple, str] = {}   # resize='none': each size decoded, so that a mix is named in full
     mismatch = None
-    for i, result in zip(to_read, results):
-        shas[i] = result[1]
-        if result[0] == "known":
-            source_rows[i] = by_sha[result[1]]
-        elif result[0] == "bad":
-            skipped[i] = result[2]
-        else:
-            array = result[2]
-            if config.resize == "none":
-                sizes.setdefault(array.shape[1:], files[i].name)
-                if array.shape[1:] != (size, size):
-                    mismatch = array   # refused below, once every size is known
-                    continue
-            decoded[i] = array
+    run: list[tuple[int, np.ndarray]] = []
+    reading = iter(zip(to_read, results))
+    used = 0
+    for i in range(len(files)):
+        if source_rows[i] < 0:   # not known by its stat: read (to_read is in file order)
+            _, result = next(reading)
+            shas[i] = result[1]
+            if result[0] == "known":
+                source_rows[i] = by_sha[result[1]]
+            elif result[0] == "bad":
+                skipped[i] = result[2]
+                continue
+            else:
+                array = result[2]
+                if config.resize == "none":
+                    sizes.setdefault(array.shape[1:], files[i].name)
+                    if array.shape[1:] != (size, size):
+                        mismatch = array   # refused below, once every size is known
+                        continue
+                if run and (run[0][1].shape != array.shape or len(run) * run[0][1].nbytes >= FIT_RUN_BYTES):
+                    _fit_into(images, run, config)
+                    run = []
+                run.append((used, array))
+        rows[i] = used
+        used += 1
+    _fit_into(images, run, config)
+    del run
     if config.resize == "none" and (source_rows >= 0).any():
         sizes.setdefault((size, size), files[int(np.flatnonzero(source_rows >= 0)[0])].name)
     if len(sizes) > 1:
@@ -294,7 +316,6 @@ def read_folder(folder: Path, config, mirrors=None, checksums=None, previous: Pr
     if mismatch is not None:
         fit_images(mismatch[None], size, config.channels, config.resize)   # raises: one size, not image_size
     skipped_files = [{"file": names[i], "reason": skipped[i]} for i in sorted(skipped)]
-    used = [i for i in range(len(files)) if i not in skipped]
     if not used:
         first = skipped_files[0]
         raise DataError(f"none of the {len(files)} image files in {folder} can be used, e.g. {first['file']} "
@@ -305,13 +326,11 @@ def read_folder(folder: Path, config, mirrors=None, checksums=None, previous: Pr
         warnings.warn(f"skipped {len(skipped_files)} of {len(files)} image files in {folder}: {first['file']} "
                       f"{first['reason']}{more} (the prepared manifest's skipped_files lists them)", stacklevel=2)
 
-    images = np.empty((len(used), config.channels, size, size), dtype=np.uint8)
-    rows = np.full(len(files), -1, dtype=np.int64)
-    rows[used] = np.arange(len(used))
-    reused = [i for i in used if source_rows[i] >= 0]
-    if reused:
+    images = images[:used]
+    reused = np.flatnonzero((rows >= 0) & (source_rows >= 0))
+    if len(reused):
         images[rows[reused]] = previous.images[source_rows[reused]]
-    _fit_into(images, [(rows[i], decoded[i]) for i in used if i in decoded], config)
+    used = np.flatnonzero(rows >= 0)
     labels = None
     if class_names is not None:   # by the listing's classes: a class whose files were all skipped keeps its index
         index = {name: i for i, name in enumerate(class_names)}
