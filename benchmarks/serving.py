@@ -186,6 +186,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=8.0, help="measured seconds per level (default 8)")
     parser.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks" / "serving.json")
+    parser.add_argument("--serve-args", default="", help="more arguments of ddpm serve, e.g. '--draw-threads 1'")
+    parser.add_argument("--only", choices=["ddpm", "mlflow"], help="one server only")
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-serving-"))
@@ -195,12 +197,15 @@ def main() -> None:
            "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", "DO_NOT_TRACK": "true"}
     servers = {
         "ddpm serve": lambda port: [str(bin_dir / "python"), "-m", "flows.cli", "serve", "--model-name", NAME,
-                                    "--port", str(port), "--poll-seconds", "1", "--access-log", "off"],
+                                    "--port", str(port), "--poll-seconds", "1", "--access-log", "off",
+                                    *args.serve_args.split()],
         "mlflow models serve --workers 2": lambda port: [
             str(bin_dir / "mlflow"), "models", "serve", "-m", f"models:/{NAME}@champion", "--env-manager", "local",
             "-h", "127.0.0.1", "-p", str(port), "--workers", "2"],
     }
-    results: dict = {"levels": {}, "load": {}}
+    if args.only:
+        servers = {name: command for name, command in servers.items() if name.startswith(args.only)}
+    results: dict = {"levels": {}, "load": {}, "serve_args": args.serve_args}
     for name, command in servers.items():
         port = free_port()
         process = start(command(port), port, env, tmp / f"{name.split()[0]}.log")

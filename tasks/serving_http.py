@@ -13,9 +13,14 @@ schema enforcement and JSON answer. What this adds:
   waiting); one more is answered at once with 503 and `Retry-After` (never a reset, never an
   unbounded queue). A request still waiting after `Limits.request_seconds` is answered 503 as well;
   one drawing past it, 504 (and its drawing stops).
-- **The drawing threads.** Requests are drawn by `Limits.draw_threads` long-lived threads, never in
-  the thread a request arrived on: PyTorch's OpenMP pool belongs to the thread that uses it, and a
-  thread per request had each one spin up its own (0.6 CPU-s per request on a busy machine).
+- **The drawing threads.** Requests are drawn by `Limits.draw_threads` long-lived threads (default
+  1), never in the thread a request arrived on: PyTorch's OpenMP pool belongs to the thread that
+  uses it, and a thread per request had each one spin up its own (0.6 CPU-s per request on a busy
+  machine). A batch is drawn with the torch thread count its version was tuned to when it was
+  checked (champion_server.tune_threads: 1 or cores / draw_threads, whichever drew the check
+  request faster): a small network's per-image work is too small to split over cores (tiny-16,
+  10 DDIM steps, in one thread: 24 / 48 / 108 ms for 1 / 4 / 16 images; in two: 51 / 107 / 176 ms,
+  and 81 / 166 / 217 ms with OMP_WAIT_POLICY=PASSIVE); a large network's is not.
 - **Dynamic batching.** Requests waiting for the same version with the same sampler, steps, eta and
   guidance are drawn together, up to `Limits.max_batch_images` images, each getting the images it
   would get alone (the served model's `prepare`/`draw`; versions registered before them are drawn
@@ -33,11 +38,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import contextvars
 import hmac
 import json
 import logging
 import math
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -52,13 +59,21 @@ MESSAGE_CHARS = 1000   # an error message in a body, one line (MLflow's echo the
 log = logging.getLogger("ddpm.serve")
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, as a container's cpuset sets it)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:   # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
 @dataclass(frozen=True)
 class Limits:
     """The server's documented bounds (docs/serving.md, "Load, limits and stopping")."""
 
     max_queue: int = 64              # requests admitted at once, drawing or waiting; the next: 503 + Retry-After
     max_batch_images: int = 64       # images drawn together in one batch (requests are never split)
-    draw_threads: int = 1            # batches drawn at once (each uses every core through torch's own threads)
+    draw_threads: int = 1            # batches drawn at once (each on at most cores / draw_threads torch threads)
     request_seconds: float = 60.0    # from arrival to answer: waiting past it 503, drawing past it 504
     max_body_bytes: int = 1 << 20    # a request body (one record and its params); larger: 413
     body_seconds: float = 30.0       # to send the body; slower: 408
@@ -238,6 +253,11 @@ class Drawer:
                 yield step
 
         self.metrics.batches.observe(len(batch))
+        import torch
+
+        # the version's tuned thread count (a per-thread setting: this drawing thread only)
+        threads = getattr(batch[0].served, "torch_threads", None)
+        torch.set_num_threads(threads or max(1, usable_cores() // self.limits.draw_threads))
         try:
             if batch[0].draw is not None:
                 inner = batch[0].served.model.unwrap_python_model()
@@ -325,6 +345,11 @@ def make_app(server, limits: Limits, metrics: Metrics, drawer: Drawer, token: st
 
     app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
     access = logging.getLogger(ACCESS_LOGGER)
+    # A thread per admitted request: each parses, then waits in the model's predict for its batch.
+    # asyncio's default executor has cores + 4 threads: 6 here, so 64 clients reached the drawer
+    # 6 at a time and batches never grew past 6.
+    requests_pool = concurrent.futures.ThreadPoolExecutor(limits.max_queue, thread_name_prefix="request")
+    app.state.requests_pool = requests_pool
     state = {"in_flight": 0, "stopping": False}
     app.state.admission = state
     metrics.queue_limit.set(limits.max_queue)
@@ -425,7 +450,7 @@ def make_app(server, limits: Limits, metrics: Metrics, drawer: Drawer, token: st
                 _CURRENT_JOB.set(job)
                 return invocations(data, content_type, served.model, schema)
 
-            work = asyncio.ensure_future(asyncio.to_thread(contextvars.copy_context().run, run))
+            work = asyncio.get_running_loop().run_in_executor(requests_pool, contextvars.copy_context().run, run)
             gone = asyncio.ensure_future(disconnected(request))
             done, _ = await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
             if work not in done:   # the client went away: stop drawing for it, answer nobody

@@ -316,3 +316,56 @@ def test_a_read_only_store_says_the_failed_rollback_once(store, tmp_path):
     finally:
         subprocess.run(["umount", "-l", str(view)], check=False)
         mlflow.set_tracking_uri(client.tracking_uri)
+
+
+def test_keep_alive_connections_answer_without_waiting_for_the_clients_ack(store):
+    """Nagle's algorithm off on every accepted connection: with it on, each keep-alive answer (its
+    headers and body, two writes) waited ~40 ms for the client's delayed ACK."""
+    import http.client
+
+    from tasks.champion_server import ChampionServer
+
+    with ChampionServer(NAME, port=0).start() as server:
+        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        for _ in range(2):
+            connection.request("GET", "/ping")
+            response = connection.getresponse()
+            assert response.status == 200 and response.read()
+        sockets = [c.transport.get_extra_info("socket") for c in server.uvicorn.server_state.connections]
+        assert sockets and all(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) for s in sockets)
+        connection.close()
+
+
+def test_requests_that_wait_while_a_batch_draws_are_drawn_together_however_many(store):
+    """12 requests arrive while a batch draws (one drawing thread, held until they have all
+    queued): the next batch holds all 12. Each admitted request waits in a thread of its own;
+    asyncio's default pool (cores + 4 threads) let at most 5 of them reach the queue."""
+    from tasks.champion_server import ChampionServer
+    from tasks.serving_http import Limits
+
+    with ChampionServer(NAME, port=0, limits=Limits(max_queue=32, max_batch_images=32, draw_threads=1)).start() as server:
+        url = f"{server.url}/invocations"
+        inner = server.served.model.unwrap_python_model()
+        real, gate, batches = inner.draw, threading.Event(), []
+
+        def held_draw(draws, progress=None):   # the first batch waits for the gate: a long draw
+            batches.append(len(draws))
+            if len(batches) == 1:
+                gate.wait(60)
+            return real(draws, progress=progress)
+
+        inner.draw = held_draw
+        answers: dict = {}
+        first = threading.Thread(target=lambda: answers.update(first=call(url, one(0))))
+        first.start()
+        wait_for(lambda: batches == [1], "the first batch drawing", 30)
+        rest = threading.Thread(target=lambda: answers.update(rest=burst(url, [one(seed) for seed in range(1, 13)])))
+        rest.start()
+        try:
+            wait_for(lambda: len(server.drawer.pending) == 12, "12 requests waiting in the queue", 30)
+        finally:
+            gate.set()
+            first.join(60)
+            rest.join(60)
+        assert answers["first"][0] == 200 and [a[0] for a in answers["rest"]] == [200] * 12, answers
+        assert batches == [1, 12]

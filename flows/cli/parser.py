@@ -415,7 +415,8 @@ def serve_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch-images", type=positive_int, default=limits.max_batch_images,
                         help=f"images drawn together in one batch (default {limits.max_batch_images})")
     parser.add_argument("--draw-threads", type=positive_int, default=limits.draw_threads,
-                        help=f"batches drawn at once (default {limits.draw_threads}; each uses every core)")
+                        help=f"batches drawn at once (default {limits.draw_threads}); each on 1 torch thread or "
+                             "cores / draw-threads, whichever drew the version's check request faster")
     parser.add_argument("--request-seconds", type=positive_seconds, default=limits.request_seconds,
                         help="from arrival to answer; waiting past it 503, drawing past it 504 "
                              f"(default {limits.request_seconds:g})")
