@@ -231,6 +231,43 @@ def test_loads_share_one_mapping_and_hash_once_per_file_version(tmp_path, monkey
     assert hashed == [1, 1]
 
 
+def mapping_flags(address: int) -> set[str]:
+    """The VmFlags of this process's mapping that holds `address` (/proc/self/smaps): 'rr' is
+    madvise(MADV_RANDOM), 'sr' MADV_SEQUENTIAL."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and ":" not in head:
+            start, end = (int(part, 16) for part in head.split("-"))
+            inside = start <= address < end
+        elif inside and head == "VmFlags:":
+            return set(line.split()[1:])
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="Linux only (/proc/self/smaps)")
+def test_images_beyond_memory_are_read_at_random_and_others_with_readahead(tmp_path, monkeypatch):
+    """A dataset larger than half the memory left is mapped for random access (the kernel's
+    readahead would read ~10x what a batch needs and evict the next one's: an epoch 16x slower in
+    benchmarks/beyond_memory.py), verified first; a smaller one keeps readahead."""
+    small = load_prepared(prepare_dataset(DataConfig(max_images=300), tmp_path / "small"))
+    assert "rr" not in mapping_flags(small.images.data_ptr())
+    monkeypatch.setattr(prepare_module, "memory_available", lambda: 1000)   # a tiny memory budget
+    big_path = prepare_dataset(DataConfig(max_images=400), tmp_path / "big")
+    (big_path / ".verified.json").unlink()   # verified at this load: sequential, then random
+    prepare_module._VERIFIED.clear()
+    big = load_prepared(big_path)
+    assert "rr" in mapping_flags(big.images.data_ptr())
+
+
+@pytest.mark.skipif(not Path("/proc/meminfo").exists(), reason="Linux only (/proc/meminfo)")
+def test_memory_available_is_at_most_the_system_s():
+    available = prepare_module.memory_available()
+    system = next(int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
+                  if line.startswith("MemAvailable:"))
+    assert 0 < available <= system * 1.05
+
+
 def test_mapped_images_are_private_to_the_process(tmp_path):
     path = prepare_dataset(DataConfig(max_images=50), tmp_path)
     data = load_prepared(path)

@@ -511,6 +511,63 @@ def _read_arrays(file: Path, key: tuple) -> dict[str, np.ndarray]:
     return arrays
 
 
+def memory_available() -> int:
+    """Bytes this process can still fill: the system's MemAvailable, or less where its memory cgroup
+    (v2 memory.max, v1 memory.limit_in_bytes) leaves less."""
+    available = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    try:
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            _, controllers, group = line.split(":", 2)
+            folder = Path("/sys/fs/cgroup") / group.lstrip("/") if controllers == "" else \
+                Path("/sys/fs/cgroup/memory") / group.lstrip("/") if "memory" in controllers.split(",") else None
+            if folder is None:
+                continue
+            for limit_file, usage_file in (("memory.max", "memory.current"),
+                                           ("memory.limit_in_bytes", "memory.usage_in_bytes")):
+                try:
+                    limit = (folder / limit_file).read_text().strip()
+                    usage = int((folder / usage_file).read_text())
+                except (OSError, ValueError):
+                    continue
+                if limit.isdigit() and int(limit) < 2**60:
+                    # the group's page cache counts in its usage, but is given back when needed
+                    room = int(limit) - max(0, usage - _cgroup_page_cache(folder))
+                    available = room if available is None else min(available, room)
+    except (OSError, ValueError):
+        pass
+    return available if available is not None else 2**62
+
+
+def _cgroup_page_cache(folder: Path) -> int:
+    try:
+        for line in (folder / "memory.stat").read_text().splitlines():
+            key, value = line.split()
+            if key in ("file", "cache"):   # v2, v1
+                return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def _advise(images: np.ndarray, advice_name: str) -> None:
+    """madvise the mapping under `images` (found through its .base chain), where there is one."""
+    advice = getattr(mmap, advice_name, None)
+    base = images
+    while base is not None and not isinstance(base, mmap.mmap):
+        base = base.obj if isinstance(base, memoryview) else getattr(base, "base", None)
+    if advice is not None and base is not None:
+        try:
+            base.madvise(advice)
+        except (OSError, ValueError):
+            pass
+
+
 def load_prepared(path: Path, verify: bool = True) -> PreparedDataset:
     """Load a prepared folder, its images memory-mapped (see the module doc). With verify, the
     fingerprint and content hashes are recomputed and compared to the manifest once per version of
@@ -540,7 +597,14 @@ def load_prepared(path: Path, verify: bool = True) -> PreparedDataset:
     if hashes is not None and (hashes.shape != (len(images), CONTENT_HASH_BYTES) or hashes.dtype != np.uint8):
         raise DataError(f"{path / DATA_FILE} no longer matches its manifest: content_hashes {hashes.shape} "
                         f"{hashes.dtype}, expected uint8 {(len(images), CONTENT_HASH_BYTES)}")
+    # Images larger than half the memory left are read from disk as training asks for them: the
+    # kernel's readahead (up to 128 KiB per fault) would read ~10x what a random batch needs and
+    # evict what the next batch needs (an epoch 100x slower), so the mapping says random access,
+    # after a sequential verification. Smaller ones keep readahead: a cold first epoch reads fast.
+    beyond_memory = images.nbytes > memory_available() // 2
     if verify and not _verified(path, key, manifest["fingerprint"]):
+        if beyond_memory:
+            _advise(images, "MADV_SEQUENTIAL")
         actual = fingerprint(images, labels, train, holdout)
         if actual != manifest["fingerprint"]:
             raise DataError(f"content of {path} no longer matches its manifest: fingerprint "
@@ -548,6 +612,8 @@ def load_prepared(path: Path, verify: bool = True) -> PreparedDataset:
         if hashes is not None and not np.array_equal(hashes, content_hashes(images)):
             raise DataError(f"content hashes of {path} no longer match its images")
         _mark_verified(path, manifest["fingerprint"], key)
+    if beyond_memory:
+        _advise(images, "MADV_RANDOM")
     return PreparedDataset(
         images=torch.from_numpy(images),
         labels=torch.from_numpy(labels) if labels is not None else None,
