@@ -22,6 +22,7 @@ import ddpm.metrics.extractors as extractors_module
 from ddpm.data import DataError
 from ddpm.metrics import FIDInputError, InceptionUnavailable, frechet_distance, inception_extractor, metric_name
 from ddpm.metrics.extractors import INCEPTION_SHA1, FeatureExtractor, inception_available, tf1_bilinear_resize
+from ddpm.metrics.measures import FEATURE_BATCH
 
 from test_fid import add_noise, mnist_dir
 
@@ -135,7 +136,7 @@ def mnist_sets():
 
 
 def features(extractor: MemoFeatures, images: torch.Tensor) -> np.ndarray:
-    return torch.cat([extractor(batch) for batch in images.split(256)]).numpy()
+    return torch.cat([extractor(batch) for batch in images.split(FEATURE_BATCH)]).numpy()   # the batches frechet_distance memoises
 
 
 def numpy_fid(a: np.ndarray, b: np.ndarray) -> float:
