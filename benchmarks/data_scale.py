@@ -9,8 +9,9 @@
    (16x16, center_crop: every image is resampled).
 2. Memory over the process's RSS after its imports, against the prepared dataset's image bytes, at
    the largest size prepared at 32x32 (pad), each in its own process, anonymous RSS (copies) and
-   file-backed RSS (the mapped data) apart: training (dataset_trainer; `data_*` after one epoch of
-   batches, so every image was read; `peak_*` after 5 steps of tiny-16 at batch 32 as well), the
+   file-backed RSS (the mapped data) apart: training (dataset_trainer; `setup_anon` once the
+   trainer is built, `data_*` what one epoch of batches added, so every image was read; `peak_*`
+   after 5 steps of tiny-16 at batch 32 as well), the
    same with the loading before this change (`train-copy`: arrays read, the split copied), and
    evaluation (the scorer: the dataset's classifier trained for 1 epoch, reference statistics, floor,
    the score of 1,000 images; `stage_*`: each stage's peak and end). The children run with
@@ -154,10 +155,12 @@ def memory_child(kind: str, path: str) -> None:
                 images, rows = torch.from_numpy(npz["images"]), torch.from_numpy(npz["train_indices"])
             loader = BatchLoader(images[rows], train.batch_size, seed=0)
             trainer = Trainer(model, DiffusionConfig(), train, loader.batch, None)
+        ready = _rss()   # the trainer built (model, optimizer, EMA) and, for train-copy, the arrays read
         for step in range(len(loader)):   # every image read once
             loader.batch(step)
         now = _rss()
-        result.update(data_anon=now["RssAnon"] - base["RssAnon"], data_file=now["RssFile"] - base["RssFile"])
+        result.update(setup_anon=ready["RssAnon"] - base["RssAnon"],
+                      data_anon=now["RssAnon"] - ready["RssAnon"], data_file=now["RssFile"] - ready["RssFile"])
         trainer.train()
     else:
         # the classifier trained 1 epoch instead of 4: memory is per batch, the epochs change the time only
