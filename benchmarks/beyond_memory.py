@@ -1,6 +1,6 @@
 """Training from prepared data larger than the memory it may use (issue 39, item 3).
 
-    sudo .venv/bin/python benchmarks/beyond_memory.py [--image-size 64] [--steps 20]
+    sudo .venv/bin/python benchmarks/beyond_memory.py [--image-size 64] [--steps 20] [--readahead]
 
 Prepares MNIST (train + test, 70,000 images) at 64x64 RGB (pad): 860 MB of images, the size of a
 CIFAR-sized set of 280,000 images. Then, each in its own process:
@@ -10,7 +10,9 @@ CIFAR-sized set of 280,000 images. Then, each in its own process:
 2. `limited`: the same inside a cgroup (v1 memory controller) whose limit is the free run's
    anonymous peak plus 128 MiB: far less than the images, so the page cache the mapped file uses
    must be given back as the epoch goes (the images are file-backed, clean: the kernel drops and
-   re-reads them).
+   re-reads them);
+3. with --readahead, `limited` again with the kernel's readahead on the mapping (the loading before
+   random access was advised for data beyond memory).
 
 Printed: the images' bytes, the limit, each run's seconds for the epoch of batches and for the
 steps, its peak anonymous RSS, the cgroup's peak charge and failcnt, and whether the batches of
@@ -40,10 +42,15 @@ def anon_kib() -> int:
     return int(next(line for line in status.splitlines() if line.startswith("RssAnon")).split()[1])
 
 
-def child(path: str, image_size: int, steps: int) -> None:
+def child(path: str, image_size: int, steps: int, readahead: bool) -> None:
     import threading
 
     import torch
+
+    if readahead:   # the mapping as before: the kernel's readahead whatever the memory
+        import ddpm.data.prepare
+
+        ddpm.data.prepare.memory_available = lambda: 2**62
 
     from ddpm.diffusion import DiffusionConfig
     from ddpm.training import TrainConfig, dataset_trainer
@@ -92,9 +99,9 @@ def drop_page_cache() -> bool:
         return False
 
 
-def run(path: Path, args, cgroup: Path | None = None, drop_caches: bool = False) -> dict:
+def run(path: Path, args, cgroup: Path | None = None, drop_caches: bool = False, readahead: bool = False) -> dict:
     command = [sys.executable, __file__, "--child", str(path), "--image-size", str(args.image_size),
-               "--steps", str(args.steps)]
+               "--steps", str(args.steps)] + (["--readahead"] if readahead else [])
     if cgroup is not None:   # join the cgroup, then become the child
         command = ["sh", "-c", f'echo $$ > {cgroup / "cgroup.procs"} && exec "$@"', "sh", *command]
     env = {**os.environ, "OMP_NUM_THREADS": "2", "MALLOC_MMAP_THRESHOLD_": "65536"}
@@ -110,9 +117,11 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--child")
+    parser.add_argument("--readahead", action="store_true",
+                        help="a third run in the cgroup with the mapping's readahead (the loading before)")
     args = parser.parse_args()
     if args.child:
-        child(args.child, args.image_size, args.steps)
+        child(args.child, args.image_size, args.steps, args.readahead)
         return
     from ddpm.data import DataConfig, load_prepared, prepare_dataset
 
@@ -140,6 +149,8 @@ def main() -> None:
                 out["limited"].update(
                     cgroup_peak_mib=round(int((cgroup / "memory.max_usage_in_bytes").read_text()) / 2**20, 1),
                     cgroup_failcnt=int((cgroup / "memory.failcnt").read_text()))
+                if args.readahead:
+                    out["limited_readahead"] = run(path, args, cgroup, drop_caches=True, readahead=True)
             except OSError as error:
                 out["limited"] = f"cannot use a memory cgroup here: {error}"
             finally:

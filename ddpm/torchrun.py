@@ -262,8 +262,9 @@ _PEER_LOST = re.compile(r"Connection reset by peer|Connection closed by peer|Bro
 def root_cause(tail: list[str], errors: dict[int, dict]) -> tuple[int | None, int | None]:
     """The failed rank to blame and its exit code. torchrun names the first failure it observed,
     but when one rank dies (SIGKILL from the OOM killer, a lost spot host) its peers fail on the
-    broken connection within the same second and torchrun may name one of them; a rank whose own
-    error is a lost peer is blamed only when no other rank failed."""
+    broken connection within the same second and torchrun may name one of them. So torchrun's
+    choice stands unless its own error is a lost peer; then a rank killed by a signal, else
+    another failed rank, is blamed; a lost peer only when no other rank failed."""
     text = "\n".join(tail)
     block = _ROOT_CAUSE.search(text)
     listed = text[text.rfind("Failures:"):] if "Failures:" in text else ""
@@ -282,7 +283,8 @@ def root_cause(tail: list[str], errors: dict[int, dict]) -> tuple[int | None, in
         error = errors.get(rank)
         return error is not None and bool(_PEER_LOST.search(f"{error['type']}: {error['message']}"))
 
-    for rank in [first] + sorted(set(failures) - {first}):
+    others = sorted(set(failures) - {first}, key=lambda rank: (failures[rank] >= 0, rank))   # signals first
+    for rank in [first] + others:
         if not peer_lost(rank):
             return rank, failures.get(rank)
     return first, failures.get(first)

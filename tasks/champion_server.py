@@ -152,16 +152,21 @@ def verify_images(images, shape: tuple[int, ...] | None) -> None:
                           f"{want or f'({CHECK_IMAGES}, C, H, W)'}")
 
 
-def check_version(model_name: str, version: str, check_seconds: float = DEFAULT_CHECK_SECONDS):
+def check_version(model_name: str, version: str, check_seconds: float = DEFAULT_CHECK_SECONDS,
+                  torch_threads: int | None = None):
     """Load version `version` of `model_name` and check it; (model, seconds) or CheckFailed.
 
     Loading and the check request run in a thread of their own and must be done within
     `check_seconds` together; a thread that overruns is left to finish on its own (Python cannot
-    stop it) and its model is dropped."""
+    stop it) and its model is dropped. `torch_threads`: what that thread draws on (default: the
+    usable cores; a new thread would otherwise take whatever count another thread set last)."""
     uri = f"models:/{model_name}/{version}"
     outcome: dict[str, Any] = {}
 
     def work():
+        import torch
+
+        torch.set_num_threads(torch_threads or usable_cores())
         try:
             outcome["model"] = model = mlflow.pyfunc.load_model(uri)
             outcome["images"] = model.predict(pd.DataFrame({"num_images": [CHECK_IMAGES]}),
@@ -186,7 +191,7 @@ def check_version(model_name: str, version: str, check_seconds: float = DEFAULT_
 
 def tune_threads(model, most: int) -> tuple[int, dict[int, float]]:
     """The torch thread count (1 or `most`) that draws the check request fastest here, and the
-    seconds each took (best of two, after a warm-up). A small network's per-image work is too small
+    seconds each took (after a warm-up at that count). A small network's per-image work is too small
     to split over cores (tiny-16: two threads draw one image 2x slower than one); a large one's is
     not. Measured in this thread: torch's thread count is a per-thread setting."""
     import torch
@@ -199,13 +204,10 @@ def tune_threads(model, most: int) -> tuple[int, dict[int, float]]:
     try:
         for threads in (1, most):
             torch.set_num_threads(threads)
+            model.predict(frame, params=params)   # a warm-up at this count
+            started = time.perf_counter()
             model.predict(frame, params=params)
-            times = []
-            for _ in range(2):
-                started = time.perf_counter()
-                model.predict(frame, params=params)
-                times.append(time.perf_counter() - started)
-            seconds[threads] = min(times)
+            seconds[threads] = time.perf_counter() - started
     finally:
         torch.set_num_threads(own)
     return min(seconds, key=seconds.get), seconds
@@ -367,10 +369,11 @@ class ChampionServer:
         self.sock = self._listen()
         try:
             self.client = store_client(self.tracking)
+            self._read_at = time.time()
             version = champion_version(self.client, self.model_name)
             started = time.monotonic()
             try:
-                model, seconds = check_version(self.model_name, version, self.check_seconds)
+                model, seconds = check_version(self.model_name, version, self.check_seconds, self._most_threads)
             except CheckFailed as failure:
                 self._record(Check(version, contract.SERVING_CHECK_FAILED, str(failure), time.monotonic() - started,
                                    time.time()))
@@ -534,7 +537,7 @@ class ChampionServer:
                  f"(version {serving.version} keeps serving meanwhile)")
         started = time.monotonic()
         try:
-            model, seconds = check_version(self.model_name, version, self.check_seconds)
+            model, seconds = check_version(self.model_name, version, self.check_seconds, self._most_threads)
         except CheckFailed as failure:
             if self._stop.is_set():
                 return
@@ -587,13 +590,24 @@ class ChampionServer:
         self.log(f"{self.model_name} version {failed} failed its serving check ({reason}): still serving "
                  f"version {keep}; {moved}")
 
+    @property
+    def _most_threads(self) -> int:
+        """The torch threads one drawing thread may use: its share of the cores."""
+        return max(1, usable_cores() // self.limits.draw_threads)
+
     def _served(self, version: str, model) -> Served:
         run_id = getattr(model.metadata, "run_id", None)
-        threads, seconds = tune_threads(model, max(1, usable_cores() // self.limits.draw_threads))
+        since = time.time()   # before the tuning: a failure another replica writes meanwhile counts
+        try:
+            threads, seconds = tune_threads(model, self._most_threads)
+        except Exception as error:  # noqa: BLE001 (it passed its check: serve it on the default count)
+            threads, seconds = None, {}
+            self.log(f"{self.model_name} version {version}: could not time its torch threads ({one_line(error)}); "
+                     f"drawing with {self._most_threads}")
         if seconds:
             self.log(f"{self.model_name} version {version}: drawing with {threads} torch thread(s) ("
                      + ", ".join(f"{n}: {s * 1000:.0f} ms" for n, s in seconds.items()) + " for the check request)")
-        return Served(version, model, model.metadata.get_input_schema(), run_id, time.time(), threads)
+        return Served(version, model, model.metadata.get_input_schema(), run_id, since, threads)
 
     def _serve(self, served: Served) -> None:
         install_drawer(served, self.drawer)

@@ -256,8 +256,9 @@ class Drawer:
         import torch
 
         # the version's tuned thread count (a per-thread setting: this drawing thread only)
-        threads = getattr(batch[0].served, "torch_threads", None)
-        torch.set_num_threads(threads or max(1, usable_cores() // self.limits.draw_threads))
+        threads = getattr(batch[0].served, "torch_threads", None) or max(1, usable_cores() // self.limits.draw_threads)
+        if torch.get_num_threads() != threads:   # a change also empties oneDNN's kernel cache: only when it is one
+            torch.set_num_threads(threads)
         try:
             if batch[0].draw is not None:
                 inner = batch[0].served.model.unwrap_python_model()
@@ -450,7 +451,10 @@ def make_app(server, limits: Limits, metrics: Metrics, drawer: Drawer, token: st
                 _CURRENT_JOB.set(job)
                 return invocations(data, content_type, served.model, schema)
 
-            work = asyncio.get_running_loop().run_in_executor(requests_pool, contextvars.copy_context().run, run)
+            try:
+                work = asyncio.get_running_loop().run_in_executor(requests_pool, contextvars.copy_context().run, run)
+            except RuntimeError:   # the pool was shut down: the server is stopping
+                return overloaded("the server is stopping; retry on another replica")
             gone = asyncio.ensure_future(disconnected(request))
             done, _ = await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
             if work not in done:   # the client went away: stop drawing for it, answer nobody

@@ -169,8 +169,9 @@ def test_parallel_decoding_equals_one_process(tmp_path, monkeypatch):
 
 def test_a_folder_is_fitted_a_run_at_a_time_to_the_same_bytes(tmp_path, monkeypatch):
     """Decoded images are fitted as they arrive, at most FIT_RUN_BYTES of them at once (a folder of
-    large photos never holds every decode in memory), with a mix of shapes, a broken file and
-    reused rows: the bytes of fitting all at once."""
+    large photos never holds every decode in memory), with a mix of shapes and a broken file: the
+    bytes and file index of runs as large as the folder (reuse from a previous version: the grown
+    folder test above)."""
     root = tmp_path / "imgs"
     write_class_pngs(root, range(0, 40), size=20)
     write_class_pngs(root, range(40, 60), size=24)   # a second shape: a run ends where the shape changes
@@ -247,9 +248,10 @@ def mapping_flags(address: int) -> set[str]:
 
 @pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="Linux only (/proc/self/smaps)")
 def test_images_beyond_memory_are_read_at_random_and_others_with_readahead(tmp_path, monkeypatch):
-    """A dataset larger than half the memory left is mapped for random access (the kernel's
-    readahead would read ~10x what a batch needs and evict the next one's: an epoch 16x slower in
-    benchmarks/beyond_memory.py), verified first; a smaller one keeps readahead."""
+    """A dataset larger than half the memory left is mapped for random access once verified (the
+    kernel's readahead would read ~10x what a batch needs and evict the next one's: an epoch 16x
+    slower in benchmarks/beyond_memory.py); a smaller one keeps readahead, also when the same file
+    was mapped for random access before."""
     small = load_prepared(prepare_dataset(DataConfig(max_images=300), tmp_path / "small"))
     assert "rr" not in mapping_flags(small.images.data_ptr())
     monkeypatch.setattr(prepare_module, "memory_available", lambda: 1000)   # a tiny memory budget
@@ -258,6 +260,8 @@ def test_images_beyond_memory_are_read_at_random_and_others_with_readahead(tmp_p
     prepare_module._VERIFIED.clear()
     big = load_prepared(big_path)
     assert "rr" in mapping_flags(big.images.data_ptr())
+    monkeypatch.undo()   # memory to spare again: the same mapping back to readahead
+    assert "rr" not in mapping_flags(load_prepared(big_path).images.data_ptr())
 
 
 @pytest.mark.skipif(not Path("/proc/meminfo").exists(), reason="Linux only (/proc/meminfo)")

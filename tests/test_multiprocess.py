@@ -298,3 +298,12 @@ def test_a_lost_connection_is_named_when_no_other_rank_failed():
     error = failure(1, {0: {"rank": 0, **CONNECTION_RESET}}, tail, 2, Path("train-processes.log"))
     assert str(error).startswith("training process rank 0 of 2 failed: RuntimeError: [gloo"), error
     assert error.retryable
+
+
+def test_a_signal_is_blamed_before_a_rank_that_only_exited():
+    """Rank 0 lost its peer, rank 1 exited with 1 and printed nothing, rank 2 was SIGKILLed: rank 2."""
+    from ddpm.torchrun import failure
+
+    tail = torchrun_summary({0: (1, 100), 1: (1, 101), 2: (-9, 102)})
+    error = failure(1, {0: {"rank": 0, **CONNECTION_RESET}}, tail, 3, Path("train-processes.log"))
+    assert str(error).startswith("training process rank 2 of 3 was killed by SIGKILL"), error

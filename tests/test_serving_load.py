@@ -337,13 +337,13 @@ def test_keep_alive_connections_answer_without_waiting_for_the_clients_ack(store
 
 
 def test_requests_that_wait_while_a_batch_draws_are_drawn_together_however_many(store):
-    """12 requests arrive while a batch draws (one drawing thread, held until they have all
-    queued): the next batch holds all 12. Each admitted request waits in a thread of its own;
-    asyncio's default pool (cores + 4 threads) let at most 5 of them reach the queue."""
+    """40 requests arrive while a batch draws (one drawing thread, held until they have all
+    queued): the next batch holds all 40. Each admitted request waits in a thread of its own;
+    asyncio's default pool (cores + 4 threads, at most 32) let at most 31 of them reach the queue."""
     from tasks.champion_server import ChampionServer
     from tasks.serving_http import Limits
 
-    with ChampionServer(NAME, port=0, limits=Limits(max_queue=32, max_batch_images=32, draw_threads=1)).start() as server:
+    with ChampionServer(NAME, port=0, limits=Limits(max_queue=64, max_batch_images=64, draw_threads=1)).start() as server:
         url = f"{server.url}/invocations"
         inner = server.served.model.unwrap_python_model()
         real, gate, batches = inner.draw, threading.Event(), []
@@ -359,13 +359,13 @@ def test_requests_that_wait_while_a_batch_draws_are_drawn_together_however_many(
         first = threading.Thread(target=lambda: answers.update(first=call(url, one(0))))
         first.start()
         wait_for(lambda: batches == [1], "the first batch drawing", 30)
-        rest = threading.Thread(target=lambda: answers.update(rest=burst(url, [one(seed) for seed in range(1, 13)])))
+        rest = threading.Thread(target=lambda: answers.update(rest=burst(url, [one(seed) for seed in range(1, 41)])))
         rest.start()
         try:
-            wait_for(lambda: len(server.drawer.pending) == 12, "12 requests waiting in the queue", 30)
+            wait_for(lambda: len(server.drawer.pending) == 40, "40 requests waiting in the queue", 60)
         finally:
             gate.set()
             first.join(60)
             rest.join(60)
-        assert answers["first"][0] == 200 and [a[0] for a in answers["rest"]] == [200] * 12, answers
-        assert batches == [1, 12]
+        assert answers["first"][0] == 200 and [a[0] for a in answers["rest"]] == [200] * 40, answers
+        assert batches == [1, 40]

@@ -512,8 +512,10 @@ def _read_arrays(file: Path, key: tuple) -> dict[str, np.ndarray]:
 
 
 def memory_available() -> int:
-    """Bytes this process can still fill: the system's MemAvailable, or less where its memory cgroup
-    (v2 memory.max, v1 memory.limit_in_bytes) leaves less."""
+    """Bytes this process can still fill: the system's MemAvailable, or less where its own memory
+    cgroup (v2 memory.max, v1 memory.limit_in_bytes, its page cache counted as free) leaves less.
+    Limits set on a parent cgroup, or a cgroup not visible at the path /proc/self/cgroup names
+    (some containers), are not seen: MemAvailable then decides."""
     available = None
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -612,8 +614,7 @@ def load_prepared(path: Path, verify: bool = True) -> PreparedDataset:
         if hashes is not None and not np.array_equal(hashes, content_hashes(images)):
             raise DataError(f"content hashes of {path} no longer match its images")
         _mark_verified(path, manifest["fingerprint"], key)
-    if beyond_memory:
-        _advise(images, "MADV_RANDOM")
+    _advise(images, "MADV_RANDOM" if beyond_memory else "MADV_NORMAL")   # the mapping is shared: say it each load
     return PreparedDataset(
         images=torch.from_numpy(images),
         labels=torch.from_numpy(labels) if labels is not None else None,

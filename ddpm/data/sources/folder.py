@@ -28,8 +28,10 @@ replaced file (with DDPM_VERIFY_CONTENT=1, never).
 """
 from __future__ import annotations
 
+import collections
 import hashlib
 import io
+import itertools
 import os
 import warnings
 from dataclasses import dataclass
@@ -45,7 +47,8 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 VERIFY_CONTENT_ENV = "DDPM_VERIFY_CONTENT"   # "1": a folder's identity hashes its files' bytes, not stat
 WORKERS_ENV = "DDPM_PREPARE_WORKERS"         # processes that decode a folder's images (default: the usable cores)
 PARALLEL_MIN_FILES = 2000                    # fewer files to decode: one process (starting workers costs more)
-CHUNK_FILES = 256                            # files a worker decodes per task
+CHUNK_FILES = 256                            # files a worker decodes per task, at most
+CHUNK_BYTES = 4 << 20                        # file bytes a worker decodes per task, about (photos: a few files)
 FIT_RUN_BYTES = 64 << 20                     # decoded images fitted at once (one shape): bounds the decodes held
 
 
@@ -221,12 +224,37 @@ def _read_files(paths: list[Path], channels: int, known: set, workers: int):
     if workers < 2 or len(paths) < PARALLEL_MIN_FILES or "fork" not in multiprocessing.get_all_start_methods():
         yield from (_read_one(path, channels, known) for path in paths)
         return
-    chunks = [paths[i:i + CHUNK_FILES] for i in range(0, len(paths), CHUNK_FILES)]
+    chunks = _chunks(paths)
     # fork: the workers need nothing but PIL and numpy (no torch, no threads of the parent's)
     with multiprocessing.get_context("fork").Pool(min(workers, len(chunks)), _init_worker,
                                                   (channels, frozenset(known))) as pool:
-        for chunk in pool.imap(_read_chunk, chunks):
-            yield from chunk
+        # at most two chunks per worker decoded ahead of the one being fitted (imap would decode
+        # them all ahead: every decoded image in memory again when fitting is the slower side)
+        window: collections.deque = collections.deque()
+        pending = iter(chunks)
+        for chunk in itertools.islice(pending, 2 * workers):
+            window.append(pool.apply_async(_read_chunk, (chunk,)))
+        while window:
+            done = window.popleft().get()
+            for chunk in itertools.islice(pending, 1):
+                window.append(pool.apply_async(_read_chunk, (chunk,)))
+            yield from done
+
+
+def _chunks(paths: list[Path]) -> list[list[Path]]:
+    """Runs of at most CHUNK_FILES files and CHUNK_BYTES of file bytes (a chunk of large photos is
+    a few files: its decoded images travel back to the parent together)."""
+    chunks, chunk, size = [], [], 0
+    for path in paths:
+        stat = _stat(path)
+        if chunk and (len(chunk) >= CHUNK_FILES or size >= CHUNK_BYTES):
+            chunks.append(chunk)
+            chunk, size = [], 0
+        chunk.append(path)
+        size += stat[0] if stat else 0
+    if chunk:
+        chunks.append(chunk)
+    return chunks
 
 
 def _previous_lookup(previous: PreviousVersion | None) -> tuple[dict, dict]:
@@ -272,9 +300,10 @@ def read_folder(folder: Path, config, mirrors=None, checksums=None, previous: Pr
     results = _read_files([files[i] for i in to_read], config.channels, set(by_sha), decode_workers(workers))
 
     # One pass in file order: a file's row is the count of usable files before it, so each decoded
-    # image is fitted into its row as it arrives, a run of one shape at a time (the decoded,
-    # unfitted images are never all in memory: a folder of large photos fitted to 64x64 holds
-    # the fitted array and one run). Rows past the usable count are never written (never paged in).
+    # image is fitted into its row as it arrives, a run of one shape at a time (a folder of large
+    # photos fitted to 64x64 holds the fitted array, one run of FIT_RUN_BYTES, and the chunks the
+    # workers decoded ahead, never every decoded image). Rows past the usable count are never
+    # written (never paged in).
     images = np.empty((len(files), config.channels, size, size), dtype=np.uint8)
     rows = np.full(len(files), -1, dtype=np.int64)
     skipped: dict[int, str] = {}
@@ -283,28 +312,31 @@ def read_folder(folder: Path, config, mirrors=None, checksums=None, previous: Pr
     run: list[tuple[int, np.ndarray]] = []
     reading = iter(zip(to_read, results))
     used = 0
-    for i in range(len(files)):
-        if source_rows[i] < 0:   # not known by its stat: read (to_read is in file order)
-            _, result = next(reading)
-            shas[i] = result[1]
-            if result[0] == "known":
-                source_rows[i] = by_sha[result[1]]
-            elif result[0] == "bad":
-                skipped[i] = result[2]
-                continue
-            else:
-                array = result[2]
-                if config.resize == "none":
-                    sizes.setdefault(array.shape[1:], files[i].name)
-                    if array.shape[1:] != (size, size):
-                        mismatch = array   # refused below, once every size is known
-                        continue
-                if run and (run[0][1].shape != array.shape or len(run) * run[0][1].nbytes >= FIT_RUN_BYTES):
-                    _fit_into(images, run, config)
-                    run = []
-                run.append((used, array))
-        rows[i] = used
-        used += 1
+    try:
+        for i in range(len(files)):
+            if source_rows[i] < 0:   # not known by its stat: read (to_read is in file order)
+                _, result = next(reading)
+                shas[i] = result[1]
+                if result[0] == "known":
+                    source_rows[i] = by_sha[result[1]]
+                elif result[0] == "bad":
+                    skipped[i] = result[2]
+                    continue
+                else:
+                    array = result[2]
+                    if config.resize == "none":
+                        sizes.setdefault(array.shape[1:], files[i].name)
+                        if array.shape[1:] != (size, size):
+                            mismatch = array   # refused below, once every size is known
+                            continue
+                    if run and (run[0][1].shape != array.shape or len(run) * run[0][1].nbytes >= FIT_RUN_BYTES):
+                        _fit_into(images, run, config)
+                        run = []
+                    run.append((used, array))
+            rows[i] = used
+            used += 1
+    finally:
+        results.close()   # the decoding processes end here, whatever happened
     _fit_into(images, run, config)
     del run
     if config.resize == "none" and (source_rows >= 0).any():
