@@ -44,6 +44,7 @@ from typing import Callable
 import torch
 
 from ddpm.diffusion import DiffusionConfig
+from ddpm.machine import usable_cores
 from ddpm.training import TrainConfig, TrainResult
 from ddpm.unet import UNetConfig
 
@@ -87,8 +88,7 @@ def device_slots(device: str = "auto") -> tuple[int, str]:
     the CUDA GPUs (device 'auto' or 'cuda...' on a CUDA machine), else the CPU cores."""
     if device != "cpu" and torch.cuda.is_available():
         return torch.cuda.device_count(), "CUDA GPU(s)"
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return cores, "CPU core(s)" + ("" if device == "cpu" else " and no CUDA device")
+    return usable_cores(), "CPU core(s)" + ("" if device == "cpu" else " and no CUDA device")
 
 
 def check_num_processes(num_processes: int, device: str = "auto") -> None:

@@ -55,9 +55,10 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from ddpm.machine import usable_cores
 from tasks import contract
 from tasks.config import one_line
-from tasks.serving_http import Drawer, Limits, Metrics, install_drawer, make_app, usable_cores
+from tasks.serving_http import Drawer, Limits, Metrics, install_drawer, make_app
 from tasks.settings import ServerUnreachable, check_reachable, redact, tracking_uri
 
 CHAMPION = contract.CHAMPION_ALIAS
@@ -373,7 +374,8 @@ class ChampionServer:
             version = champion_version(self.client, self.model_name)
             started = time.monotonic()
             try:
-                model, seconds = check_version(self.model_name, version, self.check_seconds, self._most_threads)
+                model, seconds = check_version(self.model_name, version, self.check_seconds,
+                                               self.limits.torch_threads)
             except CheckFailed as failure:
                 self._record(Check(version, contract.SERVING_CHECK_FAILED, str(failure), time.monotonic() - started,
                                    time.time()))
@@ -537,7 +539,8 @@ class ChampionServer:
                  f"(version {serving.version} keeps serving meanwhile)")
         started = time.monotonic()
         try:
-            model, seconds = check_version(self.model_name, version, self.check_seconds, self._most_threads)
+            model, seconds = check_version(self.model_name, version, self.check_seconds,
+                                           self.limits.torch_threads)
         except CheckFailed as failure:
             if self._stop.is_set():
                 return
@@ -590,20 +593,15 @@ class ChampionServer:
         self.log(f"{self.model_name} version {failed} failed its serving check ({reason}): still serving "
                  f"version {keep}; {moved}")
 
-    @property
-    def _most_threads(self) -> int:
-        """The torch threads one drawing thread may use: its share of the cores."""
-        return max(1, usable_cores() // self.limits.draw_threads)
-
     def _served(self, version: str, model) -> Served:
         run_id = getattr(model.metadata, "run_id", None)
         since = time.time()   # before the tuning: a failure another replica writes meanwhile counts
         try:
-            threads, seconds = tune_threads(model, self._most_threads)
+            threads, seconds = tune_threads(model, self.limits.torch_threads)
         except Exception as error:  # noqa: BLE001 (it passed its check: serve it on the default count)
             threads, seconds = None, {}
             self.log(f"{self.model_name} version {version}: could not time its torch threads ({one_line(error)}); "
-                     f"drawing with {self._most_threads}")
+                     f"drawing with {self.limits.torch_threads}")
         if seconds:
             self.log(f"{self.model_name} version {version}: drawing with {threads} torch thread(s) ("
                      + ", ".join(f"{n}: {s * 1000:.0f} ms" for n, s in seconds.items()) + " for the check request)")

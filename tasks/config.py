@@ -34,13 +34,12 @@ from ddpm.data.prepare import default_split
 from ddpm.diffusion import DiffusionConfig
 from ddpm.metrics.measures import MEASURES
 from ddpm.metrics.scoring import ExtractorKind   # "auto": every FID the data allows
-
-# the measure a run ranks by: its primary metric (tag fid.metric), e.g. kid -> kid_inception
-MeasureName = Literal[tuple(MEASURES)]
 from ddpm.samplers import SamplerConfig
 from ddpm.training import TrainConfig
 from ddpm.unet import UNetConfig, preset
 
+# the measure a run ranks by: its primary metric (tag fid.metric), e.g. kid -> kid_inception
+MeasureName = Literal[tuple(MEASURES)]
 
 
 def merged(section: str, base: dict, changes: dict) -> dict:

@@ -44,7 +44,6 @@ import hmac
 import json
 import logging
 import math
-import os
 import threading
 import time
 from dataclasses import dataclass
@@ -53,18 +52,12 @@ from typing import Any, Callable
 from fastapi import Request   # at module level: the routes' annotations are resolved in this module
 from mlflow.exceptions import MlflowException
 
+from ddpm.machine import usable_cores
+
 
 ACCESS_LOGGER = "ddpm.serve.access"
 MESSAGE_CHARS = 1000   # an error message in a body, one line (MLflow's echo the whole request back)
 log = logging.getLogger("ddpm.serve")
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (its CPU affinity, as a container's cpuset sets it)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:   # not Linux
-        return max(1, os.cpu_count() or 1)
 
 
 @dataclass(frozen=True)
@@ -86,6 +79,11 @@ class Limits:
         for name in ("request_seconds", "body_seconds", "stop_seconds"):
             if not 0 < float(getattr(self, name)) < math.inf:
                 raise ValueError(f"{name} must be a number of seconds > 0, got {getattr(self, name)}")
+
+    @property
+    def torch_threads(self) -> int:
+        """The torch threads one drawing thread may use: its share of the usable cores."""
+        return max(1, usable_cores() // self.draw_threads)
 
 
 class Refused(Exception):
@@ -256,7 +254,7 @@ class Drawer:
         import torch
 
         # the version's tuned thread count (a per-thread setting: this drawing thread only)
-        threads = getattr(batch[0].served, "torch_threads", None) or max(1, usable_cores() // self.limits.draw_threads)
+        threads = getattr(batch[0].served, "torch_threads", None) or self.limits.torch_threads
         if torch.get_num_threads() != threads:   # a change also empties oneDNN's kernel cache: only when it is one
             torch.set_num_threads(threads)
         try:

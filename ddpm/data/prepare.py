@@ -526,9 +526,11 @@ def memory_available() -> int:
     try:
         for line in Path("/proc/self/cgroup").read_text().splitlines():
             _, controllers, group = line.split(":", 2)
-            folder = Path("/sys/fs/cgroup") / group.lstrip("/") if controllers == "" else \
-                Path("/sys/fs/cgroup/memory") / group.lstrip("/") if "memory" in controllers.split(",") else None
-            if folder is None:
+            if controllers == "":   # cgroup v2: one hierarchy
+                folder = Path("/sys/fs/cgroup") / group.lstrip("/")
+            elif "memory" in controllers.split(","):   # cgroup v1: the memory controller's
+                folder = Path("/sys/fs/cgroup/memory") / group.lstrip("/")
+            else:
                 continue
             for limit_file, usage_file in (("memory.max", "memory.current"),
                                            ("memory.limit_in_bytes", "memory.usage_in_bytes")):

@@ -39,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ...machine import usable_cores
 from ..errors import DataError
 from ..images import fit_images
 from .base import Source, SourceData, file_digest, subset_indices
@@ -209,22 +210,20 @@ def decode_workers(requested: int | None = None) -> int:
             except ValueError:
                 raise DataError(f"{WORKERS_ENV}={text!r} is not a whole number of processes") from None
         else:
-            try:
-                requested = len(os.sched_getaffinity(0))
-            except AttributeError:   # not Linux
-                requested = os.cpu_count() or 1
+            requested = usable_cores()
     return max(1, int(requested))
 
 
-def _read_files(paths: list[Path], channels: int, known: set, workers: int):
+def _read_files(paths: list[Path], sizes: list[int], channels: int, known: set, workers: int):
     """_read_one of each path, in order, as they come: in `workers` forked processes when there are
-    enough (the caller fits each run of images as it arrives: never every decoded image at once)."""
+    enough (the caller fits each run of images as it arrives: never every decoded image at once).
+    `sizes`: each file's bytes (its stat: 0 when it has none), to cut the chunks."""
     import multiprocessing
 
     if workers < 2 or len(paths) < PARALLEL_MIN_FILES or "fork" not in multiprocessing.get_all_start_methods():
         yield from (_read_one(path, channels, known) for path in paths)
         return
-    chunks = _chunks(paths)
+    chunks = _chunks(paths, sizes)
     # fork: the workers need nothing but PIL and numpy (no torch, no threads of the parent's)
     with multiprocessing.get_context("fork").Pool(min(workers, len(chunks)), _init_worker,
                                                   (channels, frozenset(known))) as pool:
@@ -241,17 +240,16 @@ def _read_files(paths: list[Path], channels: int, known: set, workers: int):
             yield from done
 
 
-def _chunks(paths: list[Path]) -> list[list[Path]]:
+def _chunks(paths: list[Path], sizes: list[int]) -> list[list[Path]]:
     """Runs of at most CHUNK_FILES files and CHUNK_BYTES of file bytes (a chunk of large photos is
     a few files: its decoded images travel back to the parent together)."""
     chunks, chunk, size = [], [], 0
-    for path in paths:
-        stat = _stat(path)
+    for path, file_size in zip(paths, sizes):
         if chunk and (len(chunk) >= CHUNK_FILES or size >= CHUNK_BYTES):
             chunks.append(chunk)
             chunk, size = [], 0
         chunk.append(path)
-        size += stat[0] if stat else 0
+        size += file_size
     if chunk:
         chunks.append(chunk)
     return chunks
@@ -297,7 +295,8 @@ def read_folder(folder: Path, config, mirrors=None, checksums=None, previous: Pr
             shas[i], source_rows[i] = known[2], known[3]
         else:
             to_read.append(i)
-    results = _read_files([files[i] for i in to_read], config.channels, set(by_sha), decode_workers(workers))
+    results = _read_files([files[i] for i in to_read], [stats[i][0] if stats[i] else 0 for i in to_read],
+                          config.channels, set(by_sha), decode_workers(workers))
 
     # One pass in file order: a file's row is the count of usable files before it, so each decoded
     # image is fitted into its row as it arrives, a run of one shape at a time (a folder of large
